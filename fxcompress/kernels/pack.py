@@ -104,3 +104,96 @@ def unpack_bitmask(packed: Tensor, k: int) -> Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(packed.shape[0], -1)[:, :k].bool()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel layouts. The Triton kernels read two layouts besides the canonical one; both are built
+# once when a checkpoint is prepared for CUDA and round-trip exactly to the canonical codes.
+
+
+def _pad_columns(x: Tensor, multiple: int) -> Tensor:
+    """Zero-pad the last dim of ``x`` up to a multiple of ``multiple``."""
+    return torch.nn.functional.pad(x, (0, -x.shape[-1] % multiple))
+
+
+def pack_3bit_planes(codes: Tensor) -> Tensor:
+    """Pack 3-bit codes ``(N, K)`` into int32 ``(N, 3 * ceil(K/32))`` as two bit planes.
+
+    A canonical 3-bit stream straddles words, which a kernel cannot unpack with fixed shifts.
+    Here each row is ``[low | high]``: ``low`` holds ``code & 3`` as a canonical 2-bit stream
+    (``2 * ceil(K/32)`` words, 16 codes a word) and ``high`` holds ``code >> 2`` as a canonical
+    1-bit stream (``ceil(K/32)`` words). Read as int16 (little-endian), ``high`` has one 16-bit
+    half-word per ``low`` word, holding the high bits of the same 16 codes. Still 3 bits a code.
+    """
+    codes = codes.to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= 8):
+        raise ValueError("pack_3bit_planes: codes out of range [0, 8)")
+    padded = _pad_columns(codes, 32)
+    return torch.cat([pack(padded & 3, 2), pack(padded >> 2, 1)], dim=-1)
+
+
+def unpack_3bit_planes(packed: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`pack_3bit_planes`: int32 ``(N, 3*ceil(K/32))`` to uint8 codes ``(N, k)``."""
+    blocks = math.ceil(k / 32)
+    if packed.shape[-1] != 3 * blocks:
+        raise ValueError(
+            f"unpack_3bit_planes: expected {3 * blocks} words per row for k={k}, "
+            f"got {packed.shape[-1]}"
+        )
+    low = unpack(packed[..., : 2 * blocks], 2, 32 * blocks)
+    high = unpack(packed[..., 2 * blocks :], 1, 32 * blocks)
+    return (low | (high << 2))[..., :k]
+
+
+def _check_24_mask(mask: Tensor, shape: torch.Size) -> None:
+    """Raise ValueError unless ``mask`` keeps exactly 2 of every 4 consecutive columns."""
+    if mask.shape != shape:
+        raise ValueError(f"pack_24: mask shape {tuple(mask.shape)} != values shape {tuple(shape)}")
+    if mask.dim() != 2 or shape[1] % 4:
+        raise ValueError(f"pack_24: expected a 2-d tensor with K % 4 == 0, got {tuple(shape)}")
+    kept = mask.to(torch.int64).reshape(shape[0], -1, 4).sum(-1)
+    if not bool((kept == 2).all()):
+        bad = int((kept != 2).sum())
+        raise ValueError(f"pack_24: {bad} groups of 4 do not keep exactly 2 values (2:4 sparsity)")
+
+
+def pack_24(codes_or_values: Tensor, mask: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
+    """Compact a 2:4-sparse matrix ``(N, K)`` to its kept half.
+
+    ``mask`` (bool, ``(N, K)``) must keep exactly 2 of every 4 consecutive columns. The kept
+    values of each row, in column order, form ``(N, K/2)``:
+
+    * floating-point input: returned as is, ``(N, K/2)`` in the input dtype;
+    * integer codes: packed with :func:`pack` at ``bits`` bits, int32 ``(N, ceil(K/2*bits/32))``.
+
+    ``meta`` holds, per kept value, its position ``0..3`` inside its group of 4, as a canonical
+    2-bit stream: int32 ``(N, ceil(K/32))``. Positions within a group are increasing.
+    """
+    _check_24_mask(mask, codes_or_values.shape)
+    n, k = codes_or_values.shape
+    mask = mask.bool()
+    kept = codes_or_values[mask].reshape(n, k // 2)
+    positions = (torch.arange(k, device=mask.device) % 4).expand(n, k)[mask].reshape(n, k // 2)
+    meta = pack(positions, 2)
+    if codes_or_values.is_floating_point():
+        return kept.contiguous(), meta
+    return pack(kept, bits), meta
+
+
+def unpack_24(values: Tensor, meta: Tensor, k: int, bits: int = 4) -> Tensor:
+    """Inverse of :func:`pack_24`: the dense ``(N, k)`` matrix, zero at pruned positions.
+
+    Floating-point ``values`` come back in their dtype; packed codes as uint8 codes.
+    """
+    if k % 4:
+        raise ValueError(f"unpack_24: k must be a multiple of 4, got {k}")
+    kept = values if values.is_floating_point() else unpack(values, bits, k // 2)
+    if kept.shape[-1] != k // 2:
+        raise ValueError(f"unpack_24: expected {k // 2} kept values per row, got {kept.shape[-1]}")
+    positions = unpack(meta, 2, k // 2).to(torch.int64)
+    groups = torch.arange(k // 2, device=meta.device) // 2
+    columns = 4 * groups + positions
+    if bool((columns[:, 0::2] == columns[:, 1::2]).any()):
+        raise ValueError("unpack_24: two kept values share one position in a group of 4")
+    dense = torch.zeros(kept.shape[0], k, dtype=kept.dtype, device=kept.device)
+    return dense.scatter_(1, columns, kept)

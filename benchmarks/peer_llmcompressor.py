@@ -1,0 +1,494 @@
+"""llm-compressor, the peer of fxcompress in the quality table: the same rows, its own code.
+
+Why a separate script and venv: llm-compressor pins transformers/compressed-tensors versions
+that differ from ours, so it lives in `.venv-peer` (made by `benchmarks/peer_setup.sh`) and this
+file imports only what that venv has (never fxcompress). The inputs are plain files so that both
+sides of the table see exactly the same tokens:
+
+    bash benchmarks/peer_setup.sh
+    .venv-peer/bin/python benchmarks/peer_llmcompressor.py \\
+        --model /tmp/peer/smollm2 --calib calib_128x512.pt --eval eval_32x512.pt \\
+        --out peer_results.json                       # all rows (about 6 min a row on 2 cores)
+    .venv-peer/bin/python benchmarks/peer_llmcompressor.py \\
+        --model /tmp/peer/smollm2 --calib calib_8x128.pt --eval eval_4x512.pt \\
+        --rows gptq-w4g64 sparsegpt-2:4 --out small.json
+
+`--model` is a plain Hugging Face folder (fp32 safetensors + tokenizer), `--calib` a LongTensor
+(n, seqlen) of calibration token ids, `--eval` a LongTensor (windows, seqlen).
+
+Each row runs in its own subprocess of this script (`--worker`), so its peak RSS is its own:
+the dense model is loaded fresh (fp32, CPU), `llmcompressor.oneshot` applies the row's recipe
+with exactly the given calibration samples (a `datasets.Dataset` of input_ids/attention_mask,
+`num_calibration_samples=n`, `max_seq_length=seqlen`, `shuffle_calibration_samples=False`,
+batch size 1), then perplexity is measured on the eval windows: mean NLL of `logits[:, :-1]`
+against `ids[:, 1:]`, fp32 log-softmax, 4 windows a batch, `use_cache=False`; ppl = exp(mean).
+
+Recorded per row: ppl, `seconds` (wall time of the `oneshot` call only), `peak_rss_mib`
+(ru_maxrss of the row's process at the end of `oneshot`: load + compression) and
+`peak_rss_with_eval_mib` (at the end of the row, evaluation included), the measured sparsity of
+the decoder linears (of the weights the forward actually uses: fake-quantized where quantized),
+the largest number of distinct levels in any quantization group (must be <= 2**bits), versions,
+the recipe settings and notes.
+
+What llm-compressor 0.14.0.1 needs here, and what this script does about it:
+- Targets. Only the decoder linears are compressed (`model.layers.N.self_attn.{q,k,v,o}_proj`,
+  `model.layers.N.mlp.{gate,up,down}_proj`), named by one anchored regex, never "Linear":
+  SparseGPT's `ignore=["lm_head"]` does not match the name it builds for a top-level target
+  ("lm_head." with a trailing dot), so with targets=["Linear"] it prunes lm_head, which is tied
+  to the embedding in SmolLM2. After every row the embedding (and lm_head) are checked
+  bit-identical to the dense model's, and the row fails otherwise.
+- CPU. No special flag is needed: `oneshot` runs its default "independent" pipeline, which
+  gives each modifier its own inferred pipeline ("sequential" for GPTQ/SparseGPT, tracing one
+  LlamaDecoderLayer at a time with torch.fx; "datafree" for weight-only RTN), all on the CPU.
+  GPTQ's Triton block kernel is used only on CUDA; on CPU the eager torch path runs.
+- Groups of 64: SmolLM2's hidden size 576 is not a multiple of 128, and llm-compressor refuses
+  group sizes that do not divide every targeted layer's input width.
+- GPTQ act-order: in this release `actorder="static"` is an alias of "weight" and is the
+  GPTQModifier default, so the "no act-order" rows pass `actorder=None` explicitly; the old
+  dynamic "group" order has been removed (a ValueError). The act-order row uses "weight".
+- GPTQ scales: llm-compressor fixes every scale/zero point from the weights *before* GPTQ runs
+  (memoryless min-max observer), unlike the reference GPTQ, which computes a group's qparams
+  from the error-updated weights when it reaches that group.
+- Magnitude pruning: `MagnitudePruningModifier` is a training-time modifier (masks applied on
+  optimizer steps or forward hooks); it is run here as a one-shot recipe (start=0,
+  init=final sparsity) and the row reports the sparsity it really left. Its mask factory has
+  no N:M structure, so `magnitude-2:4` is reported unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DECODER_LINEARS = r"re:^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+TARGETS = [DECODER_LINEARS]
+DAMP = 0.01  # the modifiers' default dampening_frac
+BLOCK = 128  # the modifiers' default block_size
+EVAL_BATCH = 4
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: how to build its llm-compressor recipe, and what it is."""
+
+    name: str
+    build: Callable[[], list[Any]] | None  # None: dense, no compression
+    settings: list[dict[str, Any]]
+    notes: str = ""
+    bits: int | None = None
+    group_size: int | None = None  # None with bits: per-channel
+    sparse: bool = False
+    unavailable: str | None = None  # why llm-compressor cannot do this row
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _weight_args(bits: int, group_size: int | None) -> dict[str, Any]:
+    strategy = {"strategy": "group", "group_size": group_size} if group_size else {
+        "strategy": "channel"
+    }
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": False,
+        "observer": "memoryless_minmax",
+        **strategy,
+    }
+
+
+def _config_groups(bits: int, group_size: int | None) -> dict[str, Any]:
+    return {
+        "group_0": {
+            "targets": TARGETS,
+            "weights": _weight_args(bits, group_size),
+            "input_activations": None,
+            "output_activations": None,
+        }
+    }
+
+
+def _rtn(bits: int, group_size: int | None) -> tuple[Callable[[], list[Any]], dict[str, Any]]:
+    settings = {"modifier": "QuantizationModifier", "config_groups": _config_groups(bits, group_size)}
+
+    def build() -> list[Any]:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        return [QuantizationModifier(config_groups=_config_groups(bits, group_size))]
+
+    return build, settings
+
+
+def _gptq_settings(bits: int, group_size: int | None, actorder: str | None) -> dict[str, Any]:
+    return {
+        "modifier": "GPTQModifier",
+        "config_groups": _config_groups(bits, group_size),
+        "actorder": actorder,
+        "block_size": BLOCK,
+        "dampening_frac": DAMP,
+    }
+
+
+def _gptq_modifier(bits: int, group_size: int | None, actorder: str | None) -> Any:
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    return GPTQModifier(
+        config_groups=_config_groups(bits, group_size),
+        actorder=actorder,
+        block_size=BLOCK,
+        dampening_frac=DAMP,
+    )
+
+
+def _gptq(
+    bits: int, group_size: int | None, actorder: str | None = None
+) -> tuple[Callable[[], list[Any]], dict[str, Any]]:
+    return (
+        lambda: [_gptq_modifier(bits, group_size, actorder)],
+        _gptq_settings(bits, group_size, actorder),
+    )
+
+
+def _sgpt_settings(sparsity: float, mask: str) -> dict[str, Any]:
+    return {
+        "modifier": "SparseGPTModifier",
+        "sparsity": sparsity,
+        "mask_structure": mask,
+        "targets": TARGETS,
+        "block_size": BLOCK,
+        "dampening_frac": DAMP,
+    }
+
+
+def _sgpt_modifier(sparsity: float, mask: str) -> Any:
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+    return SparseGPTModifier(
+        sparsity=sparsity,
+        mask_structure=mask,
+        targets=TARGETS,
+        block_size=BLOCK,
+        dampening_frac=DAMP,
+    )
+
+
+def _sgpt(sparsity: float, mask: str) -> tuple[Callable[[], list[Any]], dict[str, Any]]:
+    return lambda: [_sgpt_modifier(sparsity, mask)], _sgpt_settings(sparsity, mask)
+
+
+def _magnitude(sparsity: float, mask: str) -> tuple[Callable[[], list[Any]], dict[str, Any]]:
+    settings = {
+        "modifier": "MagnitudePruningModifier",
+        "targets": TARGETS,
+        "init_sparsity": sparsity,
+        "final_sparsity": sparsity,
+        "mask_structure": mask,
+        "start": 0,
+        "end": 1,
+    }
+
+    def build() -> list[Any]:
+        from llmcompressor.modifiers.pruning import MagnitudePruningModifier
+
+        return [
+            MagnitudePruningModifier(
+                targets=TARGETS,
+                init_sparsity=sparsity,
+                final_sparsity=sparsity,
+                mask_structure=mask,
+                start=0,
+                end=1,
+            )
+        ]
+
+    return build, settings
+
+
+def _row(name: str, spec: tuple[Callable[[], list[Any]], dict[str, Any]], **kw: Any) -> Row:
+    build, settings = spec
+    return Row(name=name, build=build, settings=[settings], **kw)
+
+
+def _sparse_w4g64() -> Row:
+    def build() -> list[Any]:
+        return [_sgpt_modifier(0.5, "2:4"), _gptq_modifier(4, 64, None)]
+
+    return Row(
+        name="sparsegpt-2:4+w4g64",
+        build=build,
+        settings=[_sgpt_settings(0.5, "2:4"), _gptq_settings(4, 64, None)],
+        notes=(
+            "one recipe [SparseGPTModifier, GPTQModifier]; oneshot's independent pipeline "
+            "runs a full sequential calibration pass per modifier. GPTQModifier has no "
+            "mask-preserving option: its error feedback refills pruned weights, see "
+            "sparsity/sparsity_2of4."
+        ),
+        bits=4,
+        group_size=64,
+        sparse=True,
+    )
+
+
+ROWS: dict[str, Row] = {
+    r.name: r
+    for r in [
+        Row(name="dense", build=None, settings=[], notes="uncompressed fp32 baseline"),
+        _row("rtn-w4g64", _rtn(4, 64), bits=4, group_size=64, notes="RTN: QuantizationModifier"),
+        _row("gptq-w4g64", _gptq(4, 64), bits=4, group_size=64, notes="actorder=None"),
+        _row(
+            "gptq-w4g64-act",
+            _gptq(4, 64, "weight"),
+            bits=4,
+            group_size=64,
+            notes=(
+                "actorder='weight' (== 'static', the GPTQModifier default): columns processed "
+                "in descending diag(H) order, groups stay the contiguous original-column "
+                "groups, so the storage format is unchanged; 'group' (dynamic) is removed "
+                "in this release"
+            ),
+        ),
+        _row("rtn-w4", _rtn(4, None), bits=4, notes="RTN per-channel"),
+        _row("gptq-w4", _gptq(4, None), bits=4, notes="per-channel, actorder=None"),
+        _row("rtn-w3g64", _rtn(3, 64), bits=3, group_size=64, notes="RTN"),
+        _row("gptq-w3g64", _gptq(3, 64), bits=3, group_size=64, notes="actorder=None"),
+        _row("sparsegpt-50", _sgpt(0.5, "0:0"), sparse=True, notes="unstructured"),
+        _row("sparsegpt-60", _sgpt(0.6, "0:0"), sparse=True, notes="unstructured"),
+        _row("sparsegpt-2:4", _sgpt(0.5, "2:4"), sparse=True, notes="2:4"),
+        _row(
+            "magnitude-50",
+            _magnitude(0.5, "unstructured"),
+            sparse=True,
+            notes="MagnitudePruningModifier run one-shot (start=0, end=1, init=final=0.5)",
+        ),
+        Row(
+            name="magnitude-2:4",
+            build=None,
+            settings=[],
+            sparse=True,
+            unavailable=(
+                "MagnitudePruningModifier's mask factory in llmcompressor 0.14.0.1 knows "
+                "only 'unstructured', 'channel', 'filter' and 'block_*' structures: "
+                "mask_structure='2:4' raises 'Invalid mask_structure: 2:4'"
+            ),
+        ),
+        _sparse_w4g64(),
+    ]
+}
+
+
+def _versions() -> dict[str, str]:
+    names = ["torch", "llmcompressor", "compressed-tensors", "transformers", "datasets"]
+    out = {n: importlib.metadata.version(n) for n in names}
+    out["python"] = platform.python_version()
+    return out
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    import re
+
+    pattern = re.compile(DECODER_LINEARS.removeprefix("re:"))
+    return {n: m for n, m in model.named_modules() if pattern.match(n)}
+
+
+def _effective_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight the forward uses: fake-quantized with the module's qparams if quantized."""
+    args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+    weight = module.weight.detach()
+    if args is None:
+        return weight
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    return forward_quantize(module, weight, "weight", args)
+
+
+def _max_levels(w: torch.Tensor, group_size: int | None) -> int:
+    """Largest number of distinct values in one quantization group (row or row-group)."""
+    groups = w.reshape(w.shape[0], -1, group_size) if group_size else w.unsqueeze(1)
+    s = groups.sort(dim=-1).values
+    distinct = 1 + (s[..., 1:] != s[..., :-1]).sum(dim=-1)
+    return int(distinct.max())
+
+
+def _measure(model: torch.nn.Module, row: Row) -> dict[str, Any]:
+    zeros = total = groups_2of4 = n_groups4 = 0
+    max_levels = 0
+    for module in _decoder_linears(model).values():
+        w = _effective_weight(module)
+        zeros += int((w == 0).sum())
+        total += w.numel()
+        g = (w.reshape(w.shape[0], -1, 4) == 0).sum(dim=-1)
+        groups_2of4 += int((g >= 2).sum())
+        n_groups4 += g.numel()
+        if row.bits is not None:
+            max_levels = max(max_levels, _max_levels(w, row.group_size))
+    out: dict[str, Any] = {
+        "n_linears": len(_decoder_linears(model)),
+        "sparsity": zeros / total,
+        "sparsity_2of4": groups_2of4 / n_groups4,  # share of groups of 4 with >= 2 zeros
+    }
+    if row.bits is not None:
+        out["max_levels_per_group"] = max_levels
+        if max_levels > 2**row.bits:
+            raise RuntimeError(f"{row.name}: {max_levels} levels in a group > 2**{row.bits}")
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = EVAL_BATCH) -> float:
+    """exp(mean NLL) of logits[:, :-1] against ids[:, 1:], fp32 log-softmax."""
+    nll_sum, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        nll_sum += float(nll.double().sum())
+        count += nll.numel()
+    return math.exp(nll_sum / count)
+
+
+def _calibration_dataset(calib: torch.Tensor) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
+    )
+
+
+def run_row(row: Row, model_dir: str, calib: torch.Tensor, windows: torch.Tensor) -> dict:
+    """Compress a fresh dense model with `row` and evaluate it (one row, this process)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    result: dict[str, Any] = {
+        "row": row.name,
+        "ppl": None,
+        "seconds": None,
+        "peak_rss_mib": None,
+        "versions": _versions(),
+        "recipe": row.settings,
+        "notes": row.notes,
+        "calib_shape": list(calib.shape),
+        "eval_shape": list(windows.shape),
+        "threads": torch.get_num_threads(),
+    }
+    if row.unavailable:
+        result["unavailable"] = row.unavailable
+        return result
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    dense_embed = model.model.embed_tokens.weight.detach().clone()
+    dense_head = model.lm_head.weight.detach().clone()
+
+    if row.build is not None:
+        from llmcompressor import oneshot
+
+        recipe = row.build()
+        t0 = time.perf_counter()
+        oneshot(
+            model=model,
+            recipe=recipe,
+            dataset=_calibration_dataset(calib),
+            num_calibration_samples=calib.shape[0],
+            max_seq_length=calib.shape[1],
+            shuffle_calibration_samples=False,
+            batch_size=1,
+        )
+        result["seconds"] = time.perf_counter() - t0
+    result["peak_rss_mib"] = _peak_rss_mib()
+
+    if not torch.equal(model.model.embed_tokens.weight, dense_embed):
+        raise RuntimeError(f"{row.name}: embed_tokens changed by the recipe")
+    if not torch.equal(model.lm_head.weight, dense_head):
+        raise RuntimeError(f"{row.name}: lm_head changed by the recipe")
+    if hasattr(model.lm_head, "quantization_scheme"):
+        raise RuntimeError(f"{row.name}: lm_head was given a quantization scheme")
+    result["embedding_unchanged"] = True
+
+    result.update(_measure(model, row))
+    if row.sparse and result["sparsity"] < 0.01:
+        result["notes"] += f"; WARNING: measured sparsity {result['sparsity']:.4f}: not pruned"
+    result["ppl"] = perplexity(model, windows)
+    result["peak_rss_with_eval_mib"] = _peak_rss_mib()
+    return result
+
+
+def _worker(args: argparse.Namespace) -> int:
+    row = ROWS[args.worker]
+    try:
+        calib = torch.load(args.calib, weights_only=True).long()
+        windows = torch.load(args.eval, weights_only=True).long()
+        result = run_row(row, args.model, calib, windows)
+        code = 0
+    except Exception:
+        traceback.print_exc()
+        result = {"row": row.name, "error": traceback.format_exc(limit=-3)}
+        code = 1
+    with open(args.worker_out, "w") as f:
+        json.dump(result, f)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="plain Hugging Face model folder")
+    p.add_argument("--calib", required=True, help="LongTensor (n, seqlen) of calibration ids")
+    p.add_argument("--eval", required=True, help="LongTensor (windows, seqlen) to evaluate")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
+                   help=f"rows to run (default all): {' '.join(ROWS)}")
+    p.add_argument("--out", default="peer_results.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args)
+
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for name in args.rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "row.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
+                   "--worker-out", out, "--model", args.model, "--calib", args.calib,
+                   "--eval", args.eval]
+            print(f"== {name}", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd)
+            if os.path.exists(out):
+                with open(out) as f:
+                    result = json.load(f)
+            else:
+                result = {"row": name, "error": f"worker exited {proc.returncode}, no result"}
+        if proc.returncode != 0 or "error" in result:
+            failed.append(name)
+        results.append(result)
+        with open(args.out, "w") as f:  # rewritten after every row: partial tables survive
+            json.dump(results, f, indent=2)
+        print(json.dumps({k: result.get(k) for k in ("row", "ppl", "seconds", "peak_rss_mib",
+                                                     "sparsity", "error", "unavailable")}),
+              file=sys.stderr, flush=True)
+    if failed:
+        print(f"FAILED rows: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

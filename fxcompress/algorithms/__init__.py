@@ -1,0 +1,12 @@
+"""Pure math on (W, H): tensors in, tensors out. No modules, graphs, printing or flags."""
+
+from .baselines import magnitude, magnitude_mask, rtn
+from .compressed import Compressed
+from .gptq import gptq
+from .hessian import Hessian, HessianNotPositiveDefinite, factor, output_error
+from .sparsegpt import sparsegpt
+
+__all__ = [
+    "Compressed", "Hessian", "HessianNotPositiveDefinite", "factor", "gptq", "magnitude",
+    "magnitude_mask", "output_error", "rtn", "sparsegpt",
+]

@@ -1,0 +1,103 @@
+"""The layer Hessian ``H = 2 XᵀX / n`` and the factor the solvers sweep with.
+
+``Hessian`` keeps an fp32 *sum* and a sample count, so partial sums from several batches or
+processes add up exactly before the single division at the end.
+
+``factor`` prepares ``H`` for GPTQ/SparseGPT: dead inputs (zero diagonal) get their weight
+column zeroed and their diagonal set to 1; ``damp * mean(diag H)`` is added to the diagonal
+and retried once with 10x the damping if the Cholesky factorisation fails; after that the
+layer is reported with :class:`HessianNotPositiveDefinite` rather than silently falling back
+to plain rounding.
+
+The solvers need, for every column j, the "conditional" rows of H⁻¹ (the paper's upper
+Cholesky factor U of H⁻¹). Instead of the reference's three cubic steps (Cholesky, inverse,
+Cholesky) we factor the row/column-reversed Hessian once: ``flip(chol(flip(H)))`` is the upper
+triangular V with ``H = V Vᵀ``, and ``U = V⁻¹``. The sweep (see ``sweep.py``) works with V
+directly, so no inverse is ever formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    """Cholesky failed even with 10x damping: the calibration data cannot support the solve."""
+
+
+@dataclass
+class Hessian:
+    """Running ``Σ 2·xᵀx`` over calibration activations, with the number of rows seen."""
+
+    sum: Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, features: int, device: torch.device | str = "cpu") -> Hessian:
+        return cls(torch.zeros(features, features, dtype=torch.float32, device=device))
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate activations of any leading shape ``(..., features)``."""
+        if x.shape[-1] != self.sum.shape[0]:
+            raise ValueError(f"activations have {x.shape[-1]} features, "
+                             f"the Hessian expects {self.sum.shape[0]}")
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
+        self.sum.addmm_(x.t(), x, alpha=2.0)
+        self.count += x.shape[0]
+
+    def merge(self, other: Hessian) -> None:
+        """Add another partial sum (e.g. from another process)."""
+        self.sum += other.sum.to(self.sum.device)
+        self.count += other.count
+
+    def value(self) -> Tensor:
+        """``H = 2 XᵀX / n``."""
+        if self.count == 0:
+            raise ValueError("the Hessian has seen no samples")
+        return self.sum / self.count
+
+
+@dataclass
+class Factor:
+    """What the sweep needs: the (dead-column fixed) weight and ``H + λI = V Vᵀ``."""
+
+    w: Tensor  # (rows, cols) float32, dead columns zeroed
+    v: Tensor  # (cols, cols) upper triangular, H + λI = V Vᵀ
+    dead: Tensor  # (cols,) bool
+    damp: float  # the relative damping that succeeded
+
+
+def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None) -> Factor:
+    """Fix dead columns, damp, and factor ``H``; see the module docstring."""
+    layer = f" for layer {name!r}" if name else ""
+    cols = h.shape[0]
+    if h.shape != (cols, cols) or w.shape[1] != cols:
+        raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape "
+                         f"{tuple(w.shape)}{layer}")
+    if not torch.isfinite(h).all():
+        raise HessianNotPositiveDefinite(f"the Hessian{layer} contains NaN or Inf")
+    w = w.float().clone()
+    h = h.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    mean_diag = torch.diag(h).mean()
+    for d in (damp, damp * 10):
+        hd = h + d * mean_diag * torch.eye(cols, device=h.device)
+        lower, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
+        if info == 0:
+            return Factor(w, lower.flip(0, 1), dead, d)
+    raise HessianNotPositiveDefinite(
+        f"the Hessian{layer} is not positive definite even with damping {damp * 10:g} x "
+        f"mean(diag H): its Cholesky factorisation failed. Use more (or more varied) "
+        f"calibration samples, or a larger damp."
+    )
+
+
+def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
+    """``½ tr((W - Ŵ) H (W - Ŵ)ᵀ) = ‖(W - Ŵ) Xᵀ‖² / n`` for ``H = 2XᵀX / n``."""
+    delta = (w.float() - w_hat.float()).to(h.device)
+    return 0.5 * float(((delta @ h.float()) * delta).sum())

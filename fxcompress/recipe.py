@@ -1,0 +1,271 @@
+"""Recipes: what to do to which linear layer.
+
+A method is a frozen dataclass (``GPTQ``, ``SparseGPT``, ``RTN``, ``Magnitude``) validated on
+construction, so a bad setting fails where it is written and not halfway through a long
+calibration. A :class:`Recipe` maps module-name patterns to methods; the first pattern that
+matches a linear's fully qualified name wins and ``None`` leaves the layer dense. Recipes
+round-trip through JSON and YAML with a format version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+BITS = (2, 3, 4, 8)
+RECIPE_VERSION = 1
+
+
+class RecipeError(ValueError):
+    """A recipe or method setting that cannot work."""
+
+
+def _check_grid(bits: int, group_size: int) -> None:
+    if bits not in BITS:
+        raise RecipeError(f"bits must be one of {BITS}, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise RecipeError(f"group_size must be a positive divisor of in_features or -1, "
+                          f"got {group_size}")
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest quantization: the baseline every GPTQ row is compared to."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one scale per output channel
+    sym: bool = False
+    mse: bool = False  # grid search over shrunken ranges (the GPTQ reference's `mse` option)
+
+    def __post_init__(self) -> None:
+        _check_grid(self.bits, self.group_size)
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """OPTQ/GPTQ quantization (Frantar et al., 2023).
+
+    ``act_order`` processes columns by decreasing Hessian diagonal. With ``static_groups``
+    (default) the group parameters are fitted on the original column order before the sweep,
+    so the checkpoint needs no group index and act-order costs nothing at inference; without
+    it groups are fitted as the sweep reaches them in permuted order (the reference's dynamic
+    variant, which stores an unsorted ``g_idx``).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = True
+    mse: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_grid(self.bits, self.group_size)
+        if not 0 <= self.damp < 1:
+            raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise RecipeError(f"block_size must be positive, got {self.block_size}")
+
+    @property
+    def grid(self) -> RTN:
+        return RTN(self.bits, self.group_size, self.sym, self.mse)
+
+
+@dataclass(frozen=True)
+class SparseGPT:
+    """SparseGPT pruning (Frantar & Alistarh, 2023), optionally quantizing the kept weights
+    in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp/block do not).
+
+    ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
+    ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
+    ``block_size`` columns.
+    """
+
+    sparsity: float = 0.5
+    n_m: tuple[int, int] | None = None
+    quant: GPTQ | None = None
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_sparsity(self.sparsity, self.n_m)
+        if self.n_m is not None:
+            object.__setattr__(self, "n_m", tuple(self.n_m))
+            n, m = self.n_m
+            if self.block_size % m:
+                raise RecipeError(f"block_size {self.block_size} must be a multiple of M={m}")
+        if not 0 <= self.damp < 1:
+            raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
+        if self.quant is not None and self.quant.act_order:
+            raise RecipeError("SparseGPT with act_order quantization is not supported: the "
+                              "mask selection sweeps columns in their natural order")
+        if self.n_m and self.quant and self.quant.group_size != -1 \
+                and self.quant.group_size % self.n_m[1]:
+            raise RecipeError(f"group_size {self.quant.group_size} must be a multiple of "
+                              f"M={self.n_m[1]}")
+
+
+@dataclass(frozen=True)
+class Magnitude:
+    """Magnitude pruning: the baseline every SparseGPT row is compared to. ``quant`` rounds the
+    kept weights to nearest (the joint baseline)."""
+
+    sparsity: float = 0.5
+    n_m: tuple[int, int] | None = None
+    quant: RTN | None = None
+
+    def __post_init__(self) -> None:
+        _check_sparsity(self.sparsity, self.n_m)
+        if self.n_m is not None:
+            object.__setattr__(self, "n_m", tuple(self.n_m))
+
+
+def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
+    if n_m is not None:
+        if len(n_m) != 2 or not all(isinstance(v, int) for v in n_m):
+            raise RecipeError(f"n_m must be a pair of integers (N, M), got {n_m!r}")
+        n, m = n_m
+        if not 0 < n < m:
+            raise RecipeError(f"N:M sparsity needs 0 < N < M (N weights kept of every M), "
+                              f"got {n}:{m}")
+    elif not 0 <= sparsity <= 0.99:
+        raise RecipeError(f"sparsity must be in [0, 0.99], got {sparsity}")
+
+
+Method = Union[GPTQ, SparseGPT, RTN, Magnitude]
+METHODS: dict[str, type] = {c.__name__: c for c in (GPTQ, SparseGPT, RTN, Magnitude)}
+
+
+def method_to_dict(method: Method) -> dict[str, Any]:
+    """``{"method": "GPTQ", ...fields}``, nested quant configs included."""
+    out: dict[str, Any] = {"method": type(method).__name__}
+    for f in dataclasses.fields(method):
+        value = getattr(method, f.name)
+        if dataclasses.is_dataclass(value):
+            value = method_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def method_from_dict(data: Mapping[str, Any]) -> Method:
+    """Inverse of :func:`method_to_dict`; unknown methods or fields are clear errors."""
+    data = dict(data)
+    name = data.pop("method", None)
+    if name not in METHODS:
+        raise RecipeError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    cls = METHODS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise RecipeError(f"{name} has no field(s) {sorted(unknown)}; fields: {sorted(known)}")
+    if isinstance(data.get("quant"), Mapping):
+        data["quant"] = method_from_dict(data["quant"])
+    if data.get("n_m") is not None:
+        data["n_m"] = tuple(data["n_m"])
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise RecipeError(f"{name}: {e}") from e
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Recipe:
+    """Ordered rules ``{pattern: method or None}``; patterns are regular expressions matched
+    against the whole module name (``re.fullmatch``); the first match wins."""
+
+    rules: tuple[tuple[str, Method | None], ...]
+    version: ClassVar[int] = RECIPE_VERSION
+
+    def __init__(self, rules: Mapping[str, Method | None] | Method) -> None:
+        if isinstance(rules, tuple(METHODS.values())):
+            rules = {".*": rules}
+        if not isinstance(rules, Mapping):
+            raise RecipeError(f"a Recipe takes a mapping {{pattern: method}} or one method, "
+                              f"got {type(rules).__name__}")
+        items = []
+        for pattern, method in rules.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise RecipeError(f"invalid pattern {pattern!r}: {e}") from e
+            if method is not None and not isinstance(method, tuple(METHODS.values())):
+                raise RecipeError(f"rule {pattern!r}: expected a method or None, got {method!r}")
+            items.append((pattern, method))
+        object.__setattr__(self, "rules", tuple(items))
+
+    def match(self, name: str) -> tuple[str, Method | None] | None:
+        """The first rule ``(pattern, method)`` whose pattern matches ``name``, or None."""
+        for pattern, method in self.rules:
+            if re.fullmatch(pattern, name):
+                return pattern, method
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "rules": [{"pattern": p, **(method_to_dict(m) if m else {"method": None})}
+                      for p, m in self.rules],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        if not isinstance(data, Mapping) or "rules" not in data:
+            raise RecipeError("a recipe needs a 'rules' list of {pattern, method, ...}")
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {version} is not supported "
+                              f"(this fxcompress reads version {RECIPE_VERSION})")
+        rules: dict[str, Method | None] = {}
+        for rule in data["rules"]:
+            rule = dict(rule)
+            if "pattern" not in rule:
+                raise RecipeError(f"rule {rule} has no 'pattern'")
+            pattern = rule.pop("pattern")
+            rules[pattern] = None if rule.get("method") is None else method_from_dict(rule)
+        return cls(rules)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe is not valid YAML: {e}") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a ``.json``, ``.yaml`` or ``.yml`` recipe file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe file {path}: {e}") from e
+        if path.suffix == ".json":
+            return cls.from_json(text)
+        return cls.from_yaml(text)
+
+    def __repr__(self) -> str:
+        return f"Recipe({dict(self.rules)!r})"

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from fxcompress.algorithms import magnitude, magnitude_mask, rtn
+from fxcompress.recipe import RTN, Magnitude
+
+
+def test_rtn_is_round_to_nearest_on_the_fitted_grid():
+    w = torch.randn(8, 64)
+    c = rtn(w, RTN(bits=4, group_size=16))
+    s = c.scale[:, c.g_idx.long()]
+    z = c.zero[:, c.g_idx.long()].float()
+    assert torch.equal(c.codes.float(), torch.clamp(torch.round(w / s) + z, 0, 15))
+
+
+@pytest.mark.parametrize("n_m", [(2, 4), (1, 4), (4, 8)])
+def test_magnitude_n_m_keeps_the_largest_n_of_every_m(n_m):
+    n, m = n_m
+    w = torch.randn(6, 32)
+    keep = magnitude_mask(w, n_m=n_m)
+    groups, kept = w.abs().reshape(6, -1, m), keep.reshape(6, -1, m)
+    assert (kept.sum(-1) == n).all()
+    smallest_kept = torch.where(kept, groups, torch.inf).min(-1).values
+    largest_dropped = torch.where(~kept, groups, -torch.inf).max(-1).values
+    assert (smallest_kept >= largest_dropped).all()
+
+
+def test_magnitude_with_rtn_quantizes_the_kept_weights():
+    w = torch.randn(8, 64)
+    c = magnitude(w, Magnitude(n_m=(2, 4), quant=RTN(bits=4, group_size=32)))
+    assert (c.dense()[~c.mask] == 0).all()
+    assert c.quantized and c.sparsity() == 0.5

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from fxcompress.algorithms import gptq, output_error, rtn
+from fxcompress.recipe import GPTQ
+
+from . import reference
+from .conftest import correlated_problem
+from .conftest import output_error as measured_error
+
+SETTINGS = [
+    dict(bits=4, group_size=-1),
+    dict(bits=4, group_size=32),
+    dict(bits=3, group_size=64, sym=True),
+    dict(bits=2, group_size=32),
+    dict(bits=8, group_size=-1),
+    dict(bits=4, group_size=32, act_order=True),
+    dict(bits=3, group_size=32, act_order=True, static_groups=False),
+]
+
+
+@pytest.mark.parametrize("kw", SETTINGS)
+def test_reported_loss_equals_measured_output_error(problem, kw):
+    w, x, h = problem
+    c = gptq(w, h, GPTQ(damp=1e-7, **kw))
+    assert c.loss == pytest.approx(measured_error(w, c.dense(), x), rel=2e-3)
+    assert c.loss == pytest.approx(output_error(w, c.dense(), h), rel=2e-3)
+
+
+@pytest.mark.parametrize("kw", SETTINGS)
+def test_matches_the_right_looking_reference(problem, kw):
+    w, x, h = problem
+    cfg = GPTQ(block_size=64, **kw)
+    c = gptq(w, h, cfg)
+    q_ref, loss_ref = reference.gptq(w, h, block_size=64, **{**kw, "static_groups": cfg.static_groups})
+    assert c.loss == pytest.approx(loss_ref, rel=1e-3)
+    mismatch = (c.dense() - q_ref).abs() > 1e-3 * q_ref.abs().max()
+    assert mismatch.float().mean() < 0.01  # rounding ties may flip a handful of codes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_beats_round_to_nearest(bits, group_size, act_order):
+    w, x, h = correlated_problem(64, 256, seed=bits)
+    cfg = GPTQ(bits=bits, group_size=group_size, act_order=act_order)
+    ours = measured_error(w, gptq(w, h, cfg).dense(), x)
+    baseline = measured_error(w, rtn(w, cfg.grid).dense(), x)
+    assert ours < baseline
+
+
+def test_codes_grid_and_group_index(problem):
+    w, x, h = problem
+    c = gptq(w, h, GPTQ(bits=3, group_size=64))
+    assert c.codes.dtype == torch.uint8 and c.codes.max() <= 7
+    assert c.scale.shape == c.zero.shape == (48, 4)
+    assert torch.equal(c.g_idx.long(), torch.arange(256) // 64) and c.static_groups
+
+
+def test_static_act_order_keeps_the_natural_group_index(problem):
+    w, x, h = problem
+    plain = gptq(w, h, GPTQ(bits=4, group_size=32))
+    static = gptq(w, h, GPTQ(bits=4, group_size=32, act_order=True))
+    dynamic = gptq(w, h, GPTQ(bits=4, group_size=32, act_order=True, static_groups=False))
+    assert torch.equal(static.g_idx, plain.g_idx) and static.static_groups
+    assert not dynamic.static_groups
+    assert torch.equal(torch.bincount(dynamic.g_idx.long()), torch.full((8,), 32))
+
+
+def test_does_not_modify_its_inputs(problem):
+    w, x, h = problem
+    w0, h0 = w.clone(), h.clone()
+    gptq(w, h, GPTQ(bits=4, group_size=32, act_order=True))
+    assert torch.equal(w, w0) and torch.equal(h, h0)

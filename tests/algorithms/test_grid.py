@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from fxcompress.algorithms import grid
+from fxcompress.recipe import RecipeError
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 16, 64])
+def test_codes_in_range_and_rtn_within_half_step(bits, sym, group_size):
+    w = torch.randn(12, 128) * torch.rand(12, 1) * 3
+    scale, zero = grid.fit_groups(w, bits, group_size, sym)
+    gs = 128 if group_size == -1 else group_size
+    assert scale.shape == zero.shape == (12, 128 // gs)
+    g = torch.arange(128) // gs
+    s, z = grid.expand(scale, g), grid.expand(zero, g)
+    codes = grid.quantize(w, s, z, bits)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert torch.equal(codes, codes.round())
+    err = (grid.dequantize(codes, s, z) - w).abs()
+    # asymmetric grids cover [min, max]; symmetric ones clip the top code (2**(b-1) - 1 steps)
+    bound = 0.5 * s + 1e-6 if not sym else torch.maximum(0.5 * s, w.abs() - (2**(bits - 1) - 1) * s)
+    assert (err <= bound + 1e-6).all()
+
+
+def test_scales_are_float16_exact_and_zero_is_integer():
+    w = torch.randn(7, 64)
+    scale, zero = grid.fit(w, 4, sym=False)
+    assert torch.equal(scale, scale.half().float())
+    assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 15
+
+
+def test_symmetric_zero_point_is_midpoint():
+    scale, zero = grid.fit(torch.randn(5, 32), 3, sym=True)
+    assert (zero == 4).all()
+
+
+def test_all_zero_rows_get_a_valid_grid():
+    scale, zero = grid.fit(torch.zeros(3, 8), 4, sym=False)
+    codes = grid.quantize(torch.zeros(3, 8), scale[:, None], zero[:, None], 4)
+    assert torch.equal(grid.dequantize(codes, scale[:, None], zero[:, None]), torch.zeros(3, 8))
+
+
+def test_mse_search_never_increases_the_error():
+    w = torch.randn(32, 128)
+    w[:, 0] *= 20  # outliers make shrinking the range worthwhile
+    for sym in (False, True):
+        errs = []
+        for mse in (False, True):
+            s, z = grid.fit(w, 3, sym, mse)
+            q = grid.dequantize(grid.quantize(w, s[:, None], z[:, None], 3), s[:, None], z[:, None])
+            errs.append((q - w).abs().pow(2.4).sum(1))
+        assert (errs[1] <= errs[0] + 1e-4).all()
+        assert errs[1].sum() < errs[0].sum()
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16])
+def test_unsupported_bits_are_rejected(bits):
+    with pytest.raises(RecipeError, match="bits must be one of"):
+        grid.fit_groups(torch.randn(4, 32), bits, -1, False)
+
+
+def test_group_size_must_divide_in_features():
+    with pytest.raises(RecipeError, match="does not divide in_features 100"):
+        grid.fit_groups(torch.randn(4, 100), 4, 64, False)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from fxcompress.algorithms import Hessian, HessianNotPositiveDefinite, factor, gptq
+from fxcompress.recipe import GPTQ
+
+
+def test_accumulates_any_leading_shape_and_partial_sums_add_up():
+    x = torch.randn(3, 5, 7, 16)
+    whole = Hessian.zeros(16)
+    whole.add(x)
+    parts = [Hessian.zeros(16) for _ in range(3)]
+    for p, xi in zip(parts, x):
+        p.add(xi)
+    merged = parts[0]
+    merged.merge(parts[1])
+    merged.merge(parts[2])
+    flat = x.reshape(-1, 16)
+    expected = 2 * flat.t() @ flat / flat.shape[0]
+    assert whole.count == merged.count == 105
+    torch.testing.assert_close(whole.value(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.value(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_feature_count_and_empty_hessian_are_errors():
+    h = Hessian.zeros(8)
+    with pytest.raises(ValueError, match="8"):
+        h.add(torch.randn(4, 9))
+    with pytest.raises(ValueError, match="no samples"):
+        h.value()
+
+
+def test_factor_is_a_cholesky_of_the_damped_hessian():
+    x = torch.randn(200, 32)
+    h = 2 * x.t() @ x / 200
+    f = factor(torch.randn(4, 32), h, damp=0.01)
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(32)
+    torch.testing.assert_close(f.v @ f.v.t(), damped, rtol=1e-4, atol=1e-4)
+    assert torch.equal(f.v, torch.triu(f.v))
+
+
+def test_dead_columns_are_zeroed_and_their_diagonal_set_to_one():
+    x = torch.randn(100, 16)
+    x[:, [3, 7]] = 0
+    h = 2 * x.t() @ x / 100
+    w = torch.randn(5, 16)
+    f = factor(w, h, damp=0.0)
+    assert f.dead.nonzero().flatten().tolist() == [3, 7]
+    assert (f.w[:, [3, 7]] == 0).all() and torch.equal(f.w[:, 0], w[:, 0])
+    assert torch.allclose((f.v @ f.v.t())[3, 3], torch.tensor(1.0))
+    q = gptq(w, h, GPTQ(bits=4, group_size=-1, damp=0.0))
+    assert (q.dense()[:, [3, 7]] == 0).all()
+
+
+def test_rank_deficient_hessian_is_handled_by_damping():
+    x = torch.randn(8, 32)  # 8 samples, 32 features: rank 8
+    h = 2 * x.t() @ x / 8
+    f = factor(torch.randn(3, 32), h, damp=0.01)
+    assert f.damp == 0.01
+    with pytest.raises(HessianNotPositiveDefinite):
+        factor(torch.randn(3, 32), h, damp=0.0)
+
+
+def test_retry_with_ten_times_the_damping():
+    h = torch.eye(4)
+    h[0, 0] = -0.05  # mean diag 0.7375: damp 0.01 is not enough, 0.1 is
+    f = factor(torch.randn(2, 4), h, damp=0.01)
+    assert f.damp == pytest.approx(0.1)
+
+
+def test_not_positive_definite_names_the_layer():
+    h = -torch.eye(6)
+    h[0, 0] = 10.0
+    with pytest.raises(HessianNotPositiveDefinite, match="model.layers.3.mlp.up_proj"):
+        gptq(torch.randn(4, 6), h, GPTQ(bits=4, group_size=-1), name="model.layers.3.mlp.up_proj")
+
+
+def test_nan_hessian_is_an_error():
+    h = torch.eye(4)
+    h[1, 2] = float("nan")
+    with pytest.raises(HessianNotPositiveDefinite, match="NaN"):
+        factor(torch.randn(2, 4), h)
