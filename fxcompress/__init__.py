@@ -1,0 +1,17 @@
+"""fxcompress: one-shot SparseGPT and GPTQ compression of PyTorch models, as a compiler pass.
+
+    model = fxcompress.compile(model, calibration, GPTQ(bits=4, group_size=128))
+"""
+
+from .algorithms import HessianNotPositiveDefinite
+from .api import Report, compile
+from .modules import QuantLinear, SparseLinear
+from .passes import CaptureError
+from .recipe import GPTQ, RTN, Magnitude, Recipe, RecipeError, SparseGPT
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPTQ", "RTN", "CaptureError", "HessianNotPositiveDefinite", "Magnitude", "QuantLinear",
+    "Recipe", "RecipeError", "Report", "SparseGPT", "SparseLinear", "compile",
+]

@@ -158,7 +158,8 @@ def _decompress_24(kept, positions):
     d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, 0.0))
     d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, 0.0))
     d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, 0.0))
-    return tl.reshape(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (R, 2 * H))
+    # join appends the new axis last: join(join(d0, d2), join(d1, d3))[g, j, i] = d[2j + i]
+    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (R, 2 * H))
 
 
 @triton.jit
@@ -200,7 +201,8 @@ def _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, o
             kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn,
             W_VALID, META_VALID, GROUP_SIZE,
             BITS: tl.constexpr, SPARSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+            DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+            EVEN_K: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += x[offs_m, K blocks kb_start..kb_end) · W[offs_n, same]ᵀ."""
     for kb in range(kb_start, kb_end):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -224,6 +226,9 @@ def _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, o
                              GROUP_SIZE, BITS, SPARSE, BLOCK_K, EVEN_K)
             if BLOCK_M == 1:
                 acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
+            elif DOT_F32:  # the same x-dtype-rounded operands, multiplied in fp32
+                w_t = tl.trans(w.to(x.dtype).to(tl.float32))
+                acc = tl.dot(x.to(tl.float32), w_t, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     return acc
@@ -249,7 +254,7 @@ def _decode_kernel(
     stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn, stride_ym, stride_ys,
     GROUP_SIZE, BLOCKS_PER_SPLIT,
     BITS: tl.constexpr, SPARSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Split-K matmul for M <= BLOCK_M rows: program (n, s) computes y[:, n-slice] over the
@@ -267,7 +272,7 @@ def _decode_kernel(
     acc = _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
                   n_mask, kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn,
                   stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
-                  BITS, SPARSE, DOT_PRECISION, BLOCK_M, BLOCK_K, EVEN_K)
+                  BITS, SPARSE, DOT_PRECISION, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
     if SPLIT_K == 1:
         _store(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
     else:
@@ -282,7 +287,8 @@ def _prefill_kernel_body(
     stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn, stride_ym,
     GROUP_SIZE, M_BUCKET,
     BITS: tl.constexpr, SPARSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Tiled matmul: one (BLOCK_M, BLOCK_N) output tile a program, over all of K. Programs
@@ -304,7 +310,7 @@ def _prefill_kernel_body(
     acc = _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
                   n_mask, 0, tl.cdiv(K, BLOCK_K), K, stride_xm, stride_xk, stride_wn, stride_mn,
                   stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
-                  BITS, SPARSE, DOT_PRECISION, BLOCK_M, BLOCK_K, EVEN_K)
+                  BITS, SPARSE, DOT_PRECISION, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
     _store(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
 
 
@@ -353,10 +359,11 @@ def _min_block_k(sparse: bool) -> int:
     return 32 if sparse else 16
 
 
-def _block_k(k: int, group_size: int, groups: int, sparse: bool, preferred: int) -> int:
-    """Largest power of two <= ``preferred`` that keeps every K block inside one group."""
+def _block_k(k: int, group_size: int, sparse: bool, preferred: int) -> int:
+    """Largest power of two <= ``preferred`` that keeps every K block inside one group
+    (``group_size >= k``: a single group)."""
     lo = _min_block_k(sparse)
-    if groups == 1:
+    if group_size >= k:
         return max(lo, min(preferred, triton.next_power_of_2(k)))
     bk = preferred
     while bk > lo and group_size % bk:
@@ -371,7 +378,7 @@ def _decode_config(m: int, n: int, k: int, block_k: int, device: torch.device) -
     on_gpu = device.type == "cuda"
     block_m = 1 if m == 1 else 16
     block_n = 64 if on_gpu else 16
-    target = 4 * _sm_count(device)
+    target = 8 * _sm_count(device)  # enough resident programs to keep loads in flight
     n_blocks = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
     split = 1
@@ -413,11 +420,12 @@ class _Operands(NamedTuple):
 def _launch(x2d: Tensor, ops: _Operands, n: int, bias: Tensor | None) -> Tensor:
     """Run the decode or prefill kernel on prepared operands; y has x's dtype."""
     m, k = x2d.shape
-    groups = ops.scale.shape[1] if ops.scale.dim() == 2 else 1
-    block_k = _block_k(k, ops.group_size, groups, ops.sparse, ops.block_k_pref)
+    block_k = _block_k(k, ops.group_size, ops.sparse, ops.block_k_pref)
     has_bias = bias is not None
     bias_arg = bias.to(x2d.dtype).contiguous() if has_bias else x2d
     precision = "ieee" if x2d.dtype == torch.float32 else "tf32"
+    # the Triton interpreter multiplies the raw bits of bf16 dot operands (triton#11584)
+    dot_f32 = x2d.device.type != "cuda" and x2d.dtype == torch.bfloat16
     even_k = k % block_k == 0
     common = (ops.w, ops.wh, ops.meta, ops.scale, ops.zero)
     strides = (x2d.stride(0), x2d.stride(1), ops.w.stride(0), ops.meta.stride(0),
@@ -433,7 +441,7 @@ def _launch(x2d: Tensor, ops: _Operands, n: int, bias: Tensor | None) -> Tensor:
             x2d, *common, bias_arg, y, m, n, k, ops.w_valid, ops.meta_valid, *strides,
             n, m * n, ops.group_size, cfg.blocks_per_split,
             BITS=ops.bits, SPARSE=ops.sparse, HAS_BIAS=has_bias, DOT_PRECISION=precision,
-            EVEN_K=even_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            DOT_F32=dot_f32, EVEN_K=even_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if cfg.split_k == 1:
@@ -447,7 +455,7 @@ def _launch(x2d: Tensor, ops: _Operands, n: int, bias: Tensor | None) -> Tensor:
     args = (x2d, *common, bias_arg, y, m, n, k, ops.w_valid, ops.meta_valid, *strides, n,
             ops.group_size, _m_bucket(m))
     meta = dict(BITS=ops.bits, SPARSE=ops.sparse, HAS_BIAS=has_bias, DOT_PRECISION=precision,
-                EVEN_K=even_k, BLOCK_K=block_k)
+                DOT_F32=dot_f32, EVEN_K=even_k, BLOCK_K=block_k)
     if x2d.device.type == "cuda":
         def grid(c: dict) -> tuple[int]:
             return (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
@@ -638,6 +646,11 @@ def prepare_quant_weight(w_packed: Tensor, scale: Tensor, zero: Tensor, bits: in
         sorted_groups = groups[order]
         block = _regular_group_size(sorted_groups)
         first = sorted_groups[::block]
+        if first.numel() > 1 and block % 16:
+            raise ValueError(
+                f"act-order groups must start at multiples of 16 columns once sorted; the "
+                f"largest common block is {block}"
+            )
         scale, zero = scale[:, first], zero[:, first]
         group_size = block if first.numel() > 1 else max(k, 1)
         if not torch.equal(order, torch.arange(k, device=order.device)):

@@ -1,0 +1,176 @@
+"""``fxcompress.compile``: capture, find the linears, calibrate, rewrite — one verb."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
+from .passes import calibrate, capture, find_sites, rewrite
+from .passes.calibrate import LayerReport
+from .passes.capture import as_call, call_kwargs
+from .passes.sites import Site
+from .recipe import Method, Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+DEFAULT_BATCH_TOKENS = 4096
+
+
+@dataclass
+class Report:
+    """What ``compile`` did: one row per compressed linear, and what it left alone."""
+
+    recipe: Recipe
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # linear -> reason
+    seconds: float = 0.0
+    samples: int = 0
+
+    def table(self) -> str:
+        """The per-layer table as Markdown."""
+        rows = ["| layer | method | shape | loss | seconds |", "|---|---|---|---|---|"]
+        rows += [f"| {r.fqn} | {r.method} | {r.shape[0]}x{r.shape[1]} | {r.loss:.4g} | "
+                 f"{r.seconds:.2f} |" for r in self.layers]
+        return "\n".join(rows)
+
+
+@contextlib.contextmanager
+def numerics() -> Iterator[None]:
+    """Full-precision fp32 matmuls while compressing; the user's settings come back after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def _samples(calibration: Any) -> list[Any]:
+    if isinstance(calibration, torch.Tensor):
+        return [row[None] for row in calibration]  # an (n, ...) tensor holds n samples
+    if isinstance(calibration, (dict, str)) or not isinstance(calibration, Iterable):
+        raise TypeError("calibration must be an iterable of samples (tensors, tuples or dicts "
+                        "of keyword inputs) or a tensor whose rows are samples")
+    samples = list(calibration)
+    if not samples:
+        raise ValueError("calibration data is empty: give at least one sample")
+    return samples
+
+
+def _signature(sample: tuple[tuple, dict]) -> tuple:
+    leaves, spec = pytree.tree_flatten(sample)
+    return (spec, tuple(tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else x
+                        for x in leaves))
+
+
+def _batch(calls: list[tuple[tuple, dict]], batch_size: int) -> list[tuple[tuple, dict]]:
+    """Concatenate runs of same-shaped samples along dim 0, ``batch_size`` at a time."""
+    chunks, run = [], []
+    for call in calls + [None]:
+        if run and (call is None or len(run) == batch_size
+                    or _signature(call) != _signature(run[0])):
+            flat = [pytree.tree_flatten(c)[0] for c in run]
+            spec = pytree.tree_flatten(run[0])[1]
+            leaves = [torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0]
+                      for xs in zip(*flat)]
+            chunks.append(pytree.tree_unflatten(leaves, spec))
+            run = []
+        if call is not None:
+            run.append(call)
+    return chunks
+
+
+def _tokens(call: tuple[tuple, dict]) -> int:
+    leaves = [x for x in pytree.tree_flatten(call)[0] if isinstance(x, torch.Tensor)]
+    return max(1, leaves[0][:1].numel()) if leaves else 1
+
+
+def _explicit(pattern: str, name: str) -> bool:
+    return pattern in (name, re.escape(name))
+
+
+def plan_sites(recipe: Recipe, sites: list[Site], others: list[str], model: nn.Module
+               ) -> tuple[dict[str, Method], dict[str, str]]:
+    """Which method each linear gets; why the others are left dense. Raises or warns on
+    recipes that cannot be what the user meant."""
+    plan, skipped = {}, {}
+    for s in sites:
+        match = recipe.match(s.fqn)
+        if match is None:
+            skipped[s.fqn] = "no rule matches"
+        elif match[1] is None:
+            skipped[s.fqn] = f"rule {match[0]!r} leaves it dense"
+        elif s.tied and not _explicit(match[0], s.fqn):
+            skipped[s.fqn] = "weight tied to another parameter (name it in a rule to compress)"
+        else:
+            plan[s.fqn] = match[1]
+    for name in others:
+        match = recipe.match(name)
+        if match is not None and match[1] is not None:
+            raise RecipeError(
+                f"rule {match[0]!r} targets {name!r} ({type(model.get_submodule(name)).__name__}"
+                f"), which calls a linear op but is not an nn.Linear/Conv1D with its own weight "
+                f"parameter: fxcompress cannot compress it. Exclude it with a None rule.")
+    site_names = [s.fqn for s in sites]
+    for pattern, method in recipe.rules:
+        if any(re.fullmatch(pattern, n) for n in site_names):
+            continue
+        matched = [n for n, _ in model.named_modules() if n and re.fullmatch(pattern, n)]
+        if matched and method is not None and pattern != ".*":
+            kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})"
+                              for n in matched[:5])
+            raise RecipeError(f"rule {pattern!r} matches no linear layer, only modules "
+                              f"fxcompress cannot compress: {kinds}")
+        if not matched:
+            shown = ", ".join(site_names[:12]) + (" ..." if len(site_names) > 12 else "")
+            warnings.warn(f"recipe pattern {pattern!r} matches no module; the linear layers "
+                          f"are: {shown}", stacklevel=3)
+    return plan, skipped
+
+
+def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
+            *, progress: bool = True, batch_size: int | None = None) -> nn.Module:
+    """Compress ``model``'s linear layers in place and return it.
+
+    ``calibration`` is an iterable of samples — tensors, tuples of positional inputs or dicts
+    of keyword inputs (e.g. 128 × 512 tokens of real text) — or one tensor whose rows are
+    samples. ``recipe`` is a :class:`Recipe`, a ``{pattern: method}`` dict, or a single method
+    for every linear (tied heads excepted). Samples are run ``batch_size`` at a time (default:
+    about 4096 tokens per batch). The per-layer report is left in ``model.fxcompress_report``.
+    """
+    t0 = time.perf_counter()
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
+    calls = [as_call(s) for s in _samples(calibration)]
+    calls = [((), call_kwargs(model, a, k)) for a, k in calls]
+    batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // _tokens(calls[0]))
+    chunks = _batch(calls, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with numerics(), torch.no_grad():
+            ep = capture(model, *chunks[0])
+            sites, others = find_sites(ep, model)
+            plan, skipped = plan_sites(recipe, sites, others, model)
+            results, layers = calibrate(ep, sites, plan, chunks, progress=progress)
+            del ep
+            count = rewrite(model, sites, results)
+    finally:
+        model.train(was_training)
+    report = Report(recipe, layers, skipped, time.perf_counter() - t0, len(calls))
+    model.fxcompress_report = report
+    log.info("fxcompress: compressed %d linear layers in %.1fs", count, report.seconds)
+    return model

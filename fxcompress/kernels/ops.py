@@ -1,0 +1,202 @@
+"""The ``torch.ops.fxcompress.*`` operators compressed modules call: one per in-memory format.
+
+Each operator is a ``torch.library.triton_op`` whose body branches on the device: on CPU it is
+plain aten (so ``torch.compile`` inlines it and an AOTInductor package runs without
+fxcompress installed), on CUDA it launches Triton kernels through ``wrap_triton`` where one
+exists. Fake (meta) implementations come from tracing the body; every op has an autograd
+formula with respect to its input (and, for ``masked_linear``, its weight) so that compressed
+models train.
+
+========================  =================================================================
+op                        weight format
+========================  =================================================================
+``quant_linear``          canonical packed codes (``pack.pack``), scale, zero, optional
+                          ``g_idx``: every bit width and group size; CPU dequantizes per call
+``int4pack_linear``       aten's CPU int4 layout (2/3/4-bit codes, groups of 32..256),
+                          bf16 activations: the fast CPU path
+``int8pack_linear``       int8 codes, per-channel scale (+ zero-point term): CPU 8-bit
+``masked_linear``         dense weight and a keep-mask (pruned, not quantized; trainable)
+========================  =================================================================
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op
+
+from . import pack
+
+
+def dequantize(w_packed: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | None,
+               bits: int, group_size: int, in_features: int) -> Tensor:
+    """Dense float32 ``(N, K)`` weight from the canonical layout."""
+    codes = pack.unpack(w_packed, bits, in_features).float()
+    if g_idx is None:
+        g = torch.arange(in_features, device=w_packed.device) // group_size
+    else:
+        g = g_idx.long()
+    return (codes - zero[:, g].float()) * scale[:, g].float()
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+# --- canonical layout --------------------------------------------------------------------
+
+
+@triton_op("fxcompress::quant_linear", mutates_args=())
+def quant_linear(x: Tensor, w_packed: Tensor, scale: Tensor, zero: Tensor,
+                 g_idx: Tensor | None, bias: Tensor | None, bits: int, group_size: int,
+                 in_features: int) -> Tensor:
+    """``x @ dequant(W)ᵀ + bias`` for codes packed by ``pack.pack``."""
+    if x.device.type == "cuda":
+        from . import cuda
+
+        return cuda.quant_linear(x, w_packed, scale, zero, g_idx, bias, bits, group_size,
+                                 in_features)
+    w = dequantize(w_packed, scale, zero, g_idx, bits, group_size, in_features)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _quant_linear_backward(ctx, grad: Tensor):
+    w_packed, scale, zero, g_idx, bias = ctx.saved_tensors
+    w = dequantize(w_packed, scale, zero, g_idx, ctx.bits, ctx.group_size, ctx.in_features)
+    grad_x = (grad @ w.to(grad.dtype)) if ctx.needs_input_grad[0] else None
+    grad_b = _bias_grad(ctx, grad, 5)
+    return grad_x, None, None, None, None, grad_b, None, None, None
+
+
+def _quant_linear_setup(ctx, inputs, output):
+    x, w_packed, scale, zero, g_idx, bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(w_packed, scale, zero, g_idx, bias)
+    ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, in_features
+
+
+def _bias_grad(ctx, grad: Tensor, index: int) -> Tensor | None:
+    if not ctx.needs_input_grad[index]:
+        return None
+    return _flat(grad).sum(0)
+
+
+quant_linear.register_autograd(_quant_linear_backward, setup_context=_quant_linear_setup)
+
+
+# --- aten's CPU int4 layout --------------------------------------------------------------
+
+
+@triton_op("fxcompress::int4pack_linear", mutates_args=())
+def int4pack_linear(x: Tensor, w_int4: Tensor, scale_zeros: Tensor, perm: Tensor | None,
+                    bias: Tensor | None, group_size: int) -> Tensor:
+    """``x[..., perm] @ Wᵀ + bias`` with W in ``_convert_weight_to_int4pack_for_cpu`` layout and
+    ``scale_zeros`` ``(groups, N, 2)`` bf16 holding ``(scale, (8 - zero) * scale)``."""
+    if x.device.type != "cpu":
+        raise RuntimeError("int4pack_linear holds a CPU weight layout; move the module with "
+                           ".to(device) so that it repacks for that device")
+    xf = _flat(x)
+    if perm is not None:
+        xf = xf.index_select(1, perm)
+    y = torch._weight_int4pack_mm_for_cpu(xf.to(torch.bfloat16), w_int4, group_size,
+                                          scale_zeros)
+    y = _add_bias(y.to(x.dtype), bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def int4pack_dense(w_int4: Tensor, scale_zeros: Tensor, group_size: int, in_features: int
+                   ) -> Tensor:
+    """The weight an int4pack layout holds, ``(N, K)`` bf16, read back through the kernel
+    itself (``I @ Wᵀ``): exact in the kernel's arithmetic and independent of its bit order."""
+    eye = torch.eye(in_features, dtype=torch.bfloat16, device=w_int4.device)
+    return torch._weight_int4pack_mm_for_cpu(eye, w_int4, group_size, scale_zeros).t()
+
+
+def _int4pack_setup(ctx, inputs, output):
+    x, w_int4, scale_zeros, perm, bias, group_size = inputs
+    ctx.save_for_backward(w_int4, scale_zeros, perm, bias)
+    ctx.group_size, ctx.in_features = group_size, x.shape[-1]
+
+
+def _int4pack_backward(ctx, grad: Tensor):
+    w_int4, scale_zeros, perm, bias = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        w = int4pack_dense(w_int4, scale_zeros, ctx.group_size, ctx.in_features)
+        gx = grad @ w.to(grad.dtype)
+        if perm is not None:
+            gx = torch.empty_like(gx).index_copy_(-1, perm, gx)
+        grad_x = gx
+    return grad_x, None, None, None, _bias_grad(ctx, grad, 4), None
+
+
+int4pack_linear.register_autograd(_int4pack_backward, setup_context=_int4pack_setup)
+
+
+# --- int8, per channel -------------------------------------------------------------------
+
+
+@triton_op("fxcompress::int8pack_linear", mutates_args=())
+def int8pack_linear(x: Tensor, w_int8: Tensor, scale: Tensor, offset: Tensor | None,
+                    bias: Tensor | None) -> Tensor:
+    """``x @ (w_int8 · scale + offset)ᵀ + bias`` with per-output-channel ``scale`` and
+    ``offset = (128 - zero) · scale`` (None for symmetric grids)."""
+    xf = _flat(x)
+    if x.device.type == "cpu":
+        y = torch._weight_int8pack_mm(xf, w_int8, scale.to(x.dtype))
+    else:
+        y = F.linear(xf, w_int8.to(x.dtype) * scale.to(x.dtype)[:, None])
+    if offset is not None:
+        y = y + xf.sum(-1, keepdim=True) * offset.to(x.dtype)
+    y = _add_bias(y, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _int8pack_setup(ctx, inputs, output):
+    x, w_int8, scale, offset, bias = inputs
+    ctx.save_for_backward(w_int8, scale, offset, bias)
+
+
+def _int8pack_backward(ctx, grad: Tensor):
+    w_int8, scale, offset, bias = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        w = w_int8.float() * scale.float()[:, None]
+        if offset is not None:
+            w = w + offset.float()[:, None]
+        grad_x = grad @ w.to(grad.dtype)
+    return grad_x, None, None, None, _bias_grad(ctx, grad, 4)
+
+
+int8pack_linear.register_autograd(_int8pack_backward, setup_context=_int8pack_setup)
+
+
+# --- pruned, not quantized ---------------------------------------------------------------
+
+
+@triton_op("fxcompress::masked_linear", mutates_args=())
+def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ (weight ⊙ mask)ᵀ + bias``: pruned weights are zero whatever the stored values."""
+    return F.linear(x, torch.where(mask, weight, 0), bias)
+
+
+def _masked_setup(ctx, inputs, output):
+    x, weight, mask, bias = inputs
+    ctx.save_for_backward(x, weight, mask)
+
+
+def _masked_backward(ctx, grad: Tensor):
+    x, weight, mask = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ torch.where(mask, weight, 0).to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.where(mask, _flat(grad).t() @ _flat(x).to(grad.dtype), 0)
+    return grad_x, grad_w, None, _bias_grad(ctx, grad, 3)
+
+
+masked_linear.register_autograd(_masked_backward, setup_context=_masked_setup)

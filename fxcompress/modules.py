@@ -1,0 +1,211 @@
+"""Compressed replacements for ``nn.Linear`` (and Hugging Face ``Conv1D``).
+
+``QuantLinear`` keeps its weight in the canonical compressed-tensors layout (persistent
+buffers, what ``state_dict`` and checkpoints hold) and derives a kernel layout for the device
+it lives on (non-persistent buffers, rebuilt whenever the module moves or loads a state dict):
+on CPU, aten's int4 layout for 2/3/4-bit codes or int8 for per-channel 8-bit; elsewhere the
+canonical layout itself. ``SparseLinear`` keeps a dense weight with a keep-mask, so that it
+can be fine-tuned with the pattern intact.
+
+Both call exactly one ``torch.ops.fxcompress`` op in ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .algorithms import Compressed
+from .kernels import ops, pack
+
+CPU_INT4_GROUPS = (256, 128, 64, 32)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with 2/3/4/8-bit weights (optionally also pruned: ``weight_bitmask``)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 sym: bool = False, bias: bool = False, dynamic_groups: bool = False,
+                 sparse: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.sym = bits, sym
+        self.group_size = in_features if group_size == -1 else group_size
+        groups = in_features // self.group_size
+        self.register_buffer("weight_packed", torch.zeros(
+            out_features, pack.packed_width(in_features, bits), dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(
+            out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("weight_zero_point", torch.full(
+            (out_features, groups), 2 ** (bits - 1), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_g_idx", torch.zeros(
+            in_features, dtype=torch.int32, device=device) if dynamic_groups else None)
+        self.register_buffer("weight_bitmask", torch.zeros(
+            out_features, (in_features + 7) // 8, dtype=torch.uint8, device=device)
+            if sparse else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.kernel, self.kernel_group = "canonical", 0
+        self.register_load_state_dict_post_hook(lambda module, _: module.prepare())
+        self.prepare()
+
+    @classmethod
+    def from_compressed(cls, c: Compressed, bias: Tensor | None = None,
+                        dtype: torch.dtype = torch.float32) -> QuantLinear:
+        if not c.quantized:
+            raise ValueError("QuantLinear needs a quantized Compressed result")
+        out_features, in_features = c.shape
+        device = c.codes.device
+        m = cls(in_features, out_features, c.bits, c.group_size, c.sym, bias is not None,
+                dynamic_groups=not c.static_groups, sparse=c.mask is not None, device="meta",
+                dtype=dtype)
+        m.weight_packed = pack.pack(c.codes, c.bits)
+        m.weight_scale = c.scale.to(torch.float16)
+        m.weight_zero_point = c.zero.to(torch.uint8)
+        if m.weight_g_idx is not None:
+            m.weight_g_idx = c.g_idx.to(torch.int32)
+        if m.weight_bitmask is not None:
+            m.weight_bitmask = pack.pack_bitmask(c.mask)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
+        m.prepare()
+        return m
+
+    def codes(self) -> Tensor:
+        """Unpacked integer codes ``(out, in)`` uint8."""
+        return pack.unpack(self.weight_packed, self.bits, self.in_features)
+
+    def dequantize(self) -> Tensor:
+        """The dense float32 weight this layer computes with (canonical layout)."""
+        return ops.dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                              self.weight_g_idx, self.bits, self.group_size, self.in_features)
+
+    # -- kernel layouts ------------------------------------------------------------------
+
+    def _cpu_int4_group(self) -> int | None:
+        if self.bits > 4 or self.out_features % 16:
+            return None
+        return next((g for g in CPU_INT4_GROUPS if self.group_size % g == 0), None)
+
+    def prepare(self) -> None:
+        """(Re)build the kernel layout for the device the canonical buffers are on."""
+        for name in ("_w_int4", "_scale_zeros", "_perm", "_w_int8", "_scale8", "_offset8"):
+            self.register_buffer(name, None, persistent=False)
+        device = self.weight_packed.device
+        self.kernel = "canonical"
+        if device.type != "cpu":
+            return
+        kg = self._cpu_int4_group()
+        if kg is not None:
+            self._prepare_int4(kg)
+        elif self.bits == 8 and self.group_size == self.in_features and self.weight_g_idx is None:
+            self._prepare_int8()
+
+    def _sorted_groups(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Codes with columns ordered by group, the column permutation (None if natural),
+        and the group of each reordered column."""
+        codes = self.codes()
+        natural = torch.arange(self.in_features, device=codes.device) // self.group_size
+        if self.weight_g_idx is None:
+            return codes, None, natural
+        perm = torch.argsort(self.weight_g_idx, stable=True)
+        return codes[:, perm], perm, self.weight_g_idx[perm].long()
+
+    def _prepare_int4(self, kg: int) -> None:
+        codes, perm, groups = self._sorted_groups()
+        scale = self.weight_scale.float()
+        zero = self.weight_zero_point.float()
+        g = groups[::kg]  # group of each kernel group
+        sz = torch.stack([scale[:, g], (8 - zero[:, g]) * scale[:, g]], -1)  # (N, G', 2)
+        self._w_int4 = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        self._scale_zeros = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+        self._perm = perm
+        self.kernel_group = kg
+        self.kernel = "int4pack"
+
+    def _prepare_int8(self) -> None:
+        scale = self.weight_scale.float()[:, 0]
+        self._w_int8 = (self.codes().to(torch.int16) - 128).to(torch.int8)
+        self._scale8 = scale
+        offset = (128 - self.weight_zero_point.float()[:, 0]) * scale
+        self._offset8 = None if self.sym else offset
+        self.kernel = "int8pack"
+
+    def _apply(self, fn, recurse: bool = True):
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale.dtype:  # keep the stored grid exact under .to(dtype)
+            self.weight_scale = scale.to(self.weight_scale.device)
+        if self.weight_packed.device.type != "meta":
+            self.prepare()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects {self.in_features} input features, "
+                             f"got input of shape {tuple(x.shape)}")
+        if self.kernel == "int4pack" and x.device.type == "cpu":
+            return torch.ops.fxcompress.int4pack_linear(
+                x, self._w_int4, self._scale_zeros, self._perm, self.bias, self.kernel_group)
+        if self.kernel == "int8pack" and x.device.type == "cpu":
+            return torch.ops.fxcompress.int8pack_linear(
+                x, self._w_int8, self._scale8, self._offset8, self.bias)
+        return torch.ops.fxcompress.quant_linear(
+            x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx,
+            self.bias, self.bits, self.group_size, self.in_features)
+
+    def extra_repr(self) -> str:
+        grid = f"g{self.group_size}" if self.group_size != self.in_features else "per-channel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, {grid}, sym={self.sym}, kernel={self.kernel}"
+                + (", sparse" if self.weight_bitmask is not None else ""))
+
+
+class SparseLinear(nn.Module):
+    """A pruned linear layer: dense ``weight`` (trainable) and a boolean keep-``mask``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype,
+                                               device=device))
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool,
+                                                device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) \
+            if bias else None
+
+    @classmethod
+    def from_compressed(cls, c: Compressed, bias: Tensor | None = None,
+                        dtype: torch.dtype = torch.float32) -> SparseLinear:
+        if c.values is None or c.mask is None:
+            raise ValueError("SparseLinear needs a pruned, unquantized Compressed result")
+        out_features, in_features = c.shape
+        m = cls(in_features, out_features, bias is not None, device="meta", dtype=dtype)
+        m.weight = nn.Parameter(c.values.to(dtype) * c.mask)
+        m.mask = c.mask.clone()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(c.values.device, dtype))
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects {self.in_features} input features, "
+                             f"got input of shape {tuple(x.shape)}")
+        return torch.ops.fxcompress.masked_linear(x, self.weight, self.mask, self.bias)
+
+    def sparsity(self) -> float:
+        return 1.0 - self.mask.float().mean().item()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"sparsity={self.sparsity():.2f}")
+
+
+def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """The module that computes with ``c``."""
+    if c.quantized:
+        return QuantLinear.from_compressed(c, bias, dtype)
+    return SparseLinear.from_compressed(c, bias, dtype)
