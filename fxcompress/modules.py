@@ -113,9 +113,15 @@ class QuantLinear(nn.Module):
         return codes[:, perm], perm, self.weight_g_idx[perm].long()
 
     def _prepare_int4(self, kg: int) -> None:
+        """aten's kernel computes ``(c - 8) * scale + bias``. 2- and 3-bit codes are shifted by
+        ``8 - zero`` (still < 16) so that the bias term is exactly 0; 4-bit codes keep
+        ``bias = (8 - zero) * scale``, rounded to bf16 like the scale."""
         codes, perm, groups = self._sorted_groups()
         scale = self.weight_scale.float()
         zero = self.weight_zero_point.float()
+        if self.bits <= 3:
+            codes = codes.to(torch.int32) + (8 - zero[:, groups]).to(torch.int32)
+            zero = torch.full_like(zero, 8)
         g = groups[::kg]  # group of each kernel group
         sz = torch.stack([scale[:, g], (8 - zero[:, g]) * scale[:, g]], -1)  # (N, G', 2)
         self._w_int4 = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)

@@ -200,20 +200,21 @@ def calibrate(
 
     def compress_group(x: fx.Node) -> None:
         group = groups[x]
-        h = None
+        h, hv = None, None
         if any(needs_hessian(plan[s.fqn]) for s in group):
             h = Hessian.zeros(group[0].shape[1], device=kept[x][0].device)
             for value in kept[x]:
                 h.add(value)
+            hv = h.value()
             if on_hessian is not None:
                 for s in group:
-                    on_hessian(s.fqn, h.value())
+                    on_hessian(s.fqn, hv)
         for s in group:
             t = time.perf_counter()
             weight = s.module.weight.detach()
             w = (weight.t() if s.transposed else weight).float()
             method = plan[s.fqn]
-            c = compress(w, None if h is None else h.value(), method, s.fqn)
+            c = compress(w, hv, method, s.fqn)
             w_hat = c.dense().to(weight.dtype)
             interp.replaced[s.node] = (2 if s.transposed else 1,
                                        w_hat.t().contiguous() if s.transposed else w_hat)

@@ -1,0 +1,123 @@
+"""fxcompress.compile end to end on small models of each supported architecture."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress import GPTQ, QuantLinear, Recipe, SparseGPT, SparseLinear
+
+from ..models import VOCAB, build, output, substituted
+
+METHODS = {
+    "gptq-w4g128": GPTQ(bits=4, group_size=128),
+    "gptq-w3": GPTQ(bits=3, group_size=-1),
+    "sparsegpt-50": SparseGPT(0.5),
+    "sparsegpt-2:4": SparseGPT(n_m=(2, 4)),
+    "sparsegpt-2:4+w4": SparseGPT(n_m=(2, 4), quant=GPTQ(bits=4, group_size=128)),
+}
+EXPECTED_LINEARS = {"llama": 14, "qwen2": 15, "opt": 12, "gpt2": 8, "bert": 13}
+
+
+def _calibration(n=8, seq=16, seed=0):
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _check(arch, method):
+    model = build(arch)
+    dense = copy.deepcopy(model)
+    fxcompress.compile(model, _calibration(), method, progress=False)
+    compressed = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, SparseLinear))]
+    assert len(compressed) == EXPECTED_LINEARS[arch]
+    assert not any(isinstance(m, nn.Linear) and n.startswith(("model.layers", "transformer.h"))
+                   for n, m in model.named_modules())
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        y, ref = output(model, ids), output(substituted(dense, model), ids)
+        changed = (output(dense, ids) - ref).norm() / ref.norm()
+    rel = ((y - ref).norm() / ref.norm()).item()
+    quantized = isinstance(method, GPTQ) or getattr(method, "quant", None) is not None
+    assert rel < (2e-2 if quantized else 1e-5), rel  # int4 CPU kernels run bf16 activations
+    assert changed > 5 * rel  # compression changed the output much more than the kernel error
+    return model
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_llama_every_method(name):
+    _check("llama", METHODS[name])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "opt", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["gptq-w4g128", "sparsegpt-2:4+w4"])
+def test_other_architectures(arch, name):
+    _check(arch, METHODS[name])
+
+
+def test_sparse_layers_have_the_requested_pattern():
+    model = _check("llama", METHODS["sparsegpt-2:4"])
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            assert (m.mask.reshape(m.out_features, -1, 4).sum(-1) == 2).all()
+
+
+def test_tied_head_is_skipped_unless_named():
+    model = build("llama")
+    fxcompress.compile(model, _calibration(), GPTQ(4, 128), progress=False)
+    assert isinstance(model.lm_head, nn.Linear)
+    assert "tied" in model.fxcompress_report.skipped["lm_head"]
+    model = build("llama")
+    recipe = Recipe({"lm_head": GPTQ(4, 128), r"model\.layers\..*": GPTQ(4, 128)})
+    fxcompress.compile(model, _calibration(), recipe, progress=False)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert isinstance(model.model.embed_tokens, nn.Embedding)  # the embedding stays dense
+
+
+def test_recipe_rules_first_match_wins_and_none_skips():
+    model = build("llama")
+    recipe = Recipe({r".*\.mlp\..*": SparseGPT(0.5), r".*\.k_proj": None, r".*": GPTQ(4, 128)})
+    fxcompress.compile(model, _calibration(), recipe, progress=False)
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp.up_proj, SparseLinear)
+    assert isinstance(layer.self_attn.k_proj, nn.Linear)
+    assert isinstance(layer.self_attn.q_proj, QuantLinear)
+
+
+def test_model_keeps_working_as_the_users_object():
+    model = build("llama")
+    model.train()
+    out = fxcompress.compile(model, _calibration(), GPTQ(4, 128), progress=False)
+    assert out is model and model.training  # training mode restored
+    model.eval()
+    ids = torch.randint(0, VOCAB, (1, 5))
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 9)
+    sd = model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in sd
+    report = model.fxcompress_report
+    assert len(report.layers) == 14 and all(r.loss >= 0 for r in report.layers)
+
+
+def test_calibration_forms_tensors_tuples_and_dicts_agree():
+    calib = _calibration()
+    results = []
+    for data in (calib, [row[None] for row in calib], [(row[None],) for row in calib],
+                 [{"input_ids": row[None]} for row in calib]):
+        model = build("llama")
+        fxcompress.compile(model, data, GPTQ(4, 128), progress=False, batch_size=4)
+        results.append(model.model.layers[1].mlp.down_proj.codes())
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_plain_module_with_a_positional_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
+    dense = copy.deepcopy(model)
+    x = torch.randn(256, 64)
+    fxcompress.compile(model, [x[i:i + 32] for i in range(0, 256, 32)], GPTQ(8, -1),
+                       progress=False)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    y = model(x)
+    ref = dense(x)
+    assert ((y - ref).norm() / ref.norm()) < 0.02
