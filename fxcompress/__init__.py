@@ -5,6 +5,8 @@
 
 from .algorithms import HessianNotPositiveDefinite
 from .api import Report, compile
+from .export import export
+from .format import load, save
 from .modules import QuantLinear, SparseLinear
 from .passes import CaptureError
 from .recipe import GPTQ, RTN, Magnitude, Recipe, RecipeError, SparseGPT
@@ -13,5 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GPTQ", "RTN", "CaptureError", "HessianNotPositiveDefinite", "Magnitude", "QuantLinear",
-    "Recipe", "RecipeError", "Report", "SparseGPT", "SparseLinear", "compile",
+    "Recipe", "RecipeError", "Report", "SparseGPT", "SparseLinear", "compile", "export", "load",
+    "save",
 ]

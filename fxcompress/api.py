@@ -86,7 +86,7 @@ def _batch(calls: list[tuple[tuple, dict]], batch_size: int) -> list[tuple[tuple
             flat = [pytree.tree_flatten(c)[0] for c in run]
             spec = pytree.tree_flatten(run[0])[1]
             leaves = [torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0]
-                      for xs in zip(*flat)]
+                      for xs in zip(*flat, strict=True)]
             chunks.append(pytree.tree_unflatten(leaves, spec))
             run = []
         if call is not None:

@@ -90,10 +90,13 @@ class QuantLinear(nn.Module):
 
     def prepare(self) -> None:
         """(Re)build the kernel layout for the device the canonical buffers are on."""
-        for name in ("_w_int4", "_scale_zeros", "_perm", "_w_int8", "_scale8", "_offset8"):
+        for name in ("_w_int4", "_scale_zeros", "_perm", "_w_int8", "_scale8", "_offset8",
+                     "_tw", "_ts", "_tz", "_tperm", "_v24", "_meta24"):
             self.register_buffer(name, None, persistent=False)
         device = self.weight_packed.device
         self.kernel = "canonical"
+        if device.type == "cuda":
+            self._prepare_triton()
         if device.type != "cpu":
             return
         kg = self._cpu_int4_group()
@@ -138,6 +141,32 @@ class QuantLinear(nn.Module):
         self._offset8 = None if self.sym else offset
         self.kernel = "int8pack"
 
+    def _prepare_triton(self) -> None:
+        """The Triton kernels' layouts: 2:4 kept half + positions for 2:4-sparse layers,
+        otherwise ``prepare_quant_weight`` (3-bit planes, act-order columns sorted by group).
+        Runs on any device (on CPU the ops' reference branches read the same layouts)."""
+        from .kernels import triton_kernels as tk
+
+        k, gs = self.in_features, self.group_size
+        if gs % 16 and gs < k:
+            return  # the kernels need groups of a multiple of 16 columns: canonical path
+        if self.weight_bitmask is not None:
+            mask = pack.unpack_bitmask(self.weight_bitmask, k)
+            is_24 = k % 4 == 0 and bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+            if is_24 and self.bits != 3 and self.weight_g_idx is None:
+                self._v24, self._meta24 = pack.pack_24(self.codes(), mask, self.bits)
+                self.kernel = "sparse24"
+                return
+        try:
+            p = tk.prepare_quant_weight(self.weight_packed, self.weight_scale,
+                                        self.weight_zero_point, self.bits, k, gs,
+                                        self.weight_g_idx)
+        except ValueError:
+            return
+        self._tw, self._ts, self._tz, self._tperm = p.weight, p.scale, p.zero, p.perm
+        self.kernel_group = p.group_size
+        self.kernel = "triton"
+
     def _apply(self, fn, recurse: bool = True):
         scale = self.weight_scale
         super()._apply(fn, recurse)
@@ -157,6 +186,14 @@ class QuantLinear(nn.Module):
         if self.kernel == "int8pack" and x.device.type == "cpu":
             return torch.ops.fxcompress.int8pack_linear(
                 x, self._w_int8, self._scale8, self._offset8, self.bias)
+        if self.kernel == "triton":
+            return torch.ops.fxcompress.prepared_quant_linear(
+                x, self._tw, self._ts, self._tz, self._tperm, self.bias, self.bits,
+                self.kernel_group)
+        if self.kernel == "sparse24":
+            return torch.ops.fxcompress.sparse24_quant_linear(
+                x, self._v24, self._meta24, self.weight_scale, self.weight_zero_point, self.bias,
+                self.bits, self.group_size)
         return torch.ops.fxcompress.quant_linear(
             x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx,
             self.bias, self.bits, self.group_size, self.in_features)
@@ -215,3 +252,24 @@ def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype) ->
     if c.quantized:
         return QuantLinear.from_compressed(c, bias, dtype)
     return SparseLinear.from_compressed(c, bias, dtype)
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """Replace every compressed layer of ``model`` (in place) with an ``nn.Linear`` holding its
+    dequantized/masked weight in float32: the same function evaluated without the integer
+    kernels (e.g. to compare quality with tools that simulate quantization in float)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            w = m.dequantize()
+        elif isinstance(m, SparseLinear):
+            w = torch.where(m.mask, m.weight, 0).detach().float()
+        else:
+            continue
+        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                          device=w.device)
+        dense.weight.data = w
+        if m.bias is not None:
+            dense.bias.data = m.bias.detach().float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    return model

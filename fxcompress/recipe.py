@@ -139,7 +139,7 @@ def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
         raise RecipeError(f"sparsity must be in [0, 0.99], got {sparsity}")
 
 
-Method = Union[GPTQ, SparseGPT, RTN, Magnitude]
+Method = Union[GPTQ, SparseGPT, RTN, Magnitude]  # noqa: UP007  (a runtime alias on 3.10)
 METHODS: dict[str, type] = {c.__name__: c for c in (GPTQ, SparseGPT, RTN, Magnitude)}
 
 
@@ -269,3 +269,56 @@ class Recipe:
 
     def __repr__(self) -> str:
         return f"Recipe({dict(self.rules)!r})"
+
+
+def _decoder(method: Method) -> Recipe:
+    """Every linear except a language-model head (embeddings are never linears)."""
+    return Recipe({"lm_head": None, ".*": method})
+
+
+NAMED: dict[str, Recipe] = {
+    "rtn-w4g64": _decoder(RTN(4, 64)),
+    "gptq-w4g64": _decoder(GPTQ(4, 64)),
+    "gptq-w4g64-act": _decoder(GPTQ(4, 64, act_order=True)),
+    "rtn-w4": _decoder(RTN(4, -1)),
+    "gptq-w4": _decoder(GPTQ(4, -1)),
+    "rtn-w3g64": _decoder(RTN(3, 64)),
+    "gptq-w3g64": _decoder(GPTQ(3, 64)),
+    "gptq-w4g128": _decoder(GPTQ(4, 128)),
+    "gptq-w4g128-act": _decoder(GPTQ(4, 128, act_order=True)),
+    "gptq-w3g128": _decoder(GPTQ(3, 128)),
+    "gptq-w2g64": _decoder(GPTQ(2, 64)),
+    "rtn-w8": _decoder(RTN(8, -1)),
+    "gptq-w8": _decoder(GPTQ(8, -1)),
+    "magnitude-50": _decoder(Magnitude(0.5)),
+    "sparsegpt-50": _decoder(SparseGPT(0.5)),
+    "magnitude-60": _decoder(Magnitude(0.6)),
+    "sparsegpt-60": _decoder(SparseGPT(0.6)),
+    "magnitude-2:4": _decoder(Magnitude(n_m=(2, 4))),
+    "sparsegpt-2:4": _decoder(SparseGPT(n_m=(2, 4))),
+    "magnitude-2:4+rtn-w4g64": _decoder(Magnitude(n_m=(2, 4), quant=RTN(4, 64))),
+    "sparsegpt-2:4+w4g64": _decoder(SparseGPT(n_m=(2, 4), quant=GPTQ(4, 64))),
+    "sparsegpt-2:4+w4g128": _decoder(SparseGPT(n_m=(2, 4), quant=GPTQ(4, 128))),
+}
+
+
+def resolve(spec: str | Path) -> Recipe:
+    """A named recipe (see ``fxcompress recipes``) or a ``.yaml``/``.json`` recipe file."""
+    if str(spec) in NAMED:
+        return NAMED[str(spec)]
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        if not path.exists():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return Recipe.load(path)
+    raise RecipeError(f"unknown recipe {str(spec)!r}: not a named recipe ({', '.join(NAMED)}) "
+                      f"nor a .yaml/.json file")
+
+
+def describe(method: Method | None) -> str:
+    """A short human-readable form of a method, for tables."""
+    if method is None:
+        return "dense"
+    fields = method_to_dict(method)
+    name = fields.pop("method")
+    return f"{name}(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"

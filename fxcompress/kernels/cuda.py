@@ -1,15 +1,44 @@
-"""CUDA paths of the fxcompress ops: Triton kernels launched with ``wrap_triton``."""
+"""CUDA paths of the fxcompress ops: the Triton kernels of ``triton_kernels``, launched with
+``wrap_triton`` from inside the ops' bodies so that ``torch.compile`` sees into them and
+AOTInductor can package them. Imported only when a CUDA tensor reaches an op."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton_kernels as tk
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unflat(y: Tensor, x: Tensor) -> Tensor:
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
 
 def quant_linear(x: Tensor, w_packed: Tensor, scale: Tensor, zero: Tensor,
                  g_idx: Tensor | None, bias: Tensor | None, bits: int, group_size: int,
                  in_features: int) -> Tensor:
+    """The canonical layout is the kernels' own for 2/4/8 bits without a group index; other
+    cases are prepared once by ``QuantLinear`` (``prepared_quant_linear``), so reaching here
+    with them means an unprepared weight: dequantize (correct, slow)."""
+    if bits != 3 and g_idx is None and (group_size % 16 == 0 or group_size >= in_features):
+        return _unflat(tk.quant_matmul(_flat(x), w_packed, scale, zero, bits, group_size, bias), x)
     from .ops import dequantize
 
     w = dequantize(w_packed, scale, zero, g_idx, bits, group_size, in_features)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def prepared_quant_linear(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor,
+                          perm: Tensor | None, bias: Tensor | None, bits: int,
+                          group_size: int) -> Tensor:
+    return _unflat(tk.quant_matmul(_flat(x), weight, scale, zero, bits, group_size, bias, perm), x)
+
+
+def sparse24_quant_linear(x: Tensor, values: Tensor, meta: Tensor, scale: Tensor, zero: Tensor,
+                          bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    return _unflat(tk.sparse24_quant_matmul(_flat(x), values, meta, scale, zero, bits,
+                                            group_size, bias), x)

@@ -15,6 +15,9 @@ op                        weight format
 ``int4pack_linear``       aten's CPU int4 layout (2/3/4-bit codes, groups of 32..256),
                           bf16 activations: the fast CPU path
 ``int8pack_linear``       int8 codes, per-channel scale (+ zero-point term): CPU 8-bit
+``prepared_quant_linear`` the Triton kernels' layout (3-bit bit planes, act-order columns
+                          sorted by group with ``perm``): the CUDA path of any grid
+``sparse24_quant_linear`` 2:4 kept half of the codes + 2-bit positions: CUDA 2:4 + int
 ``masked_linear``         dense weight and a keep-mask (pruned, not quantized; trainable)
 ========================  =================================================================
 """
@@ -173,6 +176,95 @@ def _int8pack_backward(ctx, grad: Tensor):
 
 
 int8pack_linear.register_autograd(_int8pack_backward, setup_context=_int8pack_setup)
+
+
+# --- the Triton kernels' layouts (CUDA; the CPU branch is the reference) -----------------
+
+
+def prepared_dense(weight: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
+                   in_features: int) -> Tensor:
+    """Dense float32 weight of a ``prepare_quant_weight`` layout, columns in ``perm`` order."""
+    if bits == 3:
+        codes = pack.unpack_3bit_planes(weight, in_features).float()
+    else:
+        codes = pack.unpack(weight, bits, in_features).float()
+    g = torch.arange(in_features, device=weight.device) // min(group_size, in_features)
+    return (codes - zero[:, g].float()) * scale[:, g].float()
+
+
+@triton_op("fxcompress::prepared_quant_linear", mutates_args=())
+def prepared_quant_linear(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor,
+                          perm: Tensor | None, bias: Tensor | None, bits: int,
+                          group_size: int) -> Tensor:
+    """``x[..., perm] @ Wᵀ + bias`` for a weight prepared by ``prepare_quant_weight``."""
+    if x.device.type == "cuda":
+        from . import cuda
+
+        return cuda.prepared_quant_linear(x, weight, scale, zero, perm, bias, bits, group_size)
+    xp = x if perm is None else x.index_select(-1, perm)
+    w = prepared_dense(weight, scale, zero, bits, group_size, x.shape[-1])
+    return F.linear(xp, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _prepared_setup(ctx, inputs, output):
+    x, weight, scale, zero, perm, bias, bits, group_size = inputs
+    ctx.save_for_backward(weight, scale, zero, perm)
+    ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, x.shape[-1]
+
+
+def _prepared_backward(ctx, grad: Tensor):
+    weight, scale, zero, perm = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        w = prepared_dense(weight, scale, zero, ctx.bits, ctx.group_size, ctx.in_features)
+        gx = grad @ w.to(grad.dtype)
+        grad_x = gx if perm is None else torch.empty_like(gx).index_copy_(-1, perm, gx)
+    return grad_x, None, None, None, None, _bias_grad(ctx, grad, 5), None, None
+
+
+prepared_quant_linear.register_autograd(_prepared_backward, setup_context=_prepared_setup)
+
+
+@triton_op("fxcompress::sparse24_quant_linear", mutates_args=())
+def sparse24_quant_linear(x: Tensor, values: Tensor, meta: Tensor, scale: Tensor, zero: Tensor,
+                          bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """``x @ Wᵀ + bias`` for 2:4-sparse codes stored as their kept half (``pack.pack_24``)."""
+    if x.device.type == "cuda":
+        from . import cuda
+
+        return cuda.sparse24_quant_linear(x, values, meta, scale, zero, bias, bits, group_size)
+    w = _sparse24_dense(values, meta, scale, zero, bits, group_size, x.shape[-1])
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _sparse24_dense(values: Tensor, meta: Tensor, scale: Tensor, zero: Tensor, bits: int,
+                    group_size: int, in_features: int) -> Tensor:
+    """Dense float32 ``(N, K)`` weight of a ``pack.pack_24`` layout (zeros where pruned)."""
+    half = in_features // 2
+    codes = pack.unpack(values, bits, half).float()
+    cols = 4 * (torch.arange(half, device=values.device) // 2) + pack.unpack(meta, 2, half).long()
+    g = cols // min(group_size, in_features)
+    kept = (codes - zero.float().gather(1, g)) * scale.float().gather(1, g)
+    return torch.zeros(values.shape[0], in_features, device=values.device).scatter_(1, cols, kept)
+
+
+def _sparse24_setup(ctx, inputs, output):
+    x, values, meta, scale, zero, bias, bits, group_size = inputs
+    ctx.save_for_backward(values, meta, scale, zero)
+    ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, x.shape[-1]
+
+
+def _sparse24_backward(ctx, grad: Tensor):
+    values, meta, scale, zero = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        w = _sparse24_dense(values, meta, scale, zero, ctx.bits, ctx.group_size,
+                            ctx.in_features)
+        grad_x = grad @ w.to(grad.dtype)
+    return grad_x, None, None, None, None, _bias_grad(ctx, grad, 5), None, None
+
+
+sparse24_quant_linear.register_autograd(_sparse24_backward, setup_context=_sparse24_setup)
 
 
 # --- pruned, not quantized ---------------------------------------------------------------

@@ -133,7 +133,7 @@ def pack_3bit_planes(codes: Tensor) -> Tensor:
 
 
 def unpack_3bit_planes(packed: Tensor, k: int) -> Tensor:
-    """Inverse of :func:`pack_3bit_planes`: int32 ``(N, 3*ceil(K/32))`` to uint8 codes ``(N, k)``."""
+    """Inverse of :func:`pack_3bit_planes`: int32 ``(N, 3*ceil(k/32))`` to uint8 ``(N, k)``."""
     blocks = math.ceil(k / 32)
     if packed.shape[-1] != 3 * blocks:
         raise ValueError(

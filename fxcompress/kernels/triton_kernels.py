@@ -14,12 +14,15 @@ One kernel body serves three storage formats, chosen by constexpr switches:
 
 Two launch shapes, picked by the number of activation rows M:
 
-* decode (M <= 16): a split-K kernel. Each program owns a slice of N and a slice of K, so the
-  whole GPU streams the weight even when N/BLOCK_N is small; partial sums go to an fp32 buffer
-  that a (fusable) torch reduction sums. M == 1 is a GEMV without tensor cores, with the scale
-  factored out of the inner product; 2 <= M <= 16 uses ``tl.dot`` with a 16-row tile.
+* decode (M <= 16): a split-K kernel, configured by a small heuristic (:func:`_decode_config`).
+  Each program owns a slice of N and a slice of K, so that ~8 programs per SM stream the weight
+  even when N/BLOCK_N is small; fp32 partial sums (kept under 1/8 of the weight's bytes) are
+  summed, biased and cast by one small reduce kernel. M == 1 is a GEMV on CUDA cores with the
+  scale factored out of the inner product; 2 <= M <= 16 uses ``tl.dot`` with a 16-row tile.
 * prefill (M > 16): a tiled ``tl.dot`` kernel with grouped program order for L2 reuse,
-  autotuned over a few Hopper/Ampere configs keyed on (M bucket, N, K, bits).
+  ``triton.autotune``-d over five Hopper/Ampere tilings keyed on (M bucket, N, K, bits).
+  Autotuning works through ``wrap_triton``: Inductor supports ``configs`` and ``key`` (not
+  pre/post hooks, so no split-K with atomics here); it tunes once per compiled graph.
 
 Layouts (see :mod:`fxcompress.kernels.pack`, the only module that knows bit layouts): the
 canonical compressed-tensors bit stream for 2/4/8 bits; for 3 bits the two-plane layout of
@@ -34,8 +37,8 @@ Launchers are plain functions over tensors and ints that launch through
 and traced by ``torch.compile`` / ``torch.export``. Weight preparation (3-bit planes,
 act-order column permutation) is a separate, load-time step: :func:`prepare_quant_weight`.
 
-On a machine without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by the caller,
-before this module is imported) on CPU tensors; the launchers then pick tiny blocks.
+On a machine without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by the caller
+before triton is first imported) on CPU tensors; the launchers then pick tiny blocks.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ DECODE_MAX_M = 16
 """Largest number of activation rows served by the split-K decode kernel."""
 
 _FLOAT_VALUES = 16  # BITS value meaning "2:4 values stored as floats, no quantization"
+# K block (unless the group size is smaller): long blocks for the bandwidth-bound decode, and
+# 64 for prefill, where a 128-wide dequantized tile next to the accumulator spills registers
+_DECODE_BLOCK_K, _PREFILL_BLOCK_K = 128, 64
 
 # ---------------------------------------------------------------------------------------------
 # jit helpers: unpacking, dequantization, 2:4 decompression
@@ -200,9 +206,8 @@ def _weight_tile(w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, kb,
 def _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n, n_mask,
             kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn,
             W_VALID, META_VALID, GROUP_SIZE,
-            BITS: tl.constexpr, SPARSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-            EVEN_K: tl.constexpr):
+            BITS: tl.constexpr, SPARSE: tl.constexpr, DOT_F32: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += x[offs_m, K blocks kb_start..kb_end) · W[offs_n, same]ᵀ."""
     for kb in range(kb_start, kb_end):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -226,11 +231,11 @@ def _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, o
                              GROUP_SIZE, BITS, SPARSE, BLOCK_K, EVEN_K)
             if BLOCK_M == 1:
                 acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
-            elif DOT_F32:  # the same x-dtype-rounded operands, multiplied in fp32
+            elif DOT_F32:  # x-dtype-rounded operands, multiplied in full fp32 precision
                 w_t = tl.trans(w.to(x.dtype).to(tl.float32))
                 acc = tl.dot(x.to(tl.float32), w_t, acc, input_precision="ieee")
             else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     return acc
 
 
@@ -254,12 +259,12 @@ def _decode_kernel(
     stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn, stride_ym, stride_ys,
     GROUP_SIZE, BLOCKS_PER_SPLIT,
     BITS: tl.constexpr, SPARSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Split-K matmul for M <= BLOCK_M rows: program (n, s) computes y[:, n-slice] over the
     s-th run of BLOCKS_PER_SPLIT K blocks; with SPLIT_K > 1 it writes an fp32 partial
-    y[s, :, n-slice] (bias is then added by the caller)."""
+    y[s, :, n-slice], summed (and biased) by ``_splitk_reduce_kernel``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -272,12 +277,26 @@ def _decode_kernel(
     acc = _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
                   n_mask, kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn,
                   stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
-                  BITS, SPARSE, DOT_PRECISION, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
+                  BITS, SPARSE, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
     if SPLIT_K == 1:
         _store(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
     else:
         _store(y_ptr + pid_k * stride_ys, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym,
                False)
+
+
+@triton.jit
+def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum_s partial[s] (+ bias), cast to y's dtype: one launch after a split-K decode."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -287,7 +306,7 @@ def _prefill_kernel_body(
     stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn, stride_ym,
     GROUP_SIZE, M_BUCKET,
     BITS: tl.constexpr, SPARSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -310,18 +329,19 @@ def _prefill_kernel_body(
     acc = _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
                   n_mask, 0, tl.cdiv(K, BLOCK_K), K, stride_xm, stride_xk, stride_wn, stride_mn,
                   stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
-                  BITS, SPARSE, DOT_PRECISION, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
+                  BITS, SPARSE, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
     _store(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
 
 
 def _prefill_configs() -> list[triton.Config]:
-    """Few tilings for Hopper/Ampere; BLOCK_K is fixed by the launcher (group size)."""
+    """Few tilings for Hopper/Ampere (none spills registers on sm_90 with BLOCK_K=64);
+    BLOCK_K is fixed by the launcher (group size)."""
     def cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
                              num_warps=warps, num_stages=stages)
 
-    return [cfg(64, 64, 4, 4), cfg(64, 128, 4, 4), cfg(128, 64, 4, 4), cfg(128, 128, 8, 3),
-            cfg(128, 256, 8, 3)]
+    return [cfg(32, 128, 4, 4), cfg(64, 64, 4, 4), cfg(64, 128, 4, 4), cfg(128, 64, 4, 4),
+            cfg(128, 128, 8, 3)]
 
 
 _prefill_kernel = triton.autotune(
@@ -348,9 +368,12 @@ def _num_sms(device_index: int) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; a small stand-in off CUDA (interpreter)."""
+    """Streaming multiprocessors of ``device``: a small stand-in off CUDA (interpreter), an
+    H100's 132 when tracing fake CUDA tensors on a machine without a GPU."""
     if device.type != "cuda":
         return 2
+    if not torch.cuda.is_available():
+        return 132
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -373,16 +396,23 @@ def _block_k(k: int, group_size: int, sparse: bool, preferred: int) -> int:
     return bk
 
 
-def _decode_config(m: int, n: int, k: int, block_k: int, device: torch.device) -> _DecodeConfig:
-    """Tiles for M <= DECODE_MAX_M: enough (N-slice, K-slice) programs to fill the GPU."""
+def _decode_config(m: int, n: int, k: int, block_k: int, weight_bits: float,
+                   device: torch.device) -> _DecodeConfig:
+    """Tiles for M <= DECODE_MAX_M: enough (N-slice, K-slice) programs to fill the GPU.
+
+    Splitting K costs an fp32 partial (M, N) per split, written and read back; it is kept
+    under 1/8 of the weight's bytes (``weight_bits`` per weight element)."""
     on_gpu = device.type == "cuda"
     block_m = 1 if m == 1 else 16
-    block_n = 64 if on_gpu else 16
+    block_n = (64 if m == 1 else 32) if on_gpu else 16
     target = 8 * _sm_count(device)  # enough resident programs to keep loads in flight
     n_blocks = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
-    split = 1
-    while n_blocks * split < target and split * 2 <= k_blocks and (k_blocks // (split * 2)) >= 2:
+    # 8·split·M·N <= N·K·bits/64, with M bounded by the tile (no arithmetic on a symbolic M)
+    max_split = max(1, int(k * weight_bits / (8 * 8 * 8 * block_m)))
+    split = 1  # the largest power of two within budget, each split >= 2 K blocks
+    while (n_blocks * split * 2 <= target and k_blocks // (split * 2) >= 2
+           and split * 2 <= max_split):
         split *= 2
     per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
@@ -414,24 +444,29 @@ class _Operands(NamedTuple):
     group_size: int
     bits: int
     sparse: bool
-    block_k_pref: int
+    weight_bits: float  # memory per dense weight element, for the split-K budget
 
 
 def _launch(x2d: Tensor, ops: _Operands, n: int, bias: Tensor | None) -> Tensor:
     """Run the decode or prefill kernel on prepared operands; y has x's dtype."""
     m, k = x2d.shape
-    block_k = _block_k(k, ops.group_size, ops.sparse, ops.block_k_pref)
+    if m == 0:
+        return x2d.new_empty((0, n))
+    decode = m <= DECODE_MAX_M
+    block_k = _block_k(k, ops.group_size, ops.sparse,
+                       _DECODE_BLOCK_K if decode else _PREFILL_BLOCK_K)
     has_bias = bias is not None
     bias_arg = bias.to(x2d.dtype).contiguous() if has_bias else x2d
-    precision = "ieee" if x2d.dtype == torch.float32 else "tf32"
-    # the Triton interpreter multiplies the raw bits of bf16 dot operands (triton#11584)
-    dot_f32 = x2d.device.type != "cuda" and x2d.dtype == torch.bfloat16
+    # fp32 activations get an fp32 (not tf32) dot; so does bf16 under the Triton interpreter,
+    # which multiplies the raw bits of bf16 dot operands (triton-lang/triton#11584)
+    dot_f32 = x2d.dtype == torch.float32 or (
+        x2d.device.type != "cuda" and x2d.dtype == torch.bfloat16)
     even_k = k % block_k == 0
     common = (ops.w, ops.wh, ops.meta, ops.scale, ops.zero)
     strides = (x2d.stride(0), x2d.stride(1), ops.w.stride(0), ops.meta.stride(0),
                ops.scale.stride(0), ops.zero.stride(0))
-    if m <= DECODE_MAX_M:
-        cfg = _decode_config(m, n, k, block_k, x2d.device)
+    if decode:
+        cfg = _decode_config(m, n, k, block_k, ops.weight_bits, x2d.device)
         if cfg.split_k == 1:
             y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
         else:
@@ -440,21 +475,23 @@ def _launch(x2d: Tensor, ops: _Operands, n: int, bias: Tensor | None) -> Tensor:
         torch.library.wrap_triton(_decode_kernel)[grid](
             x2d, *common, bias_arg, y, m, n, k, ops.w_valid, ops.meta_valid, *strides,
             n, m * n, ops.group_size, cfg.blocks_per_split,
-            BITS=ops.bits, SPARSE=ops.sparse, HAS_BIAS=has_bias, DOT_PRECISION=precision,
-            DOT_F32=dot_f32, EVEN_K=even_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            BITS=ops.bits, SPARSE=ops.sparse, HAS_BIAS=has_bias,
+            DOT_F32=dot_f32, EVEN_K=even_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if cfg.split_k == 1:
             return y
-        out = y.sum(0)
-        if has_bias:
-            out = out + bias_arg.to(torch.float32)
-        return out.to(x2d.dtype)
+        out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+        block = 1024 if x2d.device.type == "cuda" else 64
+        torch.library.wrap_triton(_splitk_reduce_kernel)[(triton.cdiv(m * n, block),)](
+            y, bias_arg, out, m * n, n, SPLIT_K=cfg.split_k, HAS_BIAS=has_bias, BLOCK=block)
+        return out
 
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     args = (x2d, *common, bias_arg, y, m, n, k, ops.w_valid, ops.meta_valid, *strides, n,
             ops.group_size, _m_bucket(m))
-    meta = dict(BITS=ops.bits, SPARSE=ops.sparse, HAS_BIAS=has_bias, DOT_PRECISION=precision,
+    meta = dict(BITS=ops.bits, SPARSE=ops.sparse, HAS_BIAS=has_bias,
                 DOT_F32=dot_f32, EVEN_K=even_k, BLOCK_K=block_k)
     if x2d.device.type == "cuda":
         def grid(c: dict) -> tuple[int]:
@@ -501,7 +538,7 @@ def quant_matmul(x2d: Tensor, w_packed: Tensor, scale: Tensor, zero: Tensor, bit
             pack for 2/4/8 bits, :func:`~fxcompress.kernels.pack.pack_3bit_planes` for 3 bits.
         scale: (N, G) fp16/bf16/fp32; zero: (N, G) uint8 zero-point codes (sym: 2**(bits-1)).
         bits: 2, 3, 4 or 8.
-        group_size: columns per group (multiple of 16) ; >= K means one group per row.
+        group_size: columns per group, a multiple of 16; >= K (or <= 0): one group per row.
         bias: optional (N,).
         perm: optional int64 (K,) act-order column order from :func:`prepare_quant_weight`;
             x2d[:, perm] is gathered once per call.
@@ -524,7 +561,7 @@ def quant_matmul(x2d: Tensor, w_packed: Tensor, scale: Tensor, zero: Tensor, bit
     w = w_packed.contiguous()
     w_valid = 2 * math.ceil(k / 32) if bits == 3 else w.shape[1]
     ops = _Operands(w, w.view(torch.int16), w, scale.contiguous(), zero.contiguous(),
-                    w_valid, 0, kernel_gs, bits, False, 128)
+                    w_valid, 0, kernel_gs, bits, False, bits)
     return _launch(x2d, ops, n, bias)
 
 
@@ -552,7 +589,7 @@ def sparse24_quant_matmul(x2d: Tensor, values_packed: Tensor, meta: Tensor, scal
     kernel_gs = _check_groups(scale, zero, n, k, group_size)
     v = values_packed.contiguous()
     ops = _Operands(v, v, meta.contiguous(), scale.contiguous(), zero.contiguous(),
-                    words, meta.shape[1], kernel_gs, bits, True, 128)
+                    words, meta.shape[1], kernel_gs, bits, True, bits / 2 + 1)
     return _launch(x2d, ops, n, bias)
 
 
@@ -572,7 +609,7 @@ def sparse24_matmul(x2d: Tensor, values: Tensor, meta: Tensor,
                          f"{values.dtype} {tuple(values.shape)}")
     v = values.contiguous()
     ops = _Operands(v, v, meta.contiguous(), v, v, k // 2, meta.shape[1], max(k, 1),
-                    _FLOAT_VALUES, True, 128)
+                    _FLOAT_VALUES, True, 4 * values.element_size() + 1)
     return _launch(x2d, ops, n, bias)
 
 
@@ -655,13 +692,11 @@ def prepare_quant_weight(w_packed: Tensor, scale: Tensor, zero: Tensor, bits: in
         group_size = block if first.numel() > 1 else max(k, 1)
         if not torch.equal(order, torch.arange(k, device=order.device)):
             perm = order
-    codes = _pack.unpack(w_packed, bits, k)
-    if perm is not None:
-        codes = codes[:, perm]
-    if bits == 3:
-        weight = _pack.pack_3bit_planes(codes)
-    elif perm is not None:
-        weight = _pack.pack(codes, bits)
+    if bits != 3 and perm is None:
+        weight = w_packed.contiguous()  # the canonical layout is the kernel's
     else:
-        weight = w_packed.contiguous()
+        codes = _pack.unpack(w_packed, bits, k)
+        if perm is not None:
+            codes = codes[:, perm]
+        weight = _pack.pack_3bit_planes(codes) if bits == 3 else _pack.pack(codes, bits)
     return PreparedQuantWeight(weight, scale.contiguous(), zero.contiguous(), group_size, perm)

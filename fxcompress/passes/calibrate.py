@@ -13,19 +13,44 @@ Between two such barriers the nodes run chunk-major (chunk by chunk through the 
 segment), so only values that cross a barrier are held for all chunks at once; everything is
 freed after its last use, and only the nodes that lead to some site's input run at all (the
 language-model head of a decoder whose head is not compressed never runs).
+
+The same loop scales past one process's memory and one process. Three small seams make that
+possible without changing the in-memory path:
+
+* **where parameters come from** — by default the captured program's own tensors; when the
+  program was captured on the meta device, a :class:`WeightSource` loads each parameter just
+  before the first segment that reads it and the loop drops it after its last use
+  (``fxcompress.streaming`` reads them from safetensors files);
+* **where the frontier lives** — values that cross a barrier are kept per chunk as they are,
+  on CPU (``offload="cpu"``: moved to the compute device op by op as nodes read them) or on
+  disk (``offload="disk"``);
+* **who reduces H and who solves** — a :class:`Team`: :class:`Local` here, or
+  ``fxcompress.distributed.Distributed``, whose ranks run disjoint chunks, sum their partial
+  Hessians, split the solves by cost and share the results, so that every rank continues
+  with the same compressed weights.
+
+Results can be handed to a ``sink`` as they are made instead of being returned (a streamed
+checkpoint writer), and sites already compressed by an interrupted run can be given as
+``done``: the loop replays their forward with the stored weights and solves nothing for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Hessian, gptq, magnitude, rtn, sparsegpt
@@ -33,6 +58,7 @@ from ..recipe import GPTQ, RTN, Magnitude, Method, SparseGPT
 from .sites import Site
 
 log = logging.getLogger(__name__)
+OFFLOAD = (None, "cpu", "disk")
 
 
 @dataclass
@@ -45,10 +71,18 @@ class LayerReport:
     loss: float
     seconds: float
     samples: int  # rows of X (tokens) in its Hessian, 0 without one
+    rank: int = 0  # the process that solved it (0 unless calibration is distributed)
 
 
 def needs_hessian(method: Method) -> bool:
     return isinstance(method, (GPTQ, SparseGPT))
+
+
+def solve_cost(method: Method, shape: tuple[int, int]) -> float:
+    """Relative cost of compressing an ``(out, in)`` weight: ``out·in²`` for the Hessian
+    sweeps, ``out·in`` for rounding and magnitude pruning."""
+    out, inp = shape
+    return float(out) * inp * (inp if needs_hessian(method) else 1)
 
 
 def compress(w: Tensor, h: Tensor | None, method: Method, name: str) -> Compressed:
@@ -64,21 +98,242 @@ def compress(w: Tensor, h: Tensor | None, method: Method, name: str) -> Compress
     raise TypeError(f"{name}: unknown method {method!r}")
 
 
+# ============================================================================ the seams
+
+
+class WeightSource(Protocol):
+    """Where parameters the captured program holds only on the meta device come from."""
+
+    device: torch.device
+
+    def load(self, name: str) -> Tensor:
+        """The tensor stored under ``name`` (a state-dict name), on :attr:`device`."""
+        ...
+
+
+class Step:
+    """What a process is doing, named in the errors a :class:`Team` raises."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+
+
+class Team(Protocol):
+    """The processes that calibrate together: who runs what, and how results are joined."""
+
+    rank: int
+    world: int
+
+    def guard(self, layer: str) -> contextlib.AbstractContextManager[Step]:
+        """Run a step that may fail on one process so that every process fails with it."""
+        ...
+
+    def reduce(self, h: Hessian, layer: str) -> None:
+        """Sum the partial Hessians of all processes into ``h``, in place."""
+        ...
+
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        """The rank that solves each of a group's sites, given their costs."""
+        ...
+
+    def share(self, owner: int, result: Any, layer: str) -> Any:
+        """``result`` as computed on ``owner``, on every process."""
+        ...
+
+
+class Local:
+    """One process does everything; errors propagate unchanged."""
+
+    rank, world = 0, 1
+
+    @contextlib.contextmanager
+    def guard(self, layer: str) -> Iterator[Step]:
+        yield Step(layer)
+
+    def reduce(self, h: Hessian, layer: str) -> None:
+        pass
+
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        return [0] * len(costs)
+
+    def share(self, owner: int, result: Any, layer: str) -> Any:
+        return result
+
+
+# ============================================================================ the schedule
+
+
+@dataclass
+class Schedule:
+    """Which nodes run, in what order, where the barriers are and when values die."""
+
+    order: list[fx.Node]  # nodes that run, in graph order (no placeholders, no output)
+    position: dict[fx.Node, int]
+    last_use: dict[fx.Node, int]  # position of the last reader (-1: none); placeholders too
+    barriers: list[tuple[int, fx.Node]]  # (position, input): compress before that node
+    groups: dict[fx.Node, list[Site]]  # input -> the sites reading it
+
+    def segments(self) -> list[tuple[int, int, fx.Node | None]]:
+        """``(start, end, input compressed at end)``; the last segment ends with no barrier."""
+        out, start = [], 0
+        for pos, x in self.barriers:
+            out.append((start, pos, x))
+            start = pos
+        out.append((start, len(self.order), None))
+        return out
+
+
+def _ancestors(targets: set[fx.Node]) -> set[fx.Node]:
+    seen, stack = set(), list(targets)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Method]) -> Schedule:
+    """The interpretation schedule of ``gm`` for the sites named in ``plan``."""
+    nodes = list(gm.graph.nodes)
+    groups: dict[fx.Node, list[Site]] = {}
+    for s in sites:
+        if s.fqn in plan:
+            groups.setdefault(s.input, []).append(s)
+    needed = _ancestors(set(groups))
+    order = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
+    position = {n: i for i, n in enumerate(order)}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    last_use = {n: max((position.get(u, -1) for u in n.users), default=-1)
+                for n in placeholders + order}
+    barriers: list[tuple[int, fx.Node]] = []
+    for x, group in groups.items():
+        pos = min((position[s.node] for s in group if s.node in position),
+                  default=position.get(x, -1) + 1)
+        barriers.append((pos, x))
+        last_use[x] = max(last_use[x], pos)
+    barriers.sort(key=lambda b: b[0])
+    return Schedule(order, position, last_use, barriers, groups)
+
+
+# ============================================================================ values
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    return pytree.tree_map_only(Tensor, lambda t: t.to(device), value)
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(t, Tensor) for t in pytree.tree_leaves(value))
+
+
+class Frontier:
+    """Values kept across barriers, one per chunk: as they are (``offload=None``), on CPU
+    (``"cpu"``) or in files under ``spill_dir`` (``"disk"``). ``get`` returns them on
+    ``device`` (when given), so the compute device only ever holds one chunk's values."""
+
+    def __init__(self, chunks: int, offload: str | None = None,
+                 device: torch.device | None = None, spill_dir: str | Path | None = None):
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+        self.chunks, self.offload, self.device = chunks, offload, device
+        self.values: dict[fx.Node, list[Any]] = {}
+        self._tmp = None
+        if offload == "disk":
+            self._tmp = tempfile.TemporaryDirectory(prefix="fxcompress-spill-", dir=spill_dir)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.values
+
+    def __iter__(self) -> Iterator[fx.Node]:
+        return iter(list(self.values))
+
+    def put(self, node: fx.Node, chunk: int, value: Any) -> None:
+        slots = self.values.setdefault(node, [None] * self.chunks)
+        if self.offload == "cpu":
+            value = _to(value, "cpu")
+        elif self.offload == "disk" and _has_tensor(value):
+            path = Path(self._tmp.name) / f"{node.name}.{chunk}.pt"
+            torch.save(_to(value, "cpu"), path)
+            value = path
+        slots[chunk] = value
+
+    def get(self, node: fx.Node, chunk: int) -> Any:
+        value = self.values[node][chunk]
+        if isinstance(value, Path):
+            value = torch.load(value, mmap=True, weights_only=True)
+        return value if self.device is None else _to(value, self.device)
+
+    def drop(self, node: fx.Node) -> None:
+        for value in self.values.pop(node):
+            if isinstance(value, Path):
+                value.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for node in list(self.values):
+            self.drop(node)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp.name, ignore_errors=True)
+
+
+class Params:
+    """The program's non-input placeholders: real ones as they are, meta ones (a program
+    captured from a model on the meta device) loaded from ``source`` while needed."""
+
+    def __init__(self, ep: ExportedProgram, static: dict[fx.Node, Any],
+                 source: WeightSource | None):
+        self.static = {n: v for n, v in static.items()
+                       if not (isinstance(v, Tensor) and v.is_meta)}
+        lazy = [n for n in static if n not in self.static]
+        targets = {s.arg.name: s.target for s in ep.graph_signature.input_specs
+                   if s.target is not None}
+        self.names = {n: targets[n.name] for n in lazy}
+        if lazy and source is None:
+            raise ValueError(f"parameter {self.names[lazy[0]]!r} is on the meta device: "
+                             f"calibrating this program needs a weight source")
+        self.source = source
+        self.live: dict[fx.Node, Tensor] = {}
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.static or node in self.live
+
+    def __getitem__(self, node: fx.Node) -> Any:
+        return self.static[node] if node in self.static else self.live[node]
+
+    def lazy(self, node: fx.Node) -> bool:
+        return node in self.names
+
+    def load(self, node: fx.Node) -> Tensor:
+        """The value of ``node``, loaded now if it is not resident (not kept resident)."""
+        if node in self:
+            return self[node]
+        return self.source.load(self.names[node])
+
+    def fetch(self, nodes: set[fx.Node]) -> None:
+        for n in sorted(nodes - set(self.live), key=lambda n: n.name):
+            self.live[n] = self.source.load(self.names[n])
+
+    def release(self, last_use: dict[fx.Node, int], end: int) -> None:
+        for n in [n for n in self.live if last_use[n] < end]:
+            del self.live[n]
+
+
 class _ChunkEnv(dict):
     """Interpreter environment of one chunk: values computed in the current segment, falling
     back to values kept across segments and to the (chunk-independent) parameters."""
 
-    def __init__(self, chunk: int, kept: dict[fx.Node, list], consts: dict[fx.Node, object]):
+    def __init__(self, chunk: int, kept: Frontier, params: Params):
         super().__init__()
-        self.chunk, self.kept, self.consts = chunk, kept, consts
+        self.chunk, self.kept, self.params = chunk, kept, params
 
     def __contains__(self, node: object) -> bool:
-        return dict.__contains__(self, node) or node in self.consts or node in self.kept
+        return dict.__contains__(self, node) or node in self.params or node in self.kept
 
     def __missing__(self, node: fx.Node):
-        if node in self.consts:
-            return self.consts[node]
-        return self.kept[node][self.chunk]
+        if node in self.params:
+            return self.params[node]
+        value = self[node] = self.kept.get(node, self.chunk)  # read once per chunk
+        return value
 
 
 class _Interpreter(fx.Interpreter):
@@ -93,8 +348,8 @@ class _Interpreter(fx.Interpreter):
             return super().run_node(n)
         position, weight = self.replaced[n]
         with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            args = args[:position] + (weight,) + args[position + 1:]
+            args = n.args[:position] + (weight,) + n.args[position + 1:]
+            args, kwargs = fx.node.map_arg((args, n.kwargs), lambda a: self.env[a])
             return self.call_function(n.target, args, kwargs)
 
 
@@ -108,7 +363,7 @@ def _flat_inputs(ep: ExportedProgram, chunks: Sequence[tuple[tuple, dict]]) -> l
         except Exception as e:
             raise ValueError(f"calibration batch {i} does not have the structure of the "
                              f"captured inputs {user}: {e}") from e
-        for node, value in zip(placeholders, values):
+        for node, value in zip(placeholders, values, strict=True):
             _check_input(node, value, i)
         flat.append(values)
     return flat
@@ -120,7 +375,7 @@ def _check_input(node: fx.Node, value: object, index: int) -> None:
         return
     static = [d if isinstance(d, int) else None for d in expected.shape]
     shape_ok = value.dim() == len(static) and all(
-        s is None or s == v for s, v in zip(static, value.shape))
+        s is None or s == v for s, v in zip(static, value.shape, strict=True))
     if not shape_ok or value.dtype != expected.dtype:
         want = tuple("*" if s is None else s for s in static)
         raise ValueError(f"calibration batch {index}: input {node.name!r} has shape "
@@ -128,14 +383,141 @@ def _check_input(node: fx.Node, value: object, index: int) -> None:
                          f"expects shape {want} (* = any) and dtype {expected.dtype}")
 
 
-def _ancestors(targets: set[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(), list(targets)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+# ============================================================================ the pass
+
+
+@dataclass
+class _Run:
+    """State of one calibration run."""
+
+    sched: Schedule
+    plan: Mapping[str, Method]
+    params: Params
+    kept: Frontier
+    interp: _Interpreter
+    team: Team
+    done: Mapping[str, Compressed]
+    sink: Callable[[Site, Compressed, LayerReport], None] | None
+    on_hessian: Callable[[str, Tensor], None] | None
+    bar: Any
+    results: dict[str, Compressed] = field(default_factory=dict)
+    reports: list[LayerReport] = field(default_factory=list)
+
+    def run_segment(self, start: int, end: int) -> None:
+        """Nodes ``order[start:end]``, chunk by chunk; keep what later segments read."""
+        sched, interp, kept = self.sched, self.interp, self.kept
+        seg = sched.order[start:end]
+        if not seg:
+            return
+        self.params.fetch({a for n in seg for a in n.all_input_nodes
+                           if self.params.lazy(a) and not self._replaced_weight(n, a)})
+        dying: dict[int, set[fx.Node]] = {}  # position -> values no node after it reads
+        for n in seg:
+            for a in (n, *n.all_input_nodes):
+                last = sched.last_use[a]
+                if last < end:
+                    dying.setdefault(max(last, sched.position[n]), set()).add(a)
+        for c in range(kept.chunks):
+            interp.env = env = _ChunkEnv(c, kept, self.params)
+            for i, n in enumerate(seg, start):
+                env[n] = interp.run_node(n)
+                for a in dying.get(i, ()):
+                    env.pop(a, None)
+            for n in seg:
+                if sched.last_use[n] >= end:
+                    kept.put(n, c, env[n])
+        interp.env = {}
+        for n in [n for n in kept if sched.last_use[n] < end]:
+            kept.drop(n)
+        for n in [n for n in interp.replaced if sched.position.get(n, len(sched.order)) < end]:
+            del interp.replaced[n]
+        self.params.release(sched.last_use, end)
+
+    def _replaced_weight(self, node: fx.Node, arg: fx.Node) -> bool:
+        return node in self.interp.replaced and \
+            node.args[self.interp.replaced[node][0]] is arg
+
+    def hessian(self, x: fx.Node, todo: list[Site]) -> Hessian | None:
+        """This process's partial H of ``x``, if any site still to solve needs one."""
+        if not any(needs_hessian(self.plan[s.fqn]) for s in todo):
+            return None
+        device = self.kept.device or self.kept.get(x, 0).device
+        h = Hessian.zeros(todo[0].shape[1], device=device)
+        for c in range(self.kept.chunks):
+            h.add(self.kept.get(x, c))
+        return h
+
+    def device(self, s: Site) -> torch.device:
+        """Where ``s``'s weight (and so its compressed replacement) lives."""
+        w = s.module.weight
+        return self.params.source.device if w.is_meta else w.device
+
+    def weight(self, s: Site) -> Tensor:
+        """``s``'s weight as ``(out, in)`` float32."""
+        weight = s.module.weight
+        weight = (self.params.load(s.weight) if weight.is_meta else weight).detach()
+        return (weight.t() if s.transposed else weight).float()
+
+    def solve(self, s: Site, hv: Tensor | None, count: int) -> tuple[Compressed, LayerReport]:
+        t = time.perf_counter()
+        method = self.plan[s.fqn]
+        c = compress(self.weight(s), hv, method, s.fqn)
+        seconds = time.perf_counter() - t
+        report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds, count,
+                             self.team.rank)
+        log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
+        return c, report
+
+    def compress_group(self, x: fx.Node) -> None:
+        """Complete H of ``x``, compress its sites (spread over the team), and make the
+        interpreter compute with the compressed weights from now on."""
+        group = self.sched.groups[x]
+        todo = [s for s in group if s.fqn not in self.done]
+        names = ", ".join(s.fqn for s in group)
+        with self.team.guard(names):
+            h = self.hessian(x, todo)
+        hv, count = None, 0
+        if h is not None:
+            self.team.reduce(h, names)
+            hv, count = h.value(), h.count
+            del h
+            if self.on_hessian is not None:
+                for s in group:
+                    self.on_hessian(s.fqn, hv)
+        owners = self.team.owners([solve_cost(self.plan[s.fqn], s.shape) for s in todo])
+        mine: dict[str, tuple[Compressed, LayerReport]] = {}
+        with self.team.guard(names) as step:
+            for s, owner in zip(todo, owners, strict=True):
+                if owner == self.team.rank:
+                    step.layer = s.fqn
+                    mine[s.fqn] = self.solve(s, hv, count)
+        del hv
+        shared = [(s, *self.team.share(owner, mine.pop(s.fqn, None), s.fqn))
+                  for s, owner in zip(todo, owners, strict=True)]
+        with self.team.guard(names) as step:
+            for s, c, report in shared:
+                step.layer = s.fqn
+                self.finish(s, c, report)
+            for s in group:
+                if s.fqn in self.done:
+                    step.layer = s.fqn
+                    self.replace(s, self.done[s.fqn])
+
+    def finish(self, s: Site, c: Compressed, report: LayerReport) -> None:
+        self.replace(s, c)
+        self.reports.append(report)
+        if self.sink is not None:
+            self.sink(s, c, report)
+        else:
+            self.results[s.fqn] = c
+        self.bar.set_postfix_str(f"{s.fqn} loss={c.loss:.3g} {report.seconds:.2f}s")
+        self.bar.update()
+
+    def replace(self, s: Site, c: Compressed) -> None:
+        """Compute ``s`` with ``c``'s weight from now on."""
+        w_hat = c.dense().to(self.device(s), s.module.weight.dtype)
+        self.interp.replaced[s.node] = (2 if s.transposed else 1,
+                                        w_hat.t().contiguous() if s.transposed else w_hat)
 
 
 def calibrate(
@@ -146,92 +528,55 @@ def calibrate(
     *,
     progress: bool = True,
     on_hessian: Callable[[str, Tensor], None] | None = None,
+    weights: WeightSource | None = None,
+    team: Team | None = None,
+    offload: str | None = None,
+    done: Mapping[str, Compressed] | None = None,
+    sink: Callable[[Site, Compressed, LayerReport], None] | None = None,
 ) -> tuple[dict[str, Compressed], list[LayerReport]]:
-    """Compress every site named in ``plan``; ``chunks`` are batched calls of the model."""
+    """Compress every site named in ``plan``; ``chunks`` are batched calls of the model
+    (with a :class:`Team` of several processes: this process's share of them).
+
+    ``weights`` supplies the parameters a meta-device program lacks, on its ``device``;
+    ``offload`` keeps the frontier on CPU or disk (see :class:`Frontier`); ``done`` holds
+    results of an interrupted run to reuse; ``sink(site, compressed, report)`` takes each
+    result as it is made, and results given to it are not returned.
+    """
     if not chunks:
         raise ValueError("calibration data is empty")
+    team = team or Local()
     gm = ep.graph_module
-    nodes = list(gm.graph.nodes)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
     flat = _flat_inputs(ep, chunks)
-    consts = {p: flat[0][i] for i, p in enumerate(placeholders) if p.name not in user}
-    kept: dict[fx.Node, list] = {p: [f[i] for f in flat] for i, p in enumerate(placeholders)
-                                 if p.name in user}
+    params = Params(ep, {p: flat[0][i] for i, p in enumerate(placeholders)
+                         if p.name not in user}, weights)
+    device = weights.device if weights is not None else None
+    if offload is not None and device is None:  # bring values back where the weights are
+        device = next((v.device for v in params.static.values() if isinstance(v, Tensor)),
+                      None)
+    kept = Frontier(len(chunks), offload, device)
+    for i, p in enumerate(placeholders):
+        if p.name in user:
+            for c, f in enumerate(flat):
+                kept.put(p, c, f[i])
+    del flat
 
-    todo = [s for s in sites if s.fqn in plan]
-    groups: dict[fx.Node, list[Site]] = {}
-    for s in todo:
-        groups.setdefault(s.input, []).append(s)
-    needed = _ancestors(set(groups))
-    order = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
-    position = {n: i for i, n in enumerate(order)}
-    last_use = {n: max((position.get(u, -1) for u in n.users), default=-1)
-                for n in list(kept) + order}
-    barriers: list[tuple[int, fx.Node]] = []  # (position, input): compress before that node
-    for x, group in groups.items():
-        pos = min((position[s.node] for s in group if s.node in position),
-                  default=position.get(x, -1) + 1)
-        barriers.append((pos, x))
-        last_use[x] = max(last_use[x], pos)
-    barriers.sort(key=lambda b: b[0])
-
-    interp = _Interpreter(gm)
-    results: dict[str, Compressed] = {}
-    reports: list[LayerReport] = []
-    bar = tqdm(total=len(todo), disable=not progress, desc="fxcompress", unit="layer")
-
-    def run_segment(start: int, end: int) -> None:
-        seg = order[start:end]
-        if not seg:
-            return
-        for c in range(len(chunks)):
-            interp.env = _ChunkEnv(c, kept, consts)
-            for n in seg:
-                interp.env[n] = interp.run_node(n)
-            for n in seg:
-                if last_use[n] >= end:
-                    kept.setdefault(n, [None] * len(chunks))[c] = interp.env[n]
-        interp.env = {}
-        for n in [n for n in kept if last_use[n] < end]:
-            del kept[n]
-        for n in [n for n in interp.replaced if position.get(n, len(order)) < end]:
-            del interp.replaced[n]
-
-    def compress_group(x: fx.Node) -> None:
-        group = groups[x]
-        h, hv = None, None
-        if any(needs_hessian(plan[s.fqn]) for s in group):
-            h = Hessian.zeros(group[0].shape[1], device=kept[x][0].device)
-            for value in kept[x]:
-                h.add(value)
-            hv = h.value()
-            if on_hessian is not None:
-                for s in group:
-                    on_hessian(s.fqn, hv)
-        for s in group:
-            t = time.perf_counter()
-            weight = s.module.weight.detach()
-            w = (weight.t() if s.transposed else weight).float()
-            method = plan[s.fqn]
-            c = compress(w, hv, method, s.fqn)
-            w_hat = c.dense().to(weight.dtype)
-            interp.replaced[s.node] = (2 if s.transposed else 1,
-                                       w_hat.t().contiguous() if s.transposed else w_hat)
-            results[s.fqn] = c
-            seconds = time.perf_counter() - t
-            reports.append(LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds,
-                                       0 if h is None else h.count))
-            log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
-            bar.set_postfix_str(f"{s.fqn} loss={c.loss:.3g} {seconds:.2f}s")
-            bar.update()
-
-    with torch.no_grad():
-        start = 0
-        for pos, x in barriers:
-            run_segment(start, pos)
-            compress_group(x)
-            start = pos
-        run_segment(start, len(order))
-    bar.close()
-    return results, reports
+    sched = schedule(gm, sites, plan)
+    todo = sum(len(g) for g in sched.groups.values())
+    bar = tqdm(total=todo, disable=not progress, desc="fxcompress", unit="layer")
+    run = _Run(sched, plan, params, kept, _Interpreter(gm), team, done or {}, sink,
+               on_hessian, bar)
+    bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
+    try:
+        with torch.no_grad():
+            for start, end, x in sched.segments():
+                names = ", ".join(s.fqn for s in sched.groups[x]) if x is not None else "output"
+                with team.guard(f"the input of {names}"):
+                    run.run_segment(start, end)
+                if x is not None:
+                    run.compress_group(x)
+    finally:
+        bar.close()
+        kept.close()
+    return run.results, run.reports

@@ -10,7 +10,7 @@ def test_accumulates_any_leading_shape_and_partial_sums_add_up():
     whole = Hessian.zeros(16)
     whole.add(x)
     parts = [Hessian.zeros(16) for _ in range(3)]
-    for p, xi in zip(parts, x):
+    for p, xi in zip(parts, x, strict=True):
         p.add(xi)
     merged = parts[0]
     merged.merge(parts[1])

