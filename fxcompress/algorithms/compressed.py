@@ -30,6 +30,26 @@ class Compressed:
     mask: Tensor | None = None  # bool (out, in): True where the weight is kept
     values: Tensor | None = None  # float32 (out, in): pruned, not quantized weights
     damp: float | None = None  # relative damping that was used (None: no Hessian)
+    row_loss: Tensor | None = None  # (out,) the loss of each output row
+
+    def split(self, sizes: list[int]) -> list[Compressed]:
+        """Cut along the output rows, e.g. a q/k/v solved as one stacked weight (rows of
+        GPTQ and N:M SparseGPT are independent given H) back into the three layers."""
+        parts, start = [], 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            cut = lambda t, rows=rows: None if t is None else t[rows].contiguous()  # noqa: E731
+            row_loss = None if self.row_loss is None else self.row_loss[rows]
+            parts.append(Compressed(
+                shape=(size, self.shape[1]),
+                loss=float("nan") if row_loss is None else float(row_loss.sum()),
+                codes=cut(self.codes), scale=cut(self.scale), zero=cut(self.zero),
+                g_idx=self.g_idx, bits=self.bits, group_size=self.group_size, sym=self.sym,
+                mask=cut(self.mask), values=cut(self.values), damp=self.damp, row_loss=row_loss))
+            start += size
+        if start != self.shape[0]:
+            raise ValueError(f"split sizes {sizes} do not add up to {self.shape[0]} rows")
+        return parts
 
     @property
     def quantized(self) -> bool:

@@ -71,8 +71,10 @@ def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None) -> C
     codes[:, perm] = codes_t.t()
     g_idx = torch.empty(cols, dtype=torch.int32, device=w.device)
     g_idx[perm] = col_group.to(torch.int32)
+    row_loss = sweep.row_loss()
     return Compressed(
-        shape=(rows, cols), loss=sweep.loss(), codes=codes, scale=scale_t.t().contiguous(),
+        shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss, codes=codes,
+        scale=scale_t.t().contiguous(),
         zero=zero_t.t().to(torch.uint8).contiguous(), g_idx=g_idx, bits=cfg.bits,
         group_size=gs, sym=cfg.sym, damp=f.damp,
     )

@@ -77,7 +77,9 @@ def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
             sweep.commit(wj, wj * keep[j])
 
     mask = keep.t().contiguous()
-    out = Compressed(shape=(rows, cols), loss=sweep.loss(), mask=mask, damp=f.damp)
+    row_loss = sweep.row_loss()
+    out = Compressed(shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss,
+                     mask=mask, damp=f.damp)
     if not q:
         out.values = sweep.result()
         return out

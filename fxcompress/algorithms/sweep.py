@@ -109,10 +109,10 @@ class Sweep:
         torch.sub(w, q, out=self.et[j])
         self.next += 1
 
-    def loss(self) -> float:
-        """``½ Σ_j err_j²`` with ``err_j = (w_j - q_j) / d_j``: the ‖(W - Q) Xᵀ‖² / n that
-        the sweep incurred, in units of the damped Hessian."""
-        return 0.5 * float((self.et * self.vd[:, None]).pow(2).sum())
+    def row_loss(self) -> Tensor:
+        """Per output row, ``½ Σ_j err_j²`` with ``err_j = (w_j - q_j) / d_j``: the
+        ‖(W - Q) Xᵀ‖² / n that the sweep incurred, in units of the damped Hessian."""
+        return 0.5 * (self.et * self.vd[:, None]).pow(2).sum(0)
 
     def result(self) -> Tensor:
         """``Q`` as ``(rows, cols)``."""

@@ -41,9 +41,12 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     """Pack unsigned codes ``(..., K)`` into int32 words ``(..., ceil(K*bits/32))``."""
     if bits not in range(1, 9):
         raise ValueError(f"pack: bits must be in 1..8, got {bits}")
-    codes = codes.to(torch.int64)
+    codes = codes.to(torch.int32)
     if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
         raise ValueError(f"pack: codes out of range [0, {2**bits}) for {bits}-bit packing")
+    if 32 % bits == 0:
+        return _pack_aligned(codes, bits)
+    codes = codes.to(torch.int64)
     *lead, k = codes.shape
     blocks = math.ceil(k / 32)
     x = torch.nn.functional.pad(codes, (0, blocks * 32 - k)).reshape(-1, blocks, 32)
@@ -59,6 +62,23 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
+def _pack_aligned(codes: Tensor, bits: int) -> Tensor:
+    """Fast path when codes never straddle words (bits divides 32)."""
+    per = 32 // bits
+    *lead, k = codes.shape
+    x = torch.nn.functional.pad(codes, (0, -k % per))
+    x = x.reshape(*lead, -1, per) << (torch.arange(per, device=codes.device, dtype=torch.int32)
+                                      * bits)
+    return x.sum(-1, dtype=torch.int32)  # disjoint bits: the sum is the bitwise or
+
+
+def _unpack_aligned(packed: Tensor, bits: int, k: int) -> Tensor:
+    per = 32 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :k].to(torch.uint8)
+
+
 def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
     """Inverse of :func:`pack`: int32 words ``(..., W)`` to uint8 codes ``(..., k)``."""
     if bits not in range(1, 9):
@@ -69,6 +89,8 @@ def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
             f"unpack: {w} words cannot hold exactly {k} codes of {bits} bits "
             f"(expected {packed_width(k, bits)})"
         )
+    if 32 % bits == 0:
+        return _unpack_aligned(packed, bits, k)
     blocks = math.ceil(k / 32)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.nn.functional.pad(words, (0, blocks * bits - w)).reshape(-1, blocks, bits)

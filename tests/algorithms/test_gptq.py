@@ -73,3 +73,15 @@ def test_does_not_modify_its_inputs(problem):
     w0, h0 = w.clone(), h.clone()
     gptq(w, h, GPTQ(bits=4, group_size=32, act_order=True))
     assert torch.equal(w, w0) and torch.equal(h, h0)
+
+
+def test_rows_are_independent_so_stacked_layers_split_exactly(problem):
+    """q/k/v share H: one sweep over their stacked rows equals three sweeps."""
+    w, x, h = problem
+    parts = [w[:16], w[16:24], w[24:]]
+    cfg = GPTQ(bits=4, group_size=32, act_order=True)
+    stacked = gptq(torch.cat(parts), h, cfg).split([16, 8, 24])
+    for part, s in zip(parts, stacked, strict=True):
+        alone = gptq(part, h, cfg)
+        assert torch.equal(s.codes, alone.codes) and torch.equal(s.scale, alone.scale)
+        assert s.loss == pytest.approx(alone.loss, rel=1e-4)
