@@ -57,14 +57,15 @@ def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None) -> C
     block = (max(cfg.block_size // gs, 1) * gs) if dynamic else cfg.block_size
     sweep = Sweep(f.w, f.v, block)
     codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
-    for j in range(cols):
-        g = int(col_group[j])
+    maxq = 2**cfg.bits - 1
+    for j, g in enumerate(col_group.tolist()):
         if dynamic and j % gs == 0:
             s, z = grid.fit(sweep.current(j, j + gs).t(), cfg.bits, cfg.sym, cfg.mse)
             scale_t[g], zero_t[g] = s, z
+        s, z = scale_t[g], zero_t[g]
         wj = sweep.column()
-        c = grid.quantize(wj, scale_t[g], zero_t[g], cfg.bits)
-        sweep.commit(wj, grid.dequantize(c, scale_t[g], zero_t[g]))
+        c = torch.div(wj, s).round_().add_(z).clamp_(0, maxq)  # grid.quantize, in place
+        sweep.commit(wj, (c - z).mul_(s))
         codes_t[j] = c
 
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)

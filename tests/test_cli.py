@@ -1,0 +1,79 @@
+"""The command line on a tiny local model: compress, eval, recipes, and its errors."""
+
+import json
+
+import pytest
+
+from fxcompress.cli import main
+
+from .models import build
+
+TEXT = ("It is a great privilege to be here tonight to speak about the state of our union. "
+        "We have much work to do, and the work will be hard, but the country is strong. ") * 40
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama with a character-level tokenizer, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    chars = sorted(set(TEXT))
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=chars[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    model = build("llama", hidden=128)
+    model.save_pretrained(root / "model")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root / "model")
+    (root / "calib.txt").write_text(TEXT)
+    (root / "eval.txt").write_text(TEXT[::-1])
+    return root
+
+
+def test_compress_then_eval_the_checkpoint(folder, capsys):
+    out = folder / "out"
+    rc = main(["compress", str(folder / "model"), "--recipe", "gptq-w4g64", "--calib",
+               str(folder / "calib.txt"), "--samples", "8", "--seqlen", "32", "--out", str(out),
+               "--eval", "--text", str(folder / "eval.txt"), "--eval-seqlen", "32",
+               "--windows", "4", "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "| model.layers.0.self_attn.q_proj | GPTQ |" in printed
+    assert "stored bits per weight" in printed and "perplexity: dense" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert main(["eval", str(out), "--text", str(folder / "eval.txt"), "--eval-seqlen", "32",
+                 "--windows", "4", "--quiet"]) == 0
+    assert "perplexity (" in capsys.readouterr().out
+
+
+def test_recipes_are_listed(capsys):
+    assert main(["recipes"]) == 0
+    printed = capsys.readouterr().out
+    assert "gptq-w4g64" in printed and "sparsegpt-2:4+w4g64" in printed
+
+
+def test_unknown_recipe_and_bad_recipe_file_are_clear_errors(folder, tmp_path, capsys):
+    args = ["compress", str(folder / "model"), "--calib", str(folder / "calib.txt"),
+            "--out", str(tmp_path / "x"), "--quiet"]
+    assert main(args + ["--recipe", "gptq-w5"]) == 2
+    assert "unknown recipe 'gptq-w5'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - pattern: '.*'\n    method: GPTQ\n    bitz: 4\n")
+    assert main(args + ["--recipe", str(bad)]) == 2
+    assert "GPTQ has no field(s) ['bitz']" in capsys.readouterr().err
+    assert main(args + ["--recipe", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_yaml_recipe_file_is_used(folder, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rules:\n  - pattern: '.*mlp.*'\n    method: SparseGPT\n    n_m: [2, 4]\n"
+                      "  - pattern: '.*'\n    method: null\n")
+    rc = main(["compress", str(folder / "model"), "--recipe", str(recipe), "--calib",
+               str(folder / "calib.txt"), "--samples", "4", "--seqlen", "32",
+               "--out", str(tmp_path / "o"), "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "| model.layers.1.mlp.down_proj | SparseGPT |" in printed
+    assert "self_attn" not in printed.split("stored bits")[0]
+    assert (tmp_path / "o" / "config.json").exists()
