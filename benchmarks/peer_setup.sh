@@ -12,10 +12,11 @@
 # (torch>=2.10.0,<=2.14.0 for 0.14.0.1) is satisfied and pip installs no other torch; the
 # constraint file below makes that explicit for every later step too.
 #
-# llmcompressor 0.14.0.1 is the newest release (checked 2026-11) and accepts torch 2.13.0;
-# it is pinned so the peer numbers stay reproducible. Versions seen after a clean install:
+# llmcompressor 0.14.0.1 is the newest release (checked 2026-11) and accepts torch 2.13.0
+# (it asks torch>=2.10,<=2.14.0, transformers>=5.15,<=5.17); it is pinned so the peer numbers
+# stay reproducible. Versions seen after a clean install (about 1.5 min):
 #   torch 2.13.0+cpu, llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0,
-#   accelerate (see `pip list`), datasets (see `pip list`), auto-round 0.15.1
+#   accelerate 1.15.0, datasets 5.2.0, auto-round 0.15.1, safetensors 0.8.0, numpy 2.4.6
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
