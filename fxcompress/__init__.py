@@ -10,6 +10,7 @@ from .format import load, save
 from .modules import QuantLinear, SparseLinear
 from .passes import CaptureError
 from .recipe import GPTQ, RTN, Magnitude, Recipe, RecipeError, SparseGPT
+from .training import LoRALinear, add_lora, densify, enforce_masks, keep_masks
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "GPTQ", "RTN", "CaptureError", "HessianNotPositiveDefinite", "Magnitude", "QuantLinear",
     "Recipe", "RecipeError", "Report", "SparseGPT", "SparseLinear", "compile", "export", "load",
     "save",
+    "LoRALinear", "add_lora", "densify", "enforce_masks", "keep_masks",
 ]
