@@ -241,14 +241,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    # the exact token ids, so that another tool can be run on the same samples
+    torch.save(calib, out / "calib_ids.pt")
+    torch.save(ids, out / "eval_ids.pt")
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(calib, f"{tmp}/calib.pt")
-        torch.save(ids, f"{tmp}/eval.pt")
         for recipe in ["dense", *args.recipes.split(",")]:
             _echo(f"[compare] {recipe} ...")
             cmd = [sys.executable, "-m", "fxcompress", "_row", "--model", args.model,
-                   "--recipe", recipe, "--calib-ids", f"{tmp}/calib.pt",
-                   "--eval-ids", f"{tmp}/eval.pt", "--json", f"{tmp}/row.json", "--quiet"]
+                   "--recipe", recipe, "--calib-ids", str(out / "calib_ids.pt"),
+                   "--eval-ids", str(out / "eval_ids.pt"), "--json", f"{tmp}/row.json",
+                   "--quiet"]
             subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
             rows.append(json.loads(Path(f"{tmp}/row.json").read_text()))
             _echo(f"[compare] {recipe}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds']:.0f}s")

@@ -229,18 +229,19 @@ def _has_tensor(value: Any) -> bool:
 
 class Frontier:
     """Values kept across barriers, one per chunk: as they are (``offload=None``), on CPU
-    (``"cpu"``) or in files under ``spill_dir`` (``"disk"``). ``get`` returns them on
-    ``device`` (when given), so the compute device only ever holds one chunk's values."""
+    (``"cpu"``) or in files in the temporary directory (``"disk"``; ``TMPDIR`` chooses it).
+    ``get`` returns them on ``device`` (when given), so the compute device only ever holds
+    one chunk's values."""
 
     def __init__(self, chunks: int, offload: str | None = None,
-                 device: torch.device | None = None, spill_dir: str | Path | None = None):
+                 device: torch.device | None = None):
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
         self.chunks, self.offload, self.device = chunks, offload, device
         self.values: dict[fx.Node, list[Any]] = {}
         self._tmp = None
         if offload == "disk":
-            self._tmp = tempfile.TemporaryDirectory(prefix="fxcompress-spill-", dir=spill_dir)
+            self._tmp = tempfile.TemporaryDirectory(prefix="fxcompress-spill-")
 
     def __contains__(self, node: object) -> bool:
         return node in self.values
@@ -285,6 +286,8 @@ class Params:
         self.static = {n: v for n, v in static.items()
                        if not (isinstance(v, Tensor) and v.is_meta)}
         lazy = [n for n in static if n not in self.static]
+        if lazy and source is not None:  # buffers the checkpoint lacks join the weights
+            self.static = {n: _to(v, source.device) for n, v in self.static.items()}
         targets = {s.arg.name: s.target for s in ep.graph_signature.input_specs
                    if s.target is not None}
         self.names = {n: targets[n.name] for n in lazy}
