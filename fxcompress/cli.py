@@ -141,12 +141,20 @@ def _density(m) -> float:
     return pack.unpack_bitmask(m.weight_bitmask, m.in_features).float().mean().item()
 
 
+def _streamed(args: argparse.Namespace) -> bool:
+    """Streamed (memory-bounded, possibly distributed) compression was asked for."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return args.stream or world > 1 or bool(args.max_memory or args.offload or args.resume)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     import fxcompress
 
     from .recipe import resolve
 
     recipe = resolve(args.recipe)
+    if _streamed(args):
+        return _compress_streamed(args, recipe)
     model, tokenizer, folder = load_model(args.model, not args.quiet)
     calib = _calibration(tokenizer, args)
     _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed {args.seed})")
@@ -174,6 +182,55 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
+    """``compress`` holding one layer at a time, read from the checkpoint on disk; under
+    ``torchrun`` the ranks share the calibration and the solves, and rank 0 writes."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from . import assets
+    from .distributed import init_from_env
+    from .streaming import compress_checkpoint
+
+    folder = assets.smollm2(progress=not args.quiet) if args.model == DEFAULT_MODEL \
+        else Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"streamed compression reads a local Hugging Face folder "
+                                f"(config.json + safetensors); {args.model!r} is not one")
+    distributed = init_from_env()
+    lead = not distributed or dist.get_rank() == 0
+    quiet = args.quiet or not lead
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        args.quiet = quiet
+        calib = _calibration(tokenizer, args)
+        if lead:
+            ranks = f" over {dist.get_world_size()} ranks" if distributed else ""
+            _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed "
+                  f"{args.seed}); streamed from {folder}{ranks}")
+        t = time.perf_counter()
+        report = compress_checkpoint(folder, calib, recipe, args.out,
+                                     max_memory=args.max_memory, offload=args.offload or "cpu",
+                                     resume=args.resume, progress=not quiet,
+                                     batch_size=args.batch_size)
+        seconds = time.perf_counter() - t
+        if lead:
+            out = Path(args.out)
+            _echo("\n" + report.table() + "\n")
+            _echo(f"compressed {len(report.layers)} linear layers in {seconds:.1f}s; peak RSS "
+                  f"{_peak_rss_mib():.0f} MiB")
+            _echo(f"checkpoint size: {_dir_size(folder) / 2**20:.1f} MiB -> "
+                  f"{_dir_size(out) / 2**20:.1f} MiB ({out})")
+            if args.eval:
+                from .format import load
+
+                _perplexity(load(out).eval(), tokenizer, args, "compressed")
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_model(args.model, not args.quiet)
     if args.dequantized:
@@ -194,10 +251,12 @@ def cmd_row(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_model(args.model, progress=False)
     calib = torch.load(args.calib_ids)
     row: dict[str, Any] = {"recipe": args.recipe}
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     if args.recipe != "dense":
         fxcompress.compile(model, calib, resolve(args.recipe), progress=not args.quiet)
     row["seconds"] = time.perf_counter() - t if args.recipe != "dense" else 0.0
+    row["cpu_seconds"] = time.process_time() - cpu if args.recipe != "dense" else 0.0
+    row["threads"] = torch.get_num_threads()
     row["peak_rss_mib"] = _peak_rss_mib()
     row["bits_per_weight"], _ = _bits_per_weight(model)
     row["sparsity"] = _sparsity(model)
@@ -267,11 +326,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def compare_table(rows: list[dict[str, Any]], settings: str) -> str:
     lines = [f"_{settings}_", "",
-             "| recipe | perplexity | bits/weight | sparsity | time (s) | peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| recipe | perplexity | bits/weight | sparsity | time (s) | CPU time (s) "
+             "| peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {r['bits_per_weight']:.2f} | "
-                     f"{r['sparsity']:.0%} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{r['sparsity']:.0%} | {r['seconds']:.0f} | {r.get('cpu_seconds', 0):.0f} "
+                     f"| {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -349,6 +410,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, help="calibration samples per forward batch")
     c.add_argument("--eval", action="store_true",
                    help="measure perplexity before and after (on --text)")
+    c.add_argument("--stream", action="store_true",
+                   help="read the weights layer by layer from the checkpoint on disk and "
+                        "write the output shard by shard (implied by the three below and "
+                        "by torchrun)")
+    c.add_argument("--max-memory", help="bound on the tensors held at once, e.g. 6GiB")
+    c.add_argument("--offload", choices=["cpu", "disk", "none"],
+                   help="where activations of all samples wait between layers (default cpu)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted streamed run into the same --out")
     _data(c)
     _evaluation(c)
     _common(c)
@@ -386,10 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .assets import AssetError
+    from .distributed import DistributedError
+    from .format import CheckpointError
     from .recipe import RecipeError
+    from .streaming import MemoryBudgetError
 
     try:
         return args.fn(args)
-    except (RecipeError, AssetError, FileNotFoundError, ValueError) as e:
+    except (RecipeError, AssetError, FileNotFoundError, ValueError, CheckpointError,
+            MemoryBudgetError, DistributedError) as e:
         print(f"fxcompress: error: {e}", file=sys.stderr)
         return 2

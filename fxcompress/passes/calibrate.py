@@ -571,12 +571,15 @@ def calibrate(
     run = _Run(sched, plan, params, kept, _Interpreter(gm), team, done or {}, sink,
                on_hessian, bar)
     bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
+    # RTN and magnitude pruning look at the weights only: no forward pass is needed
+    data_free = not any(needs_hessian(m) for m in plan.values())
     try:
         with torch.no_grad():
             for start, end, x in sched.segments():
                 names = ", ".join(s.fqn for s in sched.groups[x]) if x is not None else "output"
-                with team.guard(f"the input of {names}"):
-                    run.run_segment(start, end)
+                if not data_free:
+                    with team.guard(f"the input of {names}"):
+                        run.run_segment(start, end)
                 if x is not None:
                     run.compress_group(x)
     finally:

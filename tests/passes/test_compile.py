@@ -121,3 +121,25 @@ def test_plain_module_with_a_positional_input():
     y = model(x)
     ref = dense(x)
     assert ((y - ref).norm() / ref.norm()) < 0.02
+
+
+def test_data_free_methods_run_no_forward_pass(monkeypatch):
+    """RTN and magnitude need only the weights: the graph is not interpreted, and the
+    result is the baseline applied to each weight."""
+    from fxcompress import RTN, Magnitude
+    from fxcompress.algorithms import baselines
+    from fxcompress.passes.calibrate import _Run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data-free recipe ran the calibration forward pass")
+
+    model = build("llama")
+    weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    monkeypatch.setattr(_Run, "run_segment", refuse)
+    fxcompress.compile(model, _calibration(), Recipe({".*mlp.*": Magnitude(0.5),
+                                                      ".*": RTN(4, 32)}), progress=False)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, SparseLinear)
+    torch.testing.assert_close(up.weight, baselines.magnitude(weight, Magnitude(0.5)).dense())
+    with pytest.raises(AssertionError, match="data-free"):  # GPTQ needs the data
+        fxcompress.compile(build("llama"), _calibration(), GPTQ(4, 32), progress=False)
