@@ -81,7 +81,10 @@ def test_input_gradient_matches_dense_weight(cfg):
     x = torch.randn(6, K, requires_grad=True)
     g = torch.randn(6, N)
     (m(x) * g).sum().backward()
-    torch.testing.assert_close(x.grad, g @ c.dense(), rtol=2e-2, atol=2e-2 * g.abs().max())
+    ref = g @ c.dense()
+    # the int4 path computes in bf16 (8 significant bits): bound the relative error of the
+    # whole gradient, not of single entries that cancel out to nearly zero
+    assert ((x.grad - ref).norm() / ref.norm()).item() < 1e-2
 
 
 def test_masked_linear_matches_and_masks_weight_gradient():
