@@ -25,6 +25,14 @@ DEFAULT_MODEL = "smollm2"
 
 
 def _peak_rss_mib() -> float:
+    """Peak resident memory of this process. ``VmHWM`` where Linux has it: ``ru_maxrss``
+    survives ``exec`` and so can report the peak of the process that started this one."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -290,9 +298,13 @@ def _sparsity(model: torch.nn.Module) -> float:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from . import assets
     from .evaluate import calibration_samples, evaluation_windows
 
-    _, tokenizer, _ = load_model(args.model, not args.quiet)
+    tokenizer = AutoTokenizer.from_pretrained(  # the rows load the model, each on its own
+        assets.smollm2(progress=not args.quiet) if args.model == DEFAULT_MODEL else args.model)
     calib = calibration_samples(tokenizer, _text(args.calib, "calibration", not args.quiet),
                                 args.samples, args.seqlen, args.seed)
     ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
