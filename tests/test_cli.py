@@ -135,3 +135,19 @@ def test_torchrun_two_ranks(folder, tmp_path):
             torch.testing.assert_close(two[k], one[k], rtol=1e-2, atol=1e-3, msg=k)
         else:
             assert (one[k] != two[k]).float().mean() < 0.01, k
+
+
+def test_compare_writes_table_plot_and_token_ids(folder, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(folder / "model"), "--recipes", "rtn-w4g64,gptq-w4g64",
+               "--calib", str(folder / "calib.txt"), "--samples", "4", "--seqlen", "32",
+               "--text", str(folder / "eval.txt"), "--eval-seqlen", "32", "--windows", "2",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["recipe"] for r in rows] == ["dense", "rtn-w4g64", "gptq-w4g64"]
+    assert all(r["ppl"] > 1 and r["peak_rss_mib"] > 0 for r in rows)
+    assert rows[0]["bits_per_weight"] == 16 and 4 < rows[2]["bits_per_weight"] < 5
+    assert "| gptq-w4g64 |" in (out / "table.md").read_text()
+    assert (out / "plot.png").stat().st_size > 0
+    assert torch.load(out / "calib_ids.pt").shape == (4, 32)
