@@ -280,6 +280,7 @@ NAMED: dict[str, Recipe] = {
     "rtn-w4g64": _decoder(RTN(4, 64)),
     "gptq-w4g64": _decoder(GPTQ(4, 64)),
     "gptq-w4g64-act": _decoder(GPTQ(4, 64, act_order=True)),
+    "gptq-w4g64-mse": _decoder(GPTQ(4, 64, mse=True)),
     "rtn-w4": _decoder(RTN(4, -1)),
     "gptq-w4": _decoder(GPTQ(4, -1)),
     "rtn-w3g64": _decoder(RTN(3, 64)),
