@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
 from .passes import calibrate, capture, find_sites, rewrite
-from .passes.calibrate import LayerReport
+from .passes.calibrate import LayerReport, release_freed_memory
 from .passes.capture import as_call, call_kwargs
 from .passes.sites import Site
 from .recipe import Method, Recipe, RecipeError
@@ -168,6 +168,8 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
             results, layers = calibrate(ep, sites, plan, chunks, progress=progress)
             del ep
             count = rewrite(model, sites, results)
+            del results
+            release_freed_memory()
     finally:
         model.train(was_training)
     report = Report(recipe, layers, skipped, time.perf_counter() - t0, len(calls))

@@ -70,6 +70,7 @@ from .passes.calibrate import (
     Team,
     calibrate,
     needs_hessian,
+    release_freed_memory,
     schedule,
 )
 from .passes.capture import as_call, call_kwargs
@@ -203,26 +204,6 @@ class Checkpoint:
 
 
 # ============================================================================ memory
-
-
-def _libc_trim() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _libc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by tensors back to the OS (glibc keeps freed blocks below its
-    dynamic mmap threshold — up to 32 MiB each — in its heap, where they count as RSS)."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 def _symbols(ep: ExportedProgram, chunk: tuple[tuple, dict]) -> dict[sympy.Symbol, int]:

@@ -101,6 +101,26 @@ def compress(w: Tensor, h: Tensor | None, method: Method, name: str) -> Compress
 # ============================================================================ the seams
 
 
+def _libc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by tensors back to the OS (glibc keeps freed blocks below its
+    dynamic mmap threshold — up to 32 MiB each — in its heap, where they count as RSS)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class WeightSource(Protocol):
     """Where parameters the captured program holds only on the meta device come from."""
 
@@ -405,6 +425,7 @@ class _Run:
     bar: Any
     results: dict[str, Compressed] = field(default_factory=dict)
     reports: list[LayerReport] = field(default_factory=list)
+    data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
     def run_segment(self, start: int, end: int) -> None:
         """Nodes ``order[start:end]``, chunk by chunk; keep what later segments read."""
@@ -502,12 +523,13 @@ class _Run:
                 step.layer = s.fqn
                 self.finish(s, c, report)
             for s in group:
-                if s.fqn in self.done:
+                if s.fqn in self.done and not self.data_free:
                     step.layer = s.fqn
                     self.replace(s, self.done[s.fqn])
 
     def finish(self, s: Site, c: Compressed, report: LayerReport) -> None:
-        self.replace(s, c)
+        if not self.data_free:
+            self.replace(s, c)
         self.reports.append(report)
         if self.sink is not None:
             self.sink(s, c, report)
@@ -572,7 +594,7 @@ def calibrate(
                on_hessian, bar)
     bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
     # RTN and magnitude pruning look at the weights only: no forward pass is needed
-    data_free = not any(needs_hessian(m) for m in plan.values())
+    data_free = run.data_free = not any(needs_hessian(m) for m in plan.values())
     try:
         with torch.no_grad():
             for start, end, x in sched.segments():
@@ -580,8 +602,10 @@ def calibrate(
                 if not data_free:
                     with team.guard(f"the input of {names}"):
                         run.run_segment(start, end)
+                    release_freed_memory()
                 if x is not None:
                     run.compress_group(x)
+                    release_freed_memory()
     finally:
         bar.close()
         kept.close()
