@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
 from .passes import calibrate, capture, find_sites, rewrite
 from .passes.calibrate import LayerReport, release_freed_memory
-from .passes.capture import as_call, call_kwargs
+from .passes.capture import as_call, call_kwargs, evaluating
 from .passes.sites import Site
 from .recipe import Method, Recipe, RecipeError
 
@@ -158,20 +158,15 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
     calls = [((), call_kwargs(model, a, k)) for a, k in calls]
     batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // _tokens(calls[0]))
     chunks = _batch(calls, batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with numerics(), torch.no_grad():
-            ep = capture(model, *chunks[0])
-            sites, others = find_sites(ep, model)
-            plan, skipped = plan_sites(recipe, sites, others, model)
-            results, layers = calibrate(ep, sites, plan, chunks, progress=progress)
-            del ep
-            count = rewrite(model, sites, results)
-            del results
-            release_freed_memory()
-    finally:
-        model.train(was_training)
+    with evaluating(model), numerics(), torch.no_grad():
+        ep = capture(model, *chunks[0])
+        sites, others = find_sites(ep, model)
+        plan, skipped = plan_sites(recipe, sites, others, model)
+        results, layers = calibrate(ep, sites, plan, chunks, progress=progress)
+        del ep
+        count = rewrite(model, sites, results)
+        del results
+        release_freed_memory()
     report = Report(recipe, layers, skipped, time.perf_counter() - t0, len(calls))
     model.fxcompress_report = report
     log.info("fxcompress: compressed %d linear layers in %.1fs", count, report.seconds)

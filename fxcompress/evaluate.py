@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .passes.capture import evaluating
+
 TextOrIds = str | torch.Tensor
 
 
@@ -103,15 +105,11 @@ def perplexity(
     """
     batches = evaluation_windows(tokenizer, text, seqlen, windows)
     device = _device_of(model)
-    was_training = model.training
-    model.eval()
     total = 0.0
-    try:
+    with evaluating(model):
         for chunk in tqdm(batches.split(batch_size), desc="perplexity", disable=not progress):
             chunk = chunk.to(device)
             total += _nll_sum(_logits(model, chunk), chunk)
-    finally:
-        model.train(was_training)
     count = batches.shape[0] * (seqlen - 1)
     nll = total / count
     return PerplexityResult(math.exp(nll), nll, count, batches.shape[0], seqlen)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
-from .passes.capture import _dynamic, as_call, call_kwargs
+from .passes.capture import _dynamic, as_call, call_kwargs, evaluating
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,8 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, *, aot: bool
         log.warning("fxcompress.export: an example dimension of size 1 will be specialised "
                     "(static) by torch.export; use batch and sequence >= 2 to keep them dynamic")
     shapes = (tuple(_dynamic(t) for t in tensors),) if dynamic else None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(wrapped, tensors, dynamic_shapes=shapes, strict=False)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        ep = torch.export.export(wrapped, tensors, dynamic_shapes=shapes, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     if aot:
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
@@ -114,13 +109,8 @@ def trace(model: nn.Module, example_inputs: Any, path: str | Path | None = None
     ``path`` when given. The traced module takes the tensor inputs positionally, like
     :func:`export`'s programs. Deprecated upstream; prefer :func:`export`."""
     wrapped, tensors = program(model, example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            traced = torch.jit.trace(wrapped, tensors, strict=False, check_trace=False)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        traced = torch.jit.trace(wrapped, tensors, strict=False, check_trace=False)
     if path is not None:
         traced.save(str(path))
     return traced

@@ -12,10 +12,12 @@ or a dict of keyword inputs; :func:`as_call` normalises them to ``(args, kwargs)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,6 +55,18 @@ def call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
             and _accepts(model, "use_cache") and "use_cache" not in kwargs:
         bound = {**bound, "use_cache": False}
     return dict(bound)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block (dropout off while it is captured, calibrated,
+    exported or evaluated), then back in the mode the user left it in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _dynamic(value: Any) -> Any:
