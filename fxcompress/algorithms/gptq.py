@@ -37,45 +37,74 @@ def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None) -> C
     """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in)."""
     rows, cols = w.shape
     gs = grid.check(cfg.bits, cfg.group_size, cols)
-    groups = cols // gs
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if cfg.act_order \
-        else torch.arange(cols, device=w.device)
-    f = factor(w[:, perm], h[perm][:, perm], cfg.damp, name)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order \
+        else None
+    f = factor(w, h, cfg.damp, name, perm)
 
     # Group parameters fitted before the sweep (per-channel, or act-order static groups).
     dynamic = gs < cols and not (cfg.act_order and cfg.static_groups)
-    scale = torch.zeros(rows, groups, device=w.device)
-    zero = torch.zeros(rows, groups, device=w.device)
     col_group = torch.arange(cols, device=w.device) // gs  # group of each swept column
-    if not dynamic:
-        original = torch.empty_like(f.w)
-        original[:, perm] = f.w
-        scale, zero = grid.fit_groups(original, cfg.bits, gs, cfg.sym, cfg.mse)
-        col_group = col_group[perm]  # group of the original column that is swept j-th
-    scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()
+    if dynamic:
+        scale_t = torch.empty(cols // gs, rows, device=w.device)
+        zero_t = torch.empty(cols // gs, rows, device=w.device)
+    else:
+        scale_t, zero_t = _fixed_grid(f.wt, perm, gs, cfg)
+        if perm is not None:
+            col_group = col_group[perm]  # group of the original column that is swept j-th
 
     block = (max(cfg.block_size // gs, 1) * gs) if dynamic else cfg.block_size
-    sweep = Sweep(f.w, f.v, block)
+    sweep = Sweep(f, block)
     codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
+    c_block = torch.empty(min(block, cols), rows, device=w.device)  # codes, as floats
+    c_rows, scales, zeros = c_block.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
     maxq = 2**cfg.bits - 1
-    for j, g in enumerate(col_group.tolist()):
-        if dynamic and j % gs == 0:
-            s, z = grid.fit(sweep.current(j, j + gs).t(), cfg.bits, cfg.sym, cfg.mse)
-            scale_t[g], zero_t[g] = s, z
-        s, z = scale_t[g], zero_t[g]
-        wj = sweep.column()
-        c = torch.div(wj, s).round_().add_(z).clamp_(0, maxq)  # grid.quantize, in place
-        sweep.commit(wj, (c - z).mul_(s))
-        codes_t[j] = c
+    groups = col_group.tolist()
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        for j in range(b0, b1):
+            g = groups[j]
+            if dynamic and j % gs == 0:
+                s, z = grid.fit(sweep.current(j, j + gs).t(), cfg.bits, cfg.sym, cfg.mse)
+                scales[g].copy_(s)
+                zeros[g].copy_(z)
+            s, z = scales[g], zeros[g]
+            wj = sweep.column()
+            c = torch.div(wj, s, out=c_rows[j - b0]).round_().add_(z).clamp_(0, maxq)
+            sweep.commit(wj, (c - z).mul_(s))  # grid.quantize / dequantize, in place
+        codes_t[b0:b1] = c_block[:b1 - b0]
+    row_loss, damp = sweep.row_loss(), f.damp
+    del sweep, f
 
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
-    codes[:, perm] = codes_t.t()
+    codes = _unpermute(codes_t, perm)
     g_idx = torch.empty(cols, dtype=torch.int32, device=w.device)
-    g_idx[perm] = col_group.to(torch.int32)
-    row_loss = sweep.row_loss()
+    g_idx[perm if perm is not None else slice(None)] = col_group.to(torch.int32)
     return Compressed(
         shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss, codes=codes,
         scale=scale_t.t().contiguous(),
         zero=zero_t.t().to(torch.uint8).contiguous(), g_idx=g_idx, bits=cfg.bits,
-        group_size=gs, sym=cfg.sym, damp=f.damp,
+        group_size=gs, sym=cfg.sym, damp=damp,
     )
+
+
+def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, cfg: GPTQ) -> tuple[Tensor, Tensor]:
+    """Scales and zero points ``(groups, rows)`` fitted on the original weights (dead columns
+    zeroed) before the sweep; ``wt`` holds them transposed, in the sweep's column order."""
+    cols = wt.shape[0]
+    where = torch.argsort(perm) if perm is not None else None  # sweep position of column k
+    scale, zero = [], []
+    for g0 in range(0, cols, gs):
+        part = wt[g0:g0 + gs] if where is None else wt[where[g0:g0 + gs]]
+        s, z = grid.fit(part.t(), cfg.bits, cfg.sym, cfg.mse)
+        scale.append(s)
+        zero.append(z)
+    return torch.stack(scale), torch.stack(zero)
+
+
+def _unpermute(codes_t: Tensor, perm: Tensor | None) -> Tensor:
+    """Codes ``(cols, rows)`` in sweep order back to ``(rows, cols)`` in the original order."""
+    if perm is None:
+        return codes_t.t().contiguous()
+    codes = torch.empty(codes_t.shape[1], codes_t.shape[0], dtype=codes_t.dtype,
+                        device=codes_t.device)
+    codes[:, perm] = codes_t.t()
+    return codes

@@ -11,9 +11,12 @@ to plain rounding.
 
 The solvers need, for every column j, the "conditional" rows of H⁻¹ (the paper's upper
 Cholesky factor U of H⁻¹). Instead of the reference's three cubic steps (Cholesky, inverse,
-Cholesky) we factor the row/column-reversed Hessian once: ``flip(chol(flip(H)))`` is the upper
-triangular V with ``H = V Vᵀ``, and ``U = V⁻¹``. The sweep (see ``sweep.py``) works with V
-directly, so no inverse is ever formed.
+Cholesky) we factor H once as ``H = V Vᵀ`` with V *upper* triangular (the Cholesky factor of
+the row/column-reversed H, reversed back), and ``U = V⁻¹``. The sweep (see ``sweep.py``) works
+with V directly, so no inverse is ever formed. The factorisation runs in place on the one copy
+of H the solve makes (permuted for act-order), block column by block column, so the solver's
+workspace is that copy and weight-sized buffers — none of the reference's further d×d copies
+(inverse, identity, flips).
 """
 
 from __future__ import annotations
@@ -75,39 +78,108 @@ class Hessian:
 
 @dataclass
 class Factor:
-    """What the sweep needs: the (dead-column fixed) weight and ``H + λI = V Vᵀ``."""
+    """What the sweep needs, in the (possibly permuted) column order it visits.
 
-    w: Tensor  # (rows, cols) float32, dead columns zeroed
-    v: Tensor  # (cols, cols) upper triangular, H + λI = V Vᵀ
-    dead: Tensor  # (cols,) bool
+    ``wt`` is the weight transposed, ``(cols, rows)`` float32, dead columns zeroed: the sweep's
+    only weight-sized buffer. ``vn`` holds ``V_kj / V_jj`` above its diagonal, where
+    ``H + λI = V Vᵀ`` with V upper triangular; below the diagonal it is zero and its diagonal
+    is 1. ``vd`` is ``diag(V)``.
+    """
+
+    wt: Tensor  # (cols, rows) float32
+    vn: Tensor  # (cols, cols) unit upper triangular
+    vd: Tensor  # (cols,)
+    dead: Tensor  # (cols,) bool, in the sweep's column order
     damp: float  # the relative damping that succeeded
 
+    @property
+    def v(self) -> Tensor:
+        """``V`` itself (a new tensor; the sweep never needs it)."""
+        return self.vn * self.vd
 
-def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None) -> Factor:
-    """Fix dead columns, damp, and factor ``H``; see the module docstring."""
+
+def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None,
+           order: Tensor | None = None) -> Factor:
+    """Fix dead columns, damp, and factor ``H`` (columns visited in ``order`` when given, e.g.
+    act-order's decreasing ``diag H``); see the module docstring.
+
+    The workspace is one ``cols x cols`` matrix — the permuted copy of ``H``, overwritten by
+    its factor — and one weight-sized matrix; ``w`` and ``h`` are left untouched."""
     layer = f" for layer {name!r}" if name else ""
     cols = h.shape[0]
     if h.shape != (cols, cols) or w.shape[1] != cols:
         raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape "
                          f"{tuple(w.shape)}{layer}")
-    if not torch.isfinite(h).all():
-        raise HessianNotPositiveDefinite(f"the Hessian{layer} contains NaN or Inf")
-    w = w.float().clone()
-    h = h.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    mean_diag = torch.diag(h).mean()
+    diag = torch.diagonal(h).float()
+    if order is not None:
+        diag = diag[order]
+    dead = diag == 0
+    mean_diag = float(torch.where(dead, 1.0, diag).mean())
     for d in (damp, damp * 10):
-        hd = h + d * mean_diag * torch.eye(cols, device=h.device)
-        lower, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
-        if info == 0:
-            return Factor(w, lower.flip(0, 1), dead, d)
+        a = _permuted(h, order)
+        a.diagonal()[dead] = 1.0
+        a.diagonal().add_(d * mean_diag)
+        if _factor_upper_(a) and torch.isfinite(a.diagonal()).all():
+            vd = a.diagonal().clone()
+            a.triu_().div_(vd)
+            return Factor(_transposed(w, order, dead), a, vd, dead, d)
+        del a
+        if not torch.isfinite(h).all():  # checked only here: a full pass over H
+            raise HessianNotPositiveDefinite(f"the Hessian{layer} contains NaN or Inf")
     raise HessianNotPositiveDefinite(
         f"the Hessian{layer} is not positive definite even with damping {damp * 10:g} x "
         f"mean(diag H): its Cholesky factorisation failed. Use more (or more varied) "
         f"calibration samples, or a larger damp."
     )
+
+
+_PANEL = 256  # row/column block of the copies and of the factorisation
+
+
+def _permuted(h: Tensor, order: Tensor | None) -> Tensor:
+    """``h[order][:, order]`` as float32, built in row panels: one ``cols x cols`` copy."""
+    if order is None:
+        return h.to(torch.float32, copy=True)
+    cols = h.shape[0]
+    out = torch.empty(cols, cols, dtype=torch.float32, device=h.device)
+    for r0 in range(0, cols, _PANEL):
+        rows = h.index_select(0, order[r0:r0 + _PANEL])
+        torch.index_select(rows.float(), 1, order, out=out[r0:r0 + _PANEL])
+    return out
+
+
+def _transposed(w: Tensor, order: Tensor | None, dead: Tensor) -> Tensor:
+    """``w[:, order]ᵀ`` as a contiguous float32 ``(cols, rows)``, dead columns zeroed."""
+    wt = torch.empty(w.shape[1], w.shape[0], dtype=torch.float32, device=w.device)
+    wt.copy_(w.t() if order is None else w.t().index_select(0, order))
+    wt[dead] = 0.0
+    return wt
+
+
+def _factor_upper_(a: Tensor, block: int = 2 * _PANEL) -> bool:
+    """Overwrite the upper triangle of the symmetric ``a`` with the upper triangular V of
+    ``a = V Vᵀ`` (the Cholesky factor of the row/column-reversed matrix, reversed back), in
+    place, block column by block column from the last; False if ``a`` is not positive
+    definite. With ``A = [[A11, A12], [A12ᵀ, A22]]``: ``A22 = V22 V22ᵀ``, ``V12 = A12 V22⁻ᵀ``,
+    then the same for ``A11 - V12 V12ᵀ``. Only the upper triangle (and the diagonal blocks)
+    are read and written, in ``block``-wide panels, so nothing of the size of ``a`` is
+    allocated."""
+    n = a.shape[0]
+    for k1 in range(n, 0, -block):
+        k0 = max(k1 - block, 0)
+        lower, info = torch.linalg.cholesky_ex(a[k0:k1, k0:k1].flip(0, 1))
+        if int(info) != 0:
+            return False
+        vkk = lower.flip(0, 1)
+        a[k0:k1, k0:k1] = vkk
+        if k0 == 0:
+            break
+        v12 = a[:k0, k0:k1]
+        v12.copy_(torch.linalg.solve_triangular(vkk.t(), v12, upper=False, left=False))
+        for c1 in range(k0, 0, -block):  # A11 -= V12 V12ᵀ, upper triangle, panel by panel
+            c0 = max(c1 - block, 0)
+            a[:c1, c0:c1].addmm_(v12[:c1], v12[c0:c1].t(), alpha=-1.0)
+    return True
 
 
 def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:

@@ -44,23 +44,26 @@ def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
     f = factor(w, h, cfg.damp, name)
     if q:
-        scale, zero = grid.fit_groups(f.w, q.bits, gs, q.sym, q.mse)
-        scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()
+        scale_t, zero_t = (torch.stack(t) for t in zip(*(
+            grid.fit(f.wt[g0:g0 + gs].t(), q.bits, q.sym, q.mse) for g0 in range(0, cols, gs)),
+            strict=True))
         codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
+    else:
+        values_t = torch.empty(cols, rows, device=w.device)
 
-    sweep = Sweep(f.w, f.v, cfg.block_size)
+    sweep = Sweep(f, cfg.block_size)
     keep = torch.ones(cols, rows, dtype=torch.bool, device=w.device)
     total = rows * cols * cfg.sparsity
     for j in range(cols):
         if cfg.n_m is None and j % cfg.block_size == 0:
             j1 = min(j + cfg.block_size, cols)
-            score = sweep.current(j, j1).square() / sweep.d(j, j1)[:, None].square()
+            score = sweep.current(j, j1).square_() / sweep.d(j, j1)[:, None].square()
             k = round(total * j1 / cols) - round(total * j / cols)
             drop = torch.topk(score.flatten(), k, largest=False, sorted=False).indices
             keep[j:j1].view(-1)[drop] = False
         elif cfg.n_m is not None and j % cfg.n_m[1] == 0:
             n, m = cfg.n_m
-            score = sweep.current(j, j + m).square() / sweep.d(j, j + m)[:, None].square()
+            score = sweep.current(j, j + m).square_() / sweep.d(j, j + m)[:, None].square()
             drop = torch.topk(score, m - n, dim=0, largest=False, sorted=False).indices
             keep[j:j + m].scatter_(0, drop, False)
         if q and gs < cols and j % gs == 0:
@@ -74,14 +77,16 @@ def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
             codes_t[j] = c
             sweep.commit(wj, grid.dequantize(c, scale_t[g], zero_t[g]))
         else:
-            sweep.commit(wj, wj * keep[j])
+            sweep.commit(wj, torch.mul(wj, keep[j], out=values_t[j]))
+    row_loss, damp = sweep.row_loss(), f.damp
+    del sweep, f
 
     mask = keep.t().contiguous()
-    row_loss = sweep.row_loss()
+    del keep
     out = Compressed(shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss,
-                     mask=mask, damp=f.damp)
+                     mask=mask, damp=damp)
     if not q:
-        out.values = sweep.result()
+        out.values = values_t.t().contiguous()
         return out
     out.codes = codes_t.t().contiguous()
     out.scale = scale_t.t().contiguous()

@@ -17,10 +17,10 @@ closed form that needs neither ``U`` nor any eager update: the current column is
 i.e. the original column plus the *residuals* ``R = W - Q`` of the columns already done,
 weighted by the normalised column j of V. This is the "left-looking" form of the lazy batch
 updates: columns are made current in blocks with one matrix product against all residuals so
-far, then in sub-blocks of 16 with a small product, then one matrix-vector product per column
-over the at most 15 residuals inside the sub-block. The total work equals the reference's
-right-looking updates, but the per-column Python work is a handful of vector ops and the
-Cholesky inverse of the reference (two extra cubic steps) disappears.
+far, then in sub-blocks of 16 with a small product; inside a sub-block each committed column
+updates the (at most 15) later ones eagerly, one rank-1 update. The total work equals the
+reference's right-looking updates, but the per-column Python work is a handful of vector ops
+and the Cholesky inverse of the reference (two extra cubic steps) disappears.
 
 Everything is stored transposed (``(cols, rows)``) so that a column is a contiguous row.
 """
@@ -30,24 +30,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .hessian import Factor
+
 SUB_BLOCK = 16
 
 
 class Sweep:
-    """Current columns and residuals of one left-looking sweep over ``w`` (rows, cols)."""
+    """Current columns and residuals of one left-looking sweep over a :class:`Factor`.
 
-    def __init__(self, w: Tensor, v: Tensor, block: int) -> None:
-        self.wt = w.t().contiguous()
-        self.rt = torch.zeros_like(self.wt)  # W_j - q_j for done columns
-        self.et = torch.zeros_like(self.wt)  # w_j (current) - q_j, for the loss
-        self.v = v
-        self.vd = torch.diag(v).clone()
-        self.vn = v / self.vd  # vn[k, j] = V_kj / V_jj
-        self.cols = self.wt.shape[0]
+    One weight-sized buffer: ``rt`` starts as ``Wᵀ`` and row j becomes the residual
+    ``W_j - q_j`` when column j is committed (rows ``>= next`` still hold the original
+    columns). The loss is accumulated block by block, so no error matrix is kept.
+    """
+
+    def __init__(self, f: Factor, block: int) -> None:
+        self.rt, self.vn, self.vd = f.wt, f.vn, f.vd
+        self.cols, rows = self.rt.shape
         self.block = max(1, block)
         self.next = 0  # all columns < next are done
-        self._b = (0, 0, None)  # block cache: (start, end, current values at block start)
-        self._s = (0, 0, None)  # sub-block cache
+        self._b = (0, 0, None)  # block cache: (start, end, own-turn values at block start)
+        self._s = (0, 0, None)  # sub-block cache: (start, end, current values), kept eager
+        self._rows = self.rt.unbind(0)  # per-column views, made once
+        self._s_rows: tuple[Tensor, ...] = ()
+        self._s_vn: tuple[Tensor, ...] = ()
+        self._et = torch.empty(min(self.block, self.cols), rows, device=self.rt.device)
+        self._et_rows = self._et.unbind(0)
+        self._loss = torch.zeros(rows, device=self.rt.device)
+        self._et_start = 0  # column of _et[0]
 
     def d(self, j0: int, j1: int) -> Tensor:
         """The papers' ``d_j = [U]_jj = sqrt([H⁻¹]_jj | later columns)`` for ``j0 <= j < j1``."""
@@ -57,8 +66,9 @@ class Sweep:
         j = self.next
         b0, b1, _ = self._b
         if not b0 <= j < b1:
+            self._flush_loss()
             b0, b1 = j, min(j + self.block, self.cols)
-            bt = torch.addmm(self.wt[b0:b1], self.vn[:j, b0:b1].t(), self.rt[:j])
+            bt = torch.addmm(self.rt[b0:b1], self.vn[:j, b0:b1].t(), self.rt[:j])
             self._b = (b0, b1, bt)
         s0, s1, _ = self._s
         if not s0 <= j < s1:
@@ -66,16 +76,28 @@ class Sweep:
             s0, s1 = j, min(j + SUB_BLOCK, b1)
             st = torch.addmm(bt[s0 - b0:s1 - b0], self.vn[b0:j, s0:s1].t(), self.rt[b0:j])
             self._s = (s0, s1, st)
+            self._s_rows = st.unbind(0)
+            self._s_vn = self.vn[s0:s1, s0:s1].unbind(0)
+
+    def _flush_loss(self) -> None:
+        n = self.next - self._et_start
+        if n > 0:
+            e = self._et[:n].mul_(self.vd[self._et_start:self.next, None])
+            self._loss.add_(e.square_().sum(0), alpha=0.5)
+        self._et_start = self.next
 
     def _own_turn(self, j0: int, j1: int) -> Tensor:
-        """``W_j + Σ_{k<next} R_k V_kj / V_jj`` for ``j0 <= j < j1``: column j's value when its
-        turn comes, if the columns from ``next`` to j-1 then add nothing."""
+        """``W_j + Σ_{k<next} R_k V_kj / V_jj`` for ``j0 <= j < j1`` (a new tensor): column
+        j's value when its turn comes, if the columns from ``next`` to j-1 then add nothing."""
         j = self.next
         self._refresh()
-        for c0, c1, ct in (self._s, self._b):
-            if c0 <= j0 and j1 <= c1:
-                return torch.addmm(ct[j0 - c0:j1 - c0], self.vn[c0:j, j0:j1].t(), self.rt[c0:j])
-        return torch.addmm(self.wt[j0:j1], self.vn[:j, j0:j1].t(), self.rt[:j])
+        s0, s1, st = self._s
+        if s0 <= j0 and j1 <= s1:
+            return st[j0 - s0:j1 - s0].clone()
+        b0, b1, bt = self._b
+        if b0 <= j0 and j1 <= b1:
+            return torch.addmm(bt[j0 - b0:j1 - b0], self.vn[b0:j, j0:j1].t(), self.rt[b0:j])
+        return torch.addmm(self.rt[j0:j1], self.vn[:j, j0:j1].t(), self.rt[:j])
 
     def current(self, j0: int, j1: int) -> Tensor:
         """Current (corrected) values of the next columns ``j0 = next .. j1-1``, transposed
@@ -84,36 +106,36 @@ class Sweep:
 
         With ``S = R_{<j0} V_{<j0, j0:j1}``, the eager state is ``W + S · V[j0:j1, j0:j1]⁻¹``
         (``U = V⁻¹`` and ``V U = I`` give ``E_{<j0} U_{<j0, b} = -R_{<j0} V_{<j0, b} U_bb``);
-        only column j0 of it equals ``W + S / V_jj``.
+        only column j0 of it equals ``W + S / V_jj``. With the normalised ``Vn`` (``V = Vn ·
+        diag(V)``) that is ``W + Vn_bb⁻ᵀ (own turn - W)``: a unit triangular solve.
         """
         if j0 != self.next:
             raise ValueError(f"current() starts at the next column {self.next}, not {j0}")
         j1 = min(j1, self.cols)
-        w = self.wt[j0:j1]
-        s = (self._own_turn(j0, j1) - w) * self.vd[j0:j1, None]
-        return w + torch.linalg.solve_triangular(self.v[j0:j1, j0:j1].t(), s, upper=False)
+        w = self.rt[j0:j1]
+        s = self._own_turn(j0, j1).sub_(w)
+        vn = self.vn[j0:j1, j0:j1].contiguous()  # solved as Xᵀ Vn = Sᵀ: no transposed copies
+        x = torch.linalg.solve_triangular(vn, s.t(), upper=True, left=False, unitriangular=True)
+        return x.t().add_(w)
 
     def column(self) -> Tensor:
-        """The current value of the next column, ``(rows,)``."""
+        """The current value of the next column, ``(rows,)`` (a view: do not modify it)."""
         self._refresh()
-        j = self.next
-        s0, _, st = self._s
-        if j == s0:
-            return st[0]
-        return torch.addmv(st[j - s0], self.rt[s0:j].t(), self.vn[s0:j, j])
+        return self._s_rows[self.next - self._s[0]]
 
     def commit(self, w: Tensor, q: Tensor) -> None:
-        """Fix the next column to ``q`` (its current value was ``w``)."""
+        """Fix the next column to ``q`` (its current value was ``w``); the later columns of
+        the sub-block take its residual now."""
         j = self.next
-        torch.sub(self.wt[j], q, out=self.rt[j])
-        torch.sub(w, q, out=self.et[j])
+        r = self._rows[j].sub_(q)
+        torch.sub(w, q, out=self._et_rows[j - self._et_start])
+        i = j - self._s[0]
+        if i + 1 < len(self._s_rows):
+            self._s[2][i + 1:].addr_(self._s_vn[i][i + 1:], r)
         self.next += 1
 
     def row_loss(self) -> Tensor:
         """Per output row, ``½ Σ_j err_j²`` with ``err_j = (w_j - q_j) / d_j``: the
         ‖(W - Q) Xᵀ‖² / n that the sweep incurred, in units of the damped Hessian."""
-        return 0.5 * (self.et * self.vd[:, None]).pow(2).sum(0)
-
-    def result(self) -> Tensor:
-        """``Q`` as ``(rows, cols)``."""
-        return (self.wt - self.rt).t().contiguous()
+        self._flush_loss()
+        return self._loss

@@ -39,6 +39,24 @@ def test_factor_is_a_cholesky_of_the_damped_hessian():
     assert torch.equal(f.v, torch.triu(f.v))
 
 
+@pytest.mark.parametrize("cols", [256, 600])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_blocked_factor_equals_the_reversed_cholesky(cols, permuted):
+    """Several 256-wide blocks (one ragged): the in-place factor is the Cholesky factor of the
+    row/column-reversed (and permuted) damped Hessian, reversed back, on fresh inputs."""
+    x = torch.randn(2 * cols, cols) @ (torch.randn(cols, cols) / cols**0.5 + torch.eye(cols))
+    h = 2 * x.t() @ x / x.shape[0]
+    w = torch.randn(3, cols)
+    order = torch.randperm(cols) if permuted else None
+    f = factor(w, h, damp=0.01, order=order)
+    hp = h if order is None else h[order][:, order]
+    damped = hp + 0.01 * torch.diag(h).mean() * torch.eye(cols)
+    expected = torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1)
+    torch.testing.assert_close(f.v, expected, rtol=1e-3, atol=1e-4)
+    assert torch.equal(f.vn.diagonal(), torch.ones(cols)) and torch.equal(f.vn, f.vn.triu())
+    torch.testing.assert_close(f.wt, w.t() if order is None else w.t()[order])
+
+
 def test_dead_columns_are_zeroed_and_their_diagonal_set_to_one():
     x = torch.randn(100, 16)
     x[:, [3, 7]] = 0
@@ -46,7 +64,7 @@ def test_dead_columns_are_zeroed_and_their_diagonal_set_to_one():
     w = torch.randn(5, 16)
     f = factor(w, h, damp=0.0)
     assert f.dead.nonzero().flatten().tolist() == [3, 7]
-    assert (f.w[:, [3, 7]] == 0).all() and torch.equal(f.w[:, 0], w[:, 0])
+    assert (f.wt[[3, 7]] == 0).all() and torch.equal(f.wt[0], w[:, 0])
     assert torch.allclose((f.v @ f.v.t())[3, 3], torch.tensor(1.0))
     q = gptq(w, h, GPTQ(bits=4, group_size=-1, damp=0.0))
     assert (q.dense()[:, [3, 7]] == 0).all()
