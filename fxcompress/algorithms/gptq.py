@@ -23,6 +23,8 @@ the natural ``k // group_size``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -33,20 +35,27 @@ from .hessian import factor
 from .sweep import Sweep
 
 
-def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None) -> Compressed:
-    """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in)."""
-    rows, cols = w.shape
+def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
+         name: str | None = None) -> Compressed:
+    """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in).
+
+    Several weights sharing ``h`` (q/k/v, gate/up) may be given as a sequence: they are swept
+    as one stacked weight (one factorisation, one pass of per-column work) and the result
+    covers their rows in order; ``Compressed.split`` cuts it. The rows of GPTQ are
+    independent given ``h``, so each part equals its own solve."""
+    cols = h.shape[0]
     gs = grid.check(cfg.bits, cfg.group_size, cols)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order \
         else None
     f = factor(w, h, cfg.damp, name, perm)
+    rows, dev = f.wt.shape[1], f.wt.device
 
     # Group parameters fitted before the sweep (per-channel, or act-order static groups).
     dynamic = gs < cols and not (cfg.act_order and cfg.static_groups)
-    col_group = torch.arange(cols, device=w.device) // gs  # group of each swept column
+    col_group = torch.arange(cols, device=dev) // gs  # group of each swept column
     if dynamic:
-        scale_t = torch.empty(cols // gs, rows, device=w.device)
-        zero_t = torch.empty(cols // gs, rows, device=w.device)
+        scale_t = torch.empty(cols // gs, rows, device=dev)
+        zero_t = torch.empty(cols // gs, rows, device=dev)
     else:
         scale_t, zero_t = _fixed_grid(f.wt, perm, gs, cfg)
         if perm is not None:
@@ -54,8 +63,8 @@ def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None) -> C
 
     block = (max(cfg.block_size // gs, 1) * gs) if dynamic else cfg.block_size
     sweep = Sweep(f, block)
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
-    c_block = torch.empty(min(block, cols), rows, device=w.device)  # codes, as floats
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)
+    c_block = torch.empty(min(block, cols), rows, device=dev)  # codes, as floats
     c_rows, scales, zeros = c_block.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
     maxq = 2**cfg.bits - 1
     groups = col_group.tolist()
@@ -76,7 +85,7 @@ def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None) -> C
     del sweep, f
 
     codes = _unpermute(codes_t, perm)
-    g_idx = torch.empty(cols, dtype=torch.int32, device=w.device)
+    g_idx = torch.empty(cols, dtype=torch.int32, device=dev)
     g_idx[perm if perm is not None else slice(None)] = col_group.to(torch.int32)
     return Compressed(
         shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss, codes=codes,

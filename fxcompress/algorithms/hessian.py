@@ -21,6 +21,7 @@ workspace is that copy and weight-sized buffers — none of the reference's furt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,18 +99,21 @@ class Factor:
         return self.vn * self.vd
 
 
-def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None,
-           order: Tensor | None = None) -> Factor:
+def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
+           name: str | None = None, order: Tensor | None = None) -> Factor:
     """Fix dead columns, damp, and factor ``H`` (columns visited in ``order`` when given, e.g.
-    act-order's decreasing ``diag H``); see the module docstring.
+    act-order's decreasing ``diag H``); see the module docstring. Several weights that share
+    ``H`` (q/k/v, gate/up) may be given as a sequence: their rows are stacked.
 
     The workspace is one ``cols x cols`` matrix — the permuted copy of ``H``, overwritten by
     its factor — and one weight-sized matrix; ``w`` and ``h`` are left untouched."""
     layer = f" for layer {name!r}" if name else ""
+    parts = [w] if isinstance(w, Tensor) else list(w)
     cols = h.shape[0]
-    if h.shape != (cols, cols) or w.shape[1] != cols:
-        raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape "
-                         f"{tuple(w.shape)}{layer}")
+    for part in parts:
+        if h.shape != (cols, cols) or part.dim() != 2 or part.shape[1] != cols:
+            raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of "
+                             f"shape {tuple(part.shape)}{layer}")
     diag = torch.diagonal(h).float()
     if order is not None:
         diag = diag[order]
@@ -122,7 +126,7 @@ def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None,
         if _factor_upper_(a) and torch.isfinite(a.diagonal()).all():
             vd = a.diagonal().clone()
             a.triu_().div_(vd)
-            return Factor(_transposed(w, order, dead), a, vd, dead, d)
+            return Factor(_transposed(parts, order, dead), a, vd, dead, d)
         del a
         if not torch.isfinite(h).all():  # checked only here: a full pass over H
             raise HessianNotPositiveDefinite(f"the Hessian{layer} contains NaN or Inf")
@@ -148,10 +152,15 @@ def _permuted(h: Tensor, order: Tensor | None) -> Tensor:
     return out
 
 
-def _transposed(w: Tensor, order: Tensor | None, dead: Tensor) -> Tensor:
-    """``w[:, order]ᵀ`` as a contiguous float32 ``(cols, rows)``, dead columns zeroed."""
-    wt = torch.empty(w.shape[1], w.shape[0], dtype=torch.float32, device=w.device)
-    wt.copy_(w.t() if order is None else w.t().index_select(0, order))
+def _transposed(parts: list[Tensor], order: Tensor | None, dead: Tensor) -> Tensor:
+    """The stacked ``w[:, order]ᵀ`` as a contiguous float32 ``(cols, rows)``, dead columns
+    zeroed, written in place from each part (in any dtype)."""
+    cols, rows = parts[0].shape[1], sum(p.shape[0] for p in parts)
+    wt = torch.empty(cols, rows, dtype=torch.float32, device=parts[0].device)
+    r0 = 0
+    for p in parts:
+        wt[:, r0:r0 + p.shape[0]] = p.t() if order is None else p.t().index_select(0, order)
+        r0 += p.shape[0]
     wt[dead] = 0.0
     return wt
 

@@ -23,6 +23,8 @@ quantization errors are compensated together.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -33,26 +35,31 @@ from .hessian import factor
 from .sweep import Sweep
 
 
-def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
+def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGPT(),
               name: str | None = None) -> Compressed:
-    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in)."""
-    rows, cols = w.shape
+    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in).
+
+    A sequence of weights sharing ``h`` is swept as one stacked weight (see ``gptq``); with
+    N:M sparsity the parts then equal their own solves, while unstructured masks are chosen
+    over all the stacked rows together."""
+    cols = h.shape[0]
     if cfg.n_m is not None and cols % cfg.n_m[1]:
         raise ValueError(f"{cfg.n_m[0]}:{cfg.n_m[1]} sparsity needs in_features divisible by "
                          f"{cfg.n_m[1]}, got {cols}" + (f" (layer {name!r})" if name else ""))
     q = cfg.quant
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
     f = factor(w, h, cfg.damp, name)
+    rows, dev = f.wt.shape[1], f.wt.device
     if q:
         scale_t, zero_t = (torch.stack(t) for t in zip(*(
             grid.fit(f.wt[g0:g0 + gs].t(), q.bits, q.sym, q.mse) for g0 in range(0, cols, gs)),
             strict=True))
-        codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
+        codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)
     else:
-        values_t = torch.empty(cols, rows, device=w.device)
+        values_t = torch.empty(cols, rows, device=dev)
 
     sweep = Sweep(f, cfg.block_size)
-    keep = torch.ones(cols, rows, dtype=torch.bool, device=w.device)
+    keep = torch.ones(cols, rows, dtype=torch.bool, device=dev)
     total = rows * cols * cfg.sparsity
     for j in range(cols):
         if cfg.n_m is None and j % cfg.block_size == 0:
@@ -91,6 +98,6 @@ def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
     out.codes = codes_t.t().contiguous()
     out.scale = scale_t.t().contiguous()
     out.zero = zero_t.t().to(torch.uint8).contiguous()
-    out.g_idx = (torch.arange(cols, device=w.device) // gs).to(torch.int32)
+    out.g_idx = (torch.arange(cols, device=dev) // gs).to(torch.int32)
     out.bits, out.group_size, out.sym = q.bits, gs, q.sym
     return out

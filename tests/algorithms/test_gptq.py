@@ -81,7 +81,9 @@ def test_rows_are_independent_so_stacked_layers_split_exactly(problem):
     parts = [w[:16], w[16:24], w[24:]]
     cfg = GPTQ(bits=4, group_size=32, act_order=True)
     stacked = gptq(torch.cat(parts), h, cfg).split([16, 8, 24])
-    for part, s in zip(parts, stacked, strict=True):
+    given_apart = gptq(parts, h, cfg).split([16, 8, 24])
+    for part, s, g in zip(parts, stacked, given_apart, strict=True):
         alone = gptq(part, h, cfg)
         assert torch.equal(s.codes, alone.codes) and torch.equal(s.scale, alone.scale)
+        assert torch.equal(g.codes, alone.codes) and torch.equal(g.zero, alone.zero)
         assert s.loss == pytest.approx(alone.loss, rel=1e-4)

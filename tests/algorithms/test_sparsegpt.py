@@ -81,3 +81,15 @@ def test_bad_settings_are_clear_errors(problem):
         SparseGPT(n_m=(5, 4))
     with pytest.raises(ValueError, match="divisible by 8"):
         sparsegpt(w[:, :252], h[:252, :252], SparseGPT(n_m=(4, 8), block_size=128))
+
+
+@pytest.mark.parametrize("quant", [None, GPTQ(bits=4, group_size=32)])
+def test_n_m_rows_are_independent_so_stacked_layers_split_exactly(problem, quant):
+    w, x, h = problem
+    parts = [w[:16], w[16:]]
+    cfg = SparseGPT(n_m=(2, 4), quant=quant)
+    for s, part in zip(sparsegpt(parts, h, cfg).split([16, 32]), parts, strict=True):
+        alone = sparsegpt(part, h, cfg)
+        assert torch.equal(s.mask, alone.mask)
+        assert torch.equal(s.dense(), alone.dense())
+        assert s.loss == pytest.approx(alone.loss, rel=1e-4)
