@@ -36,8 +36,9 @@ from .sweep import Sweep
 
 
 def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
-         name: str | None = None) -> Compressed:
-    """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in).
+         name: str | None = None, cross: Tensor | None = None) -> Compressed:
+    """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
+    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
 
     Several weights sharing ``h`` (q/k/v, gate/up) may be given as a sequence: they are swept
     as one stacked weight (one factorisation, one pass of per-column work) and the result
@@ -47,7 +48,7 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
     gs = grid.check(cfg.bits, cfg.group_size, cols)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order \
         else None
-    f = factor(w, h, cfg.damp, name, perm)
+    f = factor(w, h, cfg.damp, name, cross, perm)
     rows, dev = f.wt.shape[1], f.wt.device
 
     # Group parameters fitted before the sweep (per-channel, or act-order static groups).
@@ -64,7 +65,7 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
     block = (max(cfg.block_size // gs, 1) * gs) if dynamic else cfg.block_size
     sweep = Sweep(f, block)
     codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)
-    c_block = torch.empty(min(block, cols), rows, device=dev)  # codes, as floats
+    c_block = torch.empty(min(block, cols), rows, dtype=f.wt.dtype, device=dev)  # codes
     c_rows, scales, zeros = c_block.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
     maxq = 2**cfg.bits - 1
     groups = col_group.tolist()

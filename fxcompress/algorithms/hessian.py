@@ -17,6 +17,17 @@ with V directly, so no inverse is ever formed. The factorisation runs in place o
 of H the solve makes (permuted for act-order), block column by block column, so the solver's
 workspace is that copy and weight-sized buffers — none of the reference's further d×d copies
 (inverse, identity, flips).
+
+Dense-output calibration ("asymmetric": fit each layer to what the *dense* model computes on
+its dense inputs X, given the compressed model's inputs X̃) needs one more statistic, the cross
+moment ``C = 2 (X - X̃)ᵀ X̃ / n`` (:class:`Cross`). With ``H = 2 X̃ᵀX̃ / n``::
+
+    ‖X̃ Qᵀ - X Wᵀ‖² = ‖X̃ (Q - W*)ᵀ‖² + const,   W* = W Xᵀ X̃ (X̃ᵀX̃)⁻¹ = W + W C H⁻¹
+
+so the usual sweep runs unchanged on the corrected weight W* with the usual H. ``factor``
+computes W* with the same damped factor it returns, ``W* = W + W C (H + λI)⁻¹``: the damping
+regularises the *correction* towards W (a ridge regression of the drift), so a layer whose
+inputs did not drift keeps exactly its weight.
 """
 
 from __future__ import annotations
@@ -77,6 +88,37 @@ class Hessian:
         return (lower + torch.tril(self.sum, -1).t()) / self.count
 
 
+class Cross(Hessian):
+    """Running ``Σ 2·(x - x̃)ᵀx̃`` over the dense (x) and compressed (x̃) activations of the same
+    calibration rows: the cross moment of dense-output calibration. Not symmetric; same
+    sum-and-count bookkeeping as :class:`Hessian`, so partial sums merge and reduce alike."""
+
+    def add(self, x_tilde: Tensor, x: Tensor) -> None:  # type: ignore[override]
+        n = self.sum.shape[0]
+        if x_tilde.shape != x.shape or x.shape[-1] != n:
+            raise ValueError(f"dense activations {tuple(x.shape)} and compressed activations "
+                             f"{tuple(x_tilde.shape)} must both have {n} features")
+        xt = x_tilde.reshape(-1, n).to(self.sum.device, torch.float32)
+        drift = x.reshape(-1, n).to(self.sum.device, torch.float32) - xt
+        self.sum.addmm_(drift.t(), xt, alpha=2.0)
+        self.count += xt.shape[0]
+
+    def value(self) -> Tensor:
+        """``C = 2 (X - X̃)ᵀ X̃ / n``."""
+        if self.count == 0:
+            raise ValueError("the cross moment has seen no samples")
+        return self.sum / self.count
+
+
+@dataclass
+class Statistics:
+    """What calibration measured at one layer input, in the form the solvers take."""
+
+    hessian: Tensor  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
+    count: int  # rows of X̃ (tokens)
+    cross: Tensor | None = None  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs
+
+
 @dataclass
 class Factor:
     """What the sweep needs, in the (possibly permuted) column order it visits.
@@ -87,11 +129,16 @@ class Factor:
     is 1. ``vd`` is ``diag(V)``.
     """
 
-    wt: Tensor  # (cols, rows) float32
+    wt: Tensor  # (cols, rows) float32 (float64 for a float64 H); W* with a cross moment
     vn: Tensor  # (cols, cols) unit upper triangular
     vd: Tensor  # (cols,)
     dead: Tensor  # (cols,) bool, in the sweep's column order
     damp: float  # the relative damping that succeeded
+
+    @property
+    def w(self) -> Tensor:
+        """The weight the sweep starts from, ``(rows, cols)`` in sweep order (a view)."""
+        return self.wt.t()
 
     @property
     def v(self) -> Tensor:
@@ -100,10 +147,13 @@ class Factor:
 
 
 def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
-           name: str | None = None, order: Tensor | None = None) -> Factor:
+           name: str | None = None, cross: Tensor | None = None,
+           order: Tensor | None = None) -> Factor:
     """Fix dead columns, damp, and factor ``H`` (columns visited in ``order`` when given, e.g.
-    act-order's decreasing ``diag H``); see the module docstring. Several weights that share
-    ``H`` (q/k/v, gate/up) may be given as a sequence: their rows are stacked.
+    act-order's decreasing ``diag H``); with the cross moment ``cross`` of dense-output
+    calibration, also replace ``w`` by the target ``W*``; see the module docstring. Several
+    weights that share ``H`` (q/k/v, gate/up) may be given as a sequence: their rows are
+    stacked.
 
     The workspace is one ``cols x cols`` matrix — the permuted copy of ``H``, overwritten by
     its factor — and one weight-sized matrix; ``w`` and ``h`` are left untouched."""
@@ -114,19 +164,27 @@ def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
         if h.shape != (cols, cols) or part.dim() != 2 or part.shape[1] != cols:
             raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of "
                              f"shape {tuple(part.shape)}{layer}")
-    diag = torch.diagonal(h).float()
+    if cross is not None and cross.shape != h.shape:
+        raise ValueError(f"cross moment of shape {tuple(cross.shape)} does not fit a Hessian "
+                         f"of shape {tuple(h.shape)}{layer}")
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp64 on request
+    diag = torch.diagonal(h).to(dtype)
     if order is not None:
         diag = diag[order]
     dead = diag == 0
     mean_diag = float(torch.where(dead, 1.0, diag).mean())
     for d in (damp, damp * 10):
-        a = _permuted(h, order)
+        a = _permuted(h, order, dtype)
         a.diagonal()[dead] = 1.0
         a.diagonal().add_(d * mean_diag)
         if _factor_upper_(a) and torch.isfinite(a.diagonal()).all():
             vd = a.diagonal().clone()
             a.triu_().div_(vd)
-            return Factor(_transposed(parts, order, dead), a, vd, dead, d)
+            wt = _transposed(parts, order, dtype)
+            if cross is not None:
+                wt += _dense_correction_t(wt, cross, a, vd, order)
+            wt[dead] = 0.0
+            return Factor(wt, a, vd, dead, d)
         del a
         if not torch.isfinite(h).all():  # checked only here: a full pass over H
             raise HessianNotPositiveDefinite(f"the Hessian{layer} contains NaN or Inf")
@@ -140,29 +198,47 @@ def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
 _PANEL = 256  # row/column block of the copies and of the factorisation
 
 
-def _permuted(h: Tensor, order: Tensor | None) -> Tensor:
-    """``h[order][:, order]`` as float32, built in row panels: one ``cols x cols`` copy."""
+def _permuted(h: Tensor, order: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``h[order][:, order]`` in ``dtype``, built in row panels: one ``cols x cols`` copy."""
     if order is None:
-        return h.to(torch.float32, copy=True)
+        return h.to(dtype, copy=True)
     cols = h.shape[0]
-    out = torch.empty(cols, cols, dtype=torch.float32, device=h.device)
+    out = torch.empty(cols, cols, dtype=dtype, device=h.device)
     for r0 in range(0, cols, _PANEL):
         rows = h.index_select(0, order[r0:r0 + _PANEL])
-        torch.index_select(rows.float(), 1, order, out=out[r0:r0 + _PANEL])
+        torch.index_select(rows.to(dtype), 1, order, out=out[r0:r0 + _PANEL])
     return out
 
 
-def _transposed(parts: list[Tensor], order: Tensor | None, dead: Tensor) -> Tensor:
-    """The stacked ``w[:, order]ᵀ`` as a contiguous float32 ``(cols, rows)``, dead columns
-    zeroed, written in place from each part (in any dtype)."""
+def _transposed(parts: list[Tensor], order: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The stacked ``w[:, order]ᵀ`` as a contiguous ``(cols, rows)`` in ``dtype``, written in
+    place from each part (in any dtype)."""
     cols, rows = parts[0].shape[1], sum(p.shape[0] for p in parts)
-    wt = torch.empty(cols, rows, dtype=torch.float32, device=parts[0].device)
+    wt = torch.empty(cols, rows, dtype=dtype, device=parts[0].device)
     r0 = 0
     for p in parts:
         wt[:, r0:r0 + p.shape[0]] = p.t() if order is None else p.t().index_select(0, order)
         r0 += p.shape[0]
-    wt[dead] = 0.0
     return wt
+
+
+def _dense_correction_t(wt: Tensor, cross: Tensor, vn: Tensor, vd: Tensor,
+                        order: Tensor | None) -> Tensor:
+    """``(W C (V Vᵀ)⁻¹)ᵀ = V⁻ᵀ V⁻¹ Cᵀ Wᵀ`` in sweep order: what dense-output calibration adds
+    to ``Wᵀ`` (two unit triangular solves with ``V = Vn · diag(vd)``; ``C`` is read in
+    permuted column panels, never copied whole)."""
+    if order is None:
+        m_t = cross.to(wt.dtype).t() @ wt
+    else:
+        m_t = torch.empty_like(wt)
+        for r0 in range(0, wt.shape[0], _PANEL):
+            panel = cross.index_select(1, order[r0:r0 + _PANEL]).index_select(0, order)
+            torch.mm(panel.to(wt.dtype).t(), wt, out=m_t[r0:r0 + _PANEL])
+    z = torch.linalg.solve_triangular(vn, m_t, upper=True, unitriangular=True)
+    z /= vd[:, None].square()
+    # Vnᵀ X = Z as Xᵀ Vn = Zᵀ: the factor is read as stored, not transposed and copied
+    return torch.linalg.solve_triangular(vn, z.t(), upper=True, left=False,
+                                         unitriangular=True).t()
 
 
 def _factor_upper_(a: Tensor, block: int = 2 * _PANEL) -> bool:

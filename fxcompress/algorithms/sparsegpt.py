@@ -36,8 +36,9 @@ from .sweep import Sweep
 
 
 def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGPT(),
-              name: str | None = None) -> Compressed:
-    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in).
+              name: str | None = None, cross: Tensor | None = None) -> Compressed:
+    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
+    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
 
     A sequence of weights sharing ``h`` is swept as one stacked weight (see ``gptq``); with
     N:M sparsity the parts then equal their own solves, while unstructured masks are chosen
@@ -48,7 +49,7 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
                          f"{cfg.n_m[1]}, got {cols}" + (f" (layer {name!r})" if name else ""))
     q = cfg.quant
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
-    f = factor(w, h, cfg.damp, name)
+    f = factor(w, h, cfg.damp, name, cross)
     rows, dev = f.wt.shape[1], f.wt.device
     if q:
         scale_t, zero_t = (torch.stack(t) for t in zip(*(
@@ -56,7 +57,7 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
             strict=True))
         codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)
     else:
-        values_t = torch.empty(cols, rows, device=dev)
+        values_t = torch.empty_like(f.wt)
 
     sweep = Sweep(f, cfg.block_size)
     keep = torch.ones(cols, rows, dtype=torch.bool, device=dev)

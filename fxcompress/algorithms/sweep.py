@@ -53,9 +53,10 @@ class Sweep:
         self._rows = self.rt.unbind(0)  # per-column views, made once
         self._s_rows: tuple[Tensor, ...] = ()
         self._s_vn: tuple[Tensor, ...] = ()
-        self._et = torch.empty(min(self.block, self.cols), rows, device=self.rt.device)
+        self._et = torch.empty(min(self.block, self.cols), rows, dtype=self.rt.dtype,
+                               device=self.rt.device)
         self._et_rows = self._et.unbind(0)
-        self._loss = torch.zeros(rows, device=self.rt.device)
+        self._loss = torch.zeros(rows, dtype=self.rt.dtype, device=self.rt.device)
         self._et_start = 0  # column of _et[0]
 
     def d(self, j0: int, j1: int) -> Tensor:
