@@ -1,28 +1,35 @@
 """Wall time and peak memory of ``fxcompress.compile`` on the real SmolLM2-135M.
 
-Each method runs in a fresh subprocess (so its peak RSS is its own): load the model, sample
-128 x 512 calibration tokens from the SOTU calibration text, compile. The memory target is
-peak RSS under 2 x (model fp32 size + one layer's activations for all samples).
+Each row runs in a fresh subprocess (so its peak RSS is its own): load the model, sample
+128 x 512 calibration tokens from the SOTU calibration text, compile. Reported per row: wall
+time and its split into phases (forward through the segments, statistics, solves, rewrite),
+the peak RSS, the peak growth over the RSS just before ``compile`` (what compression adds to
+the loaded model), and the estimate of that growth that ``compile`` makes before it starts
+(``model.fxcompress_report.estimate``, when the source tree has one).
 
-    python benchmarks/compile_speed.py [--samples 128] [--seqlen 512] [--write]
+``--before PATH`` runs the same rows with another source tree of fxcompress first (e.g. a
+``git worktree`` of an older commit), interleaved, so that times are compared side by side on
+the same (shared) machine.
+
+    python benchmarks/compile_speed.py [--recipes gptq-w4g64,sparsegpt-50] [--samples 128]
+        [--seqlen 512] [--threads N] [--before PATH] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = ["gptq-w4g64", "sparsegpt-50"]
 
-
-def row(recipe: str, samples: int, seqlen: int) -> dict:
+def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | None) -> dict:
     import torch
 
     import fxcompress
@@ -31,60 +38,98 @@ def row(recipe: str, samples: int, seqlen: int) -> dict:
     from fxcompress.evaluate import calibration_samples
     from fxcompress.recipe import resolve
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _profile import Profile, status
+
+    if threads:
+        torch.set_num_threads(threads)
+    if price is not None:  # an experiment: another recompute price than the default
+        from fxcompress.passes import calibrate
+
+        calibrate.calibrate.__kwdefaults__["recompute"] = None if price < 0 else price
+    profile = Profile()
     model, tok, _ = load_model("smollm2", progress=False)
     text = assets.load_text(assets.sotu(progress=False) / "calibration.txt")
     calib = calibration_samples(tok, text, samples, seqlen, 0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    profile.start()
     t = time.perf_counter()
     fxcompress.compile(model, calib, resolve(recipe), progress=False)
     seconds = time.perf_counter() - t
+    report = model.fxcompress_report
+    estimate = getattr(report, "estimate", None)
     return {
-        "recipe": recipe, "seconds": seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_before_compile_mib": before, "threads": torch.get_num_threads(),
+        "recipe": recipe, "seconds": seconds, "phases": profile.seconds,
+        "peak_rss_mib": max(profile.peak, status("VmHWM")) / 2**20,
+        "rss_before_compile_mib": profile.baseline / 2**20,
+        "growth_mib": profile.growth() / 2**20,
+        "estimate_mib": None if estimate is None else estimate / 2**20,
+        "threads": torch.get_num_threads(), "fxcompress": fxcompress.__file__,
+        "losses": [r.loss for r in report.layers],
     }
+
+
+def _run(recipe: str, args: argparse.Namespace, tree: Path | None) -> dict:
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    out = subprocess.run([sys.executable, __file__, "--row", recipe, "--samples",
+                          str(args.samples), "--seqlen", str(args.seqlen), "--threads",
+                          str(args.threads), *(["--price", str(args.price)] if args.price
+                                               is not None and tree is None else [])],
+                         check=True, capture_output=True, text=True,
+                         env=env, cwd="/" if tree is not None else ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", default="gptq-w4g64,sparsegpt-50")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--before", help="another fxcompress source tree to run first")
+    ap.add_argument("--price", type=float, help="recompute price (experiment; < 0: none)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(row(args.row, args.samples, args.seqlen)))
+        print(json.dumps(row(args.row, args.samples, args.seqlen, args.threads, args.price)))
         return
-    from transformers import AutoConfig
+    lines = ["| recipe | source | wall time (s) | forward (s) | statistics (s) | solves (s) | "
+             "rewrite (s) | peak RSS (MiB) | growth (MiB) | estimate (MiB) | estimate / growth |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    trees = ([("before", Path(args.before))] if args.before else []) + [("this", None)]
+    rows = {}
+    for recipe in args.recipes.split(","):
+        for label, tree in trees:
+            r = rows[recipe, label] = _run(recipe, args, tree)
+            p, est = r["phases"], r["estimate_mib"]
+            lines.append(
+                f"| {recipe} | {label} | {r['seconds']:.0f} | {p.get('forward', 0):.0f} | "
+                f"{p.get('statistics', 0):.0f} | {p.get('solve', 0):.0f} | "
+                f"{p.get('write', 0):.0f} | {r['peak_rss_mib']:.0f} | {r['growth_mib']:.0f} | "
+                + (f"{est:.0f} | {est / r['growth_mib']:.2f} |" if est else "— | — |"))
+            print(lines[-1], flush=True)
+        if args.before:
+            a, b = rows[recipe, "before"], rows[recipe, "this"]
+            same = a["losses"] == b["losses"]
+            print(f"{recipe}: time ratio {b['seconds'] / a['seconds']:.2f}, identical layer "
+                  f"losses: {same}", flush=True)
+    import torch
 
-    from fxcompress import assets
-
-    folder = assets.smollm2(progress=False)
-    fp32_mib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
-    cfg = AutoConfig.from_pretrained(folder)
-    act_mib = args.samples * args.seqlen * cfg.hidden_size * 4 / 2**20
-    target = 2 * (fp32_mib + act_mib)
-    lines = ["| method | wall time (s) | peak RSS (MiB) | target (MiB) | within target |",
-             "|---|---:|---:|---:|---|"]
-    for recipe in METHODS:
-        out = subprocess.run([sys.executable, __file__, "--row", recipe, "--samples",
-                              str(args.samples), "--seqlen", str(args.seqlen)],
-                             check=True, capture_output=True, text=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        lines.append(f"| {recipe} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | "
-                     f"{target:.0f} | {'yes' if r['peak_rss_mib'] < target else 'no'} |")
-        print(lines[-1], flush=True)
-    body = (f"SmolLM2-135M (fp32 {fp32_mib:.0f} MiB), calibration {args.samples} x {args.seqlen}"
-            f" tokens (one hidden-size activation for all samples: {act_mib:.0f} MiB); target"
-            f" = 2 x ({fp32_mib:.0f} + {act_mib:.0f}) MiB. Peak RSS includes the Python, torch"
-            f" and transformers runtime and the model load.\n\n" + "\n".join(lines))
+    body = (f"SmolLM2-135M (fp32), calibration {args.samples} x {args.seqlen} tokens of the SOTU "
+            f"calibration text (seed 0), torch {torch.__version__}, "
+            f"{args.threads or torch.get_num_threads()} threads, load average "
+            f"{os.getloadavg()[0]:.1f} at the end. Growth: peak RSS minus the RSS just before "
+            f"`compile` (model and data loaded); peak RSS includes the Python, torch and "
+            f"transformers runtime.\n\n" + "\n".join(lines))
     print("\n" + body)
     if args.write:
         sys.path.insert(0, str(Path(__file__).parent))
         from _results import write_section
 
         write_section("Compile time and memory (SmolLM2-135M)",
-                      "python benchmarks/compile_speed.py --write", body)
+                      "python benchmarks/compile_speed.py " + " ".join(sys.argv[1:]), body)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def generate(folder: Path, layers: int, seed: int = 0) -> Path:
 # Where the phases of a streamed run happen: (module, attribute path, phase).
 PHASES = [
     ("fxcompress.passes.calibrate", "_Run.run_segment", "forward"),
-    ("fxcompress.passes.calibrate", "_Run.hessian", "hessian"),
+    ("fxcompress.passes.calibrate", "_Run.statistics", "hessian"),
     ("fxcompress.algorithms.hessian", "Hessian.value", "hessian"),
     ("fxcompress.passes.calibrate", "_Run.solve", "solve"),
     ("fxcompress.streaming", "_Output.write_dense", "write"),

@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Cross, Hessian, Statistics
 from ..recipe import CROSS, HESSIAN, Method
+from .liveness import PRICE, Liveness, plan_of_schedule
 from .sites import Site
 
 log = logging.getLogger(__name__)
@@ -318,8 +319,9 @@ class Params:
         for n in sorted(nodes - set(self.live), key=lambda n: n.name):
             self.live[n] = self.source.load(self.names[n])
 
-    def release(self, last_use: dict[fx.Node, int], end: int) -> None:
-        for n in [n for n in self.live if last_use[n] < end]:
+    def release(self, last_segment: Mapping[fx.Node, int], k: int) -> None:
+        """Drop the loaded parameters no segment after ``k`` reads."""
+        for n in [n for n in self.live if last_segment.get(n, -1) <= k]:
             del self.live[n]
 
 
@@ -406,65 +408,75 @@ class _Run:
     sink: Callable[[Site, Compressed, LayerReport], None] | None
     on_statistics: Callable[[str, Statistics], None] | None
     bar: Any
+    live: Liveness
     results: dict[str, Compressed] = field(default_factory=dict)
+    sums: dict[str, Hessian] = field(default_factory=dict)  # statistics of the next barrier
+    segment: int = 0  # the segment running or just run
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
-    def run_segment(self, start: int, end: int) -> None:
-        """Nodes ``order[start:end]``, chunk by chunk; keep what later segments read. With a
-        dense frontier, run them a second time with the original weights."""
-        sched, interp = self.sched, self.interp
-        seg = sched.order[start:end]
-        if not seg:
-            return
-        self.params.fetch({a for n in seg for a in n.all_input_nodes if self.params.lazy(a)
-                           and (self.dense is not None or not self._replaced_weight(n, a))})
-        dying: dict[int, set[fx.Node]] = {}  # position -> values no node after it reads
-        for n in seg:
-            for a in (n, *n.all_input_nodes):
-                last = sched.last_use[a]
-                if last < end:
-                    dying.setdefault(max(last, sched.position[n]), set()).add(a)
+    def run_segment(self, k: int) -> None:
+        """Segment ``k`` of the liveness plan, chunk by chunk: run its nodes (recomputed ones
+        included), accumulate the statistics of its barrier input as each chunk produces it,
+        and hand on its frontier. With a dense frontier, each chunk runs a second time with
+        the original weights, and the cross moment takes both."""
+        seg, interp = self.live.segments[k], self.interp
+        needs = self._needs(seg.barrier)
+        before = set(self.live.frontier_before(k))
+        weights = {a for n in seg.run for a in n.all_input_nodes if self.params.lazy(a)
+                   and (self.dense is not None or not self._replaced_weight(n, a))}
+        self.params.fetch(weights)
         replaced = interp.replaced
         paths = [(self.kept, replaced)] + ([(self.dense, {})] if self.dense is not None else [])
-        for kept, weights in paths:  # the dense path computes with the original weights
-            interp.replaced = weights
-            for c in range(kept.chunks):
-                interp.env = env = _ChunkEnv(c, kept, self.params)
-                for i, n in enumerate(seg, start):
-                    env[n] = interp.run_node(n)
-                    for a in dying.get(i, ()):
-                        env.pop(a, None)
-                for n in seg:
-                    if sched.last_use[n] >= end:
+        handed = [n for n in seg.keep if n not in before]
+        if seg.run or needs:
+            for c in range(self.kept.chunks):
+                x = []
+                for kept, weights_of in paths:  # the dense path computes with the originals
+                    interp.replaced = weights_of
+                    interp.env = env = _ChunkEnv(c, kept, self.params)
+                    for n, free in zip(seg.run, seg.free, strict=True):
+                        env[n] = interp.run_node(n)
+                        for a in free:
+                            env.pop(a, None)
+                    if needs:
+                        x.append(env[seg.barrier])
+                    for n in handed:
                         kept.put(n, c, env[n])
-            for n in [n for n in kept if sched.last_use[n] < end]:
-                kept.drop(n)
+                    interp.env = env = None
+                if needs:
+                    self._accumulate(needs, *x)
+                del x
         interp.env, interp.replaced = {}, replaced
-        for n in [n for n in replaced if sched.position.get(n, len(sched.order)) < end]:
+        for kept, _ in paths:
+            for n in [n for n in kept if n not in seg.keep]:
+                kept.drop(n)
+        for n in [n for n in replaced if self.live.last_segment.get(n, -1) <= k]:
             del replaced[n]
-        self.params.release(sched.last_use, end)
+        self.params.release(self.live.last_segment, k)
 
     def _replaced_weight(self, node: fx.Node, arg: fx.Node) -> bool:
         return node in self.interp.replaced and \
             node.args[self.interp.replaced[node][0]] is arg
 
-    def statistics(self, x: fx.Node, todo: list[Site]) -> dict[str, Hessian]:
-        """This process's partial sums of what the sites still to solve need of ``x``."""
-        needs = frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
-        if not needs:
-            return {}
-        device = self.kept.device or self.kept.get(x, 0).device
-        features = todo[0].shape[1]
-        sums: dict[str, Hessian] = {HESSIAN: Hessian.zeros(features, device)}
-        if CROSS in needs:
-            sums[CROSS] = Cross.zeros(features, device)
-        for c in range(self.kept.chunks):
-            x_tilde = self.kept.get(x, c)
-            sums[HESSIAN].add(x_tilde)
-            if CROSS in sums:
-                sums[CROSS].add(x_tilde, self.dense.get(x, c))
-        return sums
+    def _needs(self, x: fx.Node | None) -> frozenset[str]:
+        """The statistics of ``x`` that its sites still to solve need."""
+        if x is None:
+            return frozenset()
+        todo = [s for s in self.sched.groups[x] if s.fqn not in self.done]
+        return frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
+
+    def _accumulate(self, needs: frozenset[str], x_tilde: Tensor,
+                    x: Tensor | None = None) -> None:
+        """Add one chunk to this process's partial sums (made on the values' device)."""
+        if not self.sums:
+            features, device = x_tilde.shape[-1], x_tilde.device
+            self.sums[HESSIAN] = Hessian.zeros(features, device)
+            if CROSS in needs:
+                self.sums[CROSS] = Cross.zeros(features, device)
+        self.sums[HESSIAN].add(x_tilde)
+        if CROSS in self.sums:
+            self.sums[CROSS].add(x_tilde, x)
 
     def device(self, s: Site) -> torch.device:
         """Where ``s``'s weight (and so its compressed replacement) lives."""
@@ -493,8 +505,7 @@ class _Run:
         group = self.sched.groups[x]
         todo = [s for s in group if s.fqn not in self.done]
         names = ", ".join(s.fqn for s in group)
-        with self.team.guard(names):
-            sums = self.statistics(x, todo)
+        sums, self.sums = self.sums, {}
         stats = None
         if sums:
             for partial in sums.values():
@@ -536,7 +547,9 @@ class _Run:
         self.bar.update()
 
     def replace(self, s: Site, c: Compressed) -> None:
-        """Compute ``s`` with ``c``'s weight from now on."""
+        """Compute ``s`` with ``c``'s weight from now on (if it runs again at all)."""
+        if self.live.last_segment.get(s.node, -1) <= self.segment:
+            return
         w_hat = c.dense().to(self.device(s), s.module.weight.dtype)
         self.interp.replaced[s.node] = (2 if s.transposed else 1,
                                         w_hat.t().contiguous() if s.transposed else w_hat)
@@ -555,9 +568,13 @@ def calibrate(
     offload: str | None = None,
     done: Mapping[str, Compressed] | None = None,
     sink: Callable[[Site, Compressed, LayerReport], None] | None = None,
+    recompute: float | None = PRICE,
 ) -> tuple[dict[str, Compressed], list[LayerReport]]:
     """Compress every site named in ``plan``; ``chunks`` are batched calls of the model
     (with a :class:`Team` of several processes: this process's share of them).
+
+    ``recompute`` is what one byte of frontier is worth in flop-equivalents of recomputation
+    (see :mod:`~fxcompress.passes.liveness`); ``None`` keeps every value later segments read.
 
     ``weights`` supplies the parameters a meta-device program lacks, on its ``device``;
     ``offload`` keeps the frontier on CPU or disk (see :class:`Frontier`); ``done`` holds
@@ -580,8 +597,9 @@ def calibrate(
     needs = frozenset().union(*(m.needs() for m in plan.values()))
     kept = Frontier(len(chunks), offload, device)
     dense = Frontier(len(chunks), offload, device) if CROSS in needs else None
+    used = {p for p in placeholders if p.name in user and p.users}
     for i, p in enumerate(placeholders):
-        if p.name in user:
+        if p in used:
             for c, f in enumerate(flat):
                 for frontier in (kept, dense):
                     if frontier is not None:
@@ -589,20 +607,22 @@ def calibrate(
     del flat
 
     sched = schedule(gm, sites, plan)
+    live = plan_of_schedule(ep, sched, chunks[0], recompute)
     todo = sum(len(g) for g in sched.groups.values())
     bar = tqdm(total=todo, disable=not progress, desc="fxcompress", unit="layer")
     run = _Run(sched, plan, params, kept, dense, _Interpreter(gm), team, done or {}, sink,
-               on_statistics, bar)
+               on_statistics, bar, live)
     bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
     # RTN and magnitude pruning look at the weights only: no forward pass is needed
     data_free = run.data_free = not needs
     try:
         with torch.no_grad():
-            for start, end, x in sched.segments():
+            for k, seg in enumerate(live.segments):
+                x, run.segment = seg.barrier, k
                 names = ", ".join(s.fqn for s in sched.groups[x]) if x is not None else "output"
                 if not data_free:
                     with team.guard(f"the input of {names}"):
-                        run.run_segment(start, end)
+                        run.run_segment(k)
                     release_freed_memory()
                 if x is not None:
                     run.compress_group(x)
