@@ -58,8 +58,7 @@ class Profile:
                 self.missing.append(f"{module}.{path}")
                 continue
             setattr(owner, attr, self._timed(getattr(owner, attr), phase, attr == "sink"))
-        from fxcompress.passes import calibrate
-
+        calibrate = importlib.import_module("fxcompress.passes.calibrate")
         for step in STEPS:
             if hasattr(calibrate._Run, step):
                 setattr(calibrate._Run, step, self._measured(getattr(calibrate._Run, step)))

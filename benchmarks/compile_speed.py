@@ -29,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | None) -> dict:
+def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | None,
+        tree: str | None) -> dict:
+    if tree:  # another source tree of fxcompress goes first
+        sys.path.insert(0, tree)
     import torch
 
     import fxcompress
@@ -44,9 +47,10 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
     if threads:
         torch.set_num_threads(threads)
     if price is not None:  # an experiment: another recompute price than the default
-        from fxcompress.passes import calibrate
+        import importlib
 
-        calibrate.calibrate.__kwdefaults__["recompute"] = None if price < 0 else price
+        pass_module = importlib.import_module("fxcompress.passes.calibrate")
+        pass_module.calibrate.__kwdefaults__["recompute"] = None if price < 0 else price
     profile = Profile()
     model, tok, _ = load_model("smollm2", progress=False)
     text = assets.load_text(assets.sotu(progress=False) / "calibration.txt")
@@ -69,15 +73,12 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
 
 
 def _run(recipe: str, args: argparse.Namespace, tree: Path | None) -> dict:
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
     out = subprocess.run([sys.executable, __file__, "--row", recipe, "--samples",
                           str(args.samples), "--seqlen", str(args.seqlen), "--threads",
                           str(args.threads), *(["--price", str(args.price)] if args.price
-                                               is not None and tree is None else [])],
-                         check=True, capture_output=True, text=True,
-                         env=env, cwd="/" if tree is not None else ROOT).stdout
+                                               is not None and tree is None else []),
+                          *(["--tree", str(tree)] if tree is not None else [])],
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -91,9 +92,11 @@ def main() -> None:
     ap.add_argument("--price", type=float, help="recompute price (experiment; < 0: none)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(row(args.row, args.samples, args.seqlen, args.threads, args.price)))
+        print(json.dumps(row(args.row, args.samples, args.seqlen, args.threads, args.price,
+                             args.tree)))
         return
     lines = ["| recipe | source | wall time (s) | forward (s) | statistics (s) | solves (s) | "
              "rewrite (s) | peak RSS (MiB) | growth (MiB) | estimate (MiB) | estimate / growth |",

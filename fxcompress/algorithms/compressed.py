@@ -66,10 +66,16 @@ class Compressed:
     def dense(self) -> Tensor:
         """The compressed weight as a dense float32 ``(out, in)`` matrix."""
         if self.codes is not None:
-            g = self.g_idx.long()
-            w = grid.dequantize(self.codes, grid.expand(self.scale, g),
-                                grid.expand(self.zero.float(), g))
-            return w if self.mask is None else w * self.mask
+            if self.static_groups:  # (codes - zero) * scale group by group, in one buffer
+                rows, cols = self.shape
+                w = self.codes.reshape(rows, -1, self.group_size).float()
+                w.sub_(self.zero.float()[..., None]).mul_(self.scale[..., None])
+                w = w.view(rows, cols)
+            else:
+                g = self.g_idx.long()
+                w = grid.dequantize(self.codes, grid.expand(self.scale, g),
+                                    grid.expand(self.zero.float(), g))
+            return w if self.mask is None else w.mul_(self.mask)
         if self.values is not None:
             return self.values
         raise ValueError("Compressed holds neither codes nor values")

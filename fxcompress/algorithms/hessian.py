@@ -81,11 +81,25 @@ class Hessian:
         self.count += other.count
 
     def value(self) -> Tensor:
-        """``H = 2 XᵀX / n``."""
+        """``H = 2 XᵀX / n`` (a new tensor; the running sum stays as it is)."""
         if self.count == 0:
             raise ValueError("the Hessian has seen no samples")
         lower = torch.tril(self.sum)
         return (lower + torch.tril(self.sum, -1).t()) / self.count
+
+    def take(self) -> Tensor:
+        """:meth:`value`, made in place from the running sum (which it consumes): the lower
+        triangle is mirrored panel by panel, so no second ``features²`` matrix is needed."""
+        if self.count == 0:
+            raise ValueError("the Hessian has seen no samples")
+        s, n = self.sum, self.sum.shape[0]
+        for j0 in range(0, n, self.panel):
+            j1 = min(j0 + self.panel, n)
+            block = s[j0:j1, j0:j1]
+            block.copy_(torch.tril(block) + torch.tril(block, -1).t())
+            s[j0:j1, j1:] = s[j1:, j0:j1].t()
+        self.sum = torch.empty(0, device=s.device)
+        return s.div_(self.count)
 
 
 class Cross(Hessian):
@@ -108,6 +122,13 @@ class Cross(Hessian):
         if self.count == 0:
             raise ValueError("the cross moment has seen no samples")
         return self.sum / self.count
+
+    def take(self) -> Tensor:
+        """:meth:`value`, made in place from the running sum (which it consumes)."""
+        if self.count == 0:
+            raise ValueError("the cross moment has seen no samples")
+        s, self.sum = self.sum, torch.empty(0, device=self.sum.device)
+        return s.div_(self.count)
 
 
 @dataclass

@@ -511,7 +511,7 @@ class _Run:
             for partial in sums.values():
                 self.team.reduce(partial, names)
             h = sums[HESSIAN]
-            stats = Statistics(h.value(), h.count, sums[CROSS].value() if CROSS in sums else None)
+            stats = Statistics(h.take(), h.count, sums[CROSS].take() if CROSS in sums else None)
             del sums, h
             if self.on_statistics is not None:
                 for s in group:

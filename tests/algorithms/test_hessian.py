@@ -22,6 +22,17 @@ def test_accumulates_any_leading_shape_and_partial_sums_add_up():
     torch.testing.assert_close(merged.value(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("features", [48, 1100])  # full, and triangular in panels of 256
+def test_take_equals_value_and_consumes_the_sum(features):
+    h = Hessian.zeros(features)
+    h.add(torch.randn(300, features))
+    h.add(torch.randn(7, features))
+    expected = h.value()
+    taken = h.take()
+    assert torch.equal(taken, expected) and torch.equal(taken, taken.t())
+    assert h.sum.numel() == 0
+
+
 def test_wrong_feature_count_and_empty_hessian_are_errors():
     h = Hessian.zeros(8)
     with pytest.raises(ValueError, match="8"):
