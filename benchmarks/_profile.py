@@ -8,6 +8,7 @@ measure the peak RSS growth of every segment and group solve with the kernel's h
 
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ class Profile:
         reset_peak()
 
     def _timed(self, fn, phase: str, sink: bool):
+        @functools.wraps(fn)
         def timed(*args, **kwargs):
             t = time.perf_counter()
             try:
@@ -80,6 +82,7 @@ class Profile:
         return timed
 
     def _measured(self, fn):
+        @functools.wraps(fn)
         def measured(run, *args, **kwargs):
             self.peak = max(self.peak, status("VmHWM"))
             before = status("VmRSS")

@@ -17,8 +17,17 @@ from torch.utils import _pytree as pytree
 
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
 from .passes import calibrate, capture, find_sites, rewrite
-from .passes.calibrate import LayerReport, release_freed_memory
+from .passes.calibrate import LayerReport, estimate_memory, release_freed_memory
 from .passes.capture import as_call, call_kwargs, evaluating
+from .passes.liveness import (
+    EAGER,
+    PRICE,
+    SegmentMemory,
+    check_memory,
+    human,
+    over_budget,
+    parse_size,
+)
 from .passes.sites import Site
 from .recipe import Method, Recipe, RecipeError
 
@@ -35,6 +44,8 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)  # linear -> reason
     seconds: float = 0.0
     samples: int = 0
+    estimate: int | None = None  # peak bytes the run was estimated to add, before it started
+    offload: str | None = None  # where the values kept between layers lived
 
     def table(self) -> str:
         """The per-layer table as Markdown."""
@@ -143,7 +154,8 @@ def plan_sites(recipe: Recipe, sites: list[Site], others: list[str], model: nn.M
 
 
 def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
-            *, progress: bool = True, batch_size: int | None = None) -> nn.Module:
+            *, progress: bool = True, batch_size: int | None = None,
+            max_memory: int | str | None = None) -> nn.Module:
     """Compress ``model``'s linear layers in place and return it.
 
     ``calibration`` is an iterable of samples — tensors, tuples of positional inputs or dicts
@@ -151,6 +163,12 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
     samples. ``recipe`` is a :class:`Recipe`, a ``{pattern: method}`` dict, or a single method
     for every linear (tied heads excepted). Samples are run ``batch_size`` at a time (default:
     about 4096 tokens per batch). The per-layer report is left in ``model.fxcompress_report``.
+
+    ``max_memory`` (bytes or a size like ``"2GiB"``) bounds the memory compression adds to
+    the loaded model, estimated before any work starts: when the values kept between layers
+    for all samples would not fit, more of them are recomputed, then they are offloaded — to
+    CPU memory for a model on a GPU, to disk for a model on the CPU; a layer that cannot fit
+    even so raises ``MemoryBudgetError`` naming it. The estimate is in the report.
     """
     t0 = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
@@ -162,12 +180,44 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
         ep = capture(model, *chunks[0])
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        results, layers = calibrate(ep, sites, plan, chunks, progress=progress)
+        offload, recompute, estimate = fit_memory(ep, sites, plan, chunks, max_memory,
+                                                  _device(model))
+        results, layers = calibrate(ep, sites, plan, chunks, progress=progress,
+                                    offload=offload, recompute=recompute)
         del ep
         count = rewrite(model, sites, results)
         del results
         release_freed_memory()
-    report = Report(recipe, layers, skipped, time.perf_counter() - t0, len(calls))
+    report = Report(recipe, layers, skipped, time.perf_counter() - t0, len(calls), estimate,
+                    offload)
     model.fxcompress_report = report
     log.info("fxcompress: compressed %d linear layers in %.1fs", count, report.seconds)
     return model
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list,
+               max_memory: int | str | None, device: torch.device
+               ) -> tuple[str | None, float, int]:
+    """How an in-memory calibration runs within ``max_memory`` (see :func:`compile`): the
+    frontier's place and the recompute price, from the liveness plan's estimate, trying the
+    default first, then recomputing whatever saves memory, then offloading. Returns
+    ``(offload, price, estimated peak bytes)``, the peak including the final rewrite."""
+    offloaded = "cpu" if device.type == "cuda" else "disk"
+    tries = [(None, PRICE), (None, EAGER), (offloaded, PRICE), (offloaded, EAGER)]
+    budget = None if max_memory is None else parse_size(max_memory)
+    for offload, price in tries:
+        segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price)
+        held = [plan[s.fqn].held(s.shape) for s in sites if s.fqn in plan]
+        segments.append(SegmentMemory("the rewrite into compressed modules",
+                                      sum(held) + max(held, default=0), 0, 0))
+        if budget is None or over_budget(segments, budget) is None:
+            break
+    if budget is not None:
+        check_memory(segments, budget)
+    peak = max(s.total for s in segments)
+    log.info("fxcompress: estimated peak %s (frontier %s)", human(peak), offload or "in place")
+    return offload, price, peak

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 BITS = (2, 3, 4, 8)
 RECIPE_VERSION = 1
 
+_SMALL = 8 << 20  # small buffers of a solve (group grids, block caches, allocator slack)
 HESSIAN = "hessian"  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
 CROSS = "cross"  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs (dense-output calibration)
 
@@ -67,9 +68,16 @@ class Method:
         return float(shape[0]) * shape[1]
 
     def workspace(self, shape: tuple[int, int]) -> int:
-        """Peak bytes a solve allocates besides the statistics (measured, ~20 % spare):
-        about six fp32 copies of the weight for the data-free methods."""
-        return 4 * 6 * shape[0] * shape[1]
+        """Peak bytes a solve allocates besides the statistics, its result included
+        (measured on the algorithms: ``benchmarks/solver_memory.py``): about 17 bytes a
+        weight for rounding (26 for magnitude pruning's scores and top-k), and 8 MiB of
+        small buffers."""
+        return 17 * shape[0] * shape[1] + _SMALL
+
+    def held(self, shape: tuple[int, int]) -> int:
+        """Bytes of a solve's result while it is held (until it is written or swapped in):
+        one byte a weight for integer codes or a keep-mask, four for kept fp32 values."""
+        return shape[0] * shape[1]
 
 
 class _HessianMethod(Method):
@@ -84,9 +92,15 @@ class _HessianMethod(Method):
         return float(shape[0]) * shape[1] * shape[1]
 
     def workspace(self, shape: tuple[int, int]) -> int:
-        """The permuted, damped and factored copies of H (and C), and the sweep's buffers."""
+        """One fp32 copy of H, factored in place, and about 13 bytes a weight for the sweep's
+        buffers and the result (8 more for the dense-output target, 5 more for SparseGPT's
+        kept fp32 values); measured, with ~15 % to spare."""
         out, inp = shape
-        return 4 * ((10 if self.dense_output else 8) * inp * inp + 7 * out * inp)
+        per_weight = 13 + (8 if self.dense_output else 0) + self._extra_per_weight()
+        return 4 * inp * inp + per_weight * out * inp + _SMALL
+
+    def _extra_per_weight(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,13 @@ class SparseGPT(_HessianMethod):
 
         return sparsegpt(w, stats.hessian, self, name, stats.cross)
 
+    def _extra_per_weight(self) -> int:
+        return 0 if self.quant else 5
+
+    def held(self, shape: tuple[int, int]) -> int:
+        """The keep-mask, and codes or the kept fp32 values."""
+        return shape[0] * shape[1] * (2 if self.quant else 5)
+
 
 @dataclass(frozen=True)
 class Magnitude(Method):
@@ -212,6 +233,13 @@ class Magnitude(Method):
         from .algorithms import magnitude
 
         return magnitude(w, self)
+
+    def workspace(self, shape: tuple[int, int]) -> int:
+        return 26 * shape[0] * shape[1] + _SMALL
+
+    def held(self, shape: tuple[int, int]) -> int:
+        """The keep-mask, and codes or the kept fp32 values."""
+        return shape[0] * shape[1] * (2 if self.quant else 5)
 
 
 def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:

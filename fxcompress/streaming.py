@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -50,11 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sympy
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from . import format as fmt
@@ -63,51 +60,26 @@ from .api import DEFAULT_BATCH_TOKENS, Report, _batch, _samples, _tokens, numeri
 from .distributed import Distributed, active, to_cpu
 from .modules import QuantLinear, SparseLinear
 from .passes import capture, find_sites
-from .passes.calibrate import (
-    LayerReport,
-    Local,
-    Schedule,
-    Team,
-    calibrate,
-    release_freed_memory,
-    schedule,
-)
+from .passes.calibrate import LayerReport, Local, Team, calibrate, release_freed_memory
+from .passes.calibrate import estimate_memory as calibrate_estimate
 from .passes.capture import as_call, call_kwargs
+from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes of max_memory)
+    MemoryBudgetError,
+    SegmentMemory,
+    check_memory,
+    human,
+    parse_size,
+)
 from .passes.sites import Site
 from .recipe import Method, Recipe
 
 log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _CODES = {dtype: code for code, dtype in fmt.DTYPES.items()}
-
-
-class MemoryBudgetError(MemoryError):
-    """One layer (weights, activations and solver workspace) does not fit ``max_memory``."""
 
 
 class ResumeError(ValueError):
     """The partial output cannot be resumed (made by another job, or corrupted)."""
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string like ``"6GiB"``, ``"500MB"``, ``"1.5GiB"``."""
-    if isinstance(size, int):
-        return size
-    m = _SIZE.fullmatch(size)
-    if not m:
-        raise ValueError(f"a memory size must be bytes or like '6GiB'/'500MB', got {size!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 # ============================================================================ the model
@@ -205,150 +177,14 @@ class Checkpoint:
 # ============================================================================ memory
 
 
-def _symbols(ep: ExportedProgram, chunk: tuple[tuple, dict]) -> dict[sympy.Symbol, int]:
-    """Values of the program's symbolic sizes (batch, sequence...) for one batch."""
-    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    values = dict(zip(user, ep._graph_module_flat_inputs(*chunk)[-len(user):], strict=True))
-    bind = {}
-    for node in ep.graph.nodes:
-        val, real = node.meta.get("val"), values.get(node.name)
-        if node.op == "placeholder" and isinstance(val, Tensor) and isinstance(real, Tensor):
-            for d, n in zip(val.shape, real.shape, strict=True):
-                if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
-                    bind[d.node.expr] = n
-    return bind
-
-
-def _dim(d: Any, bind: dict) -> int:
-    if not isinstance(d, torch.SymInt):
-        return int(d)
-    try:
-        return int(sympy.sympify(d.node.expr).xreplace(bind))
-    except TypeError:  # a size no input determines (data-dependent): take the traced one
-        return int(d.node.hint or 1)
-
-
-def _value_bytes(node: fx.Node, bind: dict) -> int:
-    leaves = pytree.tree_leaves(node.meta.get("val"))
-    return sum(math.prod(_dim(d, bind) for d in t.shape) * t.dtype.itemsize
-               for t in leaves if isinstance(t, Tensor))
-
-
-@dataclass
-class SegmentMemory:
-    """Estimated peak tensor memory of one segment and the solve at its end."""
-
-    layer: str  # the sites compressed at its end
-    weights: int  # parameters resident, compressed weights waiting to be used
-    activations: int  # frontier in RAM, one batch's intermediate values
-    solver: int  # Hessian, solver workspace, encoding for the writer
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.activations + self.solver
-
-
-def _site_bytes(method: Method, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """Peak transient memory of compressing one site, measured on the algorithms with about
-    20 % to spare: the weight as loaded, then the larger of the solve's workspace (fp32
-    copies and sweep buffers; for GPTQ/SparseGPT also the permuted, damped and factored
-    copies of H), the dense reconstruction (about 5 fp32 copies) and the packing for the
-    writer (about 14 bytes a weight). The reduced H itself is counted by the caller."""
-    w = shape[0] * shape[1]
-    return w * dtype.itemsize + max(method.workspace(shape), 4 * 6 * w, 16 * w)
-
-
-def _held_bytes(s: Site) -> int:
-    """What a compressed site holds until its node has run: the dense weight it computes
-    with and its codes and mask."""
-    return _weight_bytes(s) + 2 * s.shape[0] * s.shape[1]
-
-
-def estimate_memory(ep: ExportedProgram, sched: Schedule, plan: Mapping[str, Method],
+def estimate_memory(ep: ExportedProgram, sites: list[Site], plan: Mapping[str, Method],
                     chunks: list[tuple[tuple, dict]], source: Checkpoint,
                     offload: str | None) -> list[SegmentMemory]:
-    """Peak tensor bytes of every segment of a streamed calibration (see the module doc)."""
-    binds = [_symbols(ep, c) for c in chunks]
-    order, pos, last = sched.order, sched.position, sched.last_use
-    specs = ep.graph_signature.input_specs
-    user = {s.arg.name for s in specs if s.kind == InputKind.USER_INPUT}
-    targets = {s.arg.name: s.target for s in specs}
-    values = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user] + order
-    per_chunk = {n: [_value_bytes(n, b) for b in binds] for n in values}
-    held = {n: (max(v) if offload == "disk" else sum(v)) for n, v in per_chunk.items()}
-    first = _first_uses(ep, sched, source, targets, user)
-    waiting = [(s, bpos, pos.get(s.node, bpos)) for bpos, x in sched.barriers
-               for s in sched.groups[x]]
-    out = []
-    for start, end, x in sched.segments():
-        seg = order[start:end]
-        resident = sum(source.nbytes(targets[p.name]) for p, f in first.items()
-                       if f < end and last[p] >= start)
-        w_hats = sum(_held_bytes(s) for s, b, p in waiting if b <= start <= p)
-        frontier = sum(held[n] for n in values if pos.get(n, -1) < start <= last[n]
-                       or start <= pos.get(n, -1) < end <= last[n])
-        transient = max(_transient(seg, per_chunk, c, pos, last, end)
-                        for c in range(len(chunks)))
-        solver, layer = 0, "the output"
-        if x is not None:
-            group = sched.groups[x]
-            layer = ", ".join(s.fqn for s in group)
-            inp = group[0].shape[1]
-            needs = frozenset().union(*(plan[s.fqn].needs() for s in group))
-            h = 8 * inp * inp * len(needs)  # each statistic: its sum and its value
-            solver = h + max(_site_bytes(plan[s.fqn], s.shape, s.module.weight.dtype)
-                             for s in group) + sum(_held_bytes(s) for s in group)
-        out.append(SegmentMemory(layer, resident + w_hats, frontier + transient, solver))
-    return out
-
-
-def _first_uses(ep: ExportedProgram, sched: Schedule, source: Checkpoint,
-                targets: dict[str, str | None], user: set[str]) -> dict[fx.Node, int]:
-    """Position of the first node that reads each streamed parameter; a site's own weight
-    does not count (it is loaded for its solve and replaced by the compressed weight)."""
-    weight_of = {s.node: s.weight for group in sched.groups.values() for s in group}
-    first = {}
-    for p in ep.graph.nodes:
-        if p.op != "placeholder" or p.name in user or targets.get(p.name) not in source:
-            continue
-        uses = [sched.position[u] for u in p.users
-                if u in sched.position and weight_of.get(u) is not p]
-        if uses:
-            first[p] = min(uses)
-    return first
-
-
-def _weight_bytes(s: Site) -> int:
-    return s.shape[0] * s.shape[1] * s.module.weight.dtype.itemsize
-
-
-def _transient(seg: list[fx.Node], per_chunk: dict[fx.Node, list[int]], c: int,
-               pos: dict[fx.Node, int], last: dict[fx.Node, int], end: int) -> int:
-    """Peak of chunk ``c``'s values computed in ``seg`` and freed within it."""
-    live, peak, free_at = 0, 0, {}
-    for n in seg:
-        if last[n] < end:
-            live += per_chunk[n][c]
-            free_at.setdefault(max(last[n], pos[n]), []).append(n)
-        peak = max(peak, live)
-        live -= sum(per_chunk[m][c] for m in free_at.pop(pos[n], []))
-    return peak
-
-
-def check_memory(segments: list[SegmentMemory], budget: int) -> None:
-    """Raise :class:`MemoryBudgetError` for the first segment over ``budget``."""
-    over = [seg for seg in segments if seg.total > budget]
-    if over:
-        seg, peak = over[0], max(s.total for s in segments)
-        raise MemoryBudgetError(
-            f"max_memory={_human(budget)} cannot hold the compression of {seg.layer}: it "
-            f"needs about {_human(seg.total)} ({_human(seg.weights)} weights, "
-            f"{_human(seg.activations)} activations of the calibration batches, "
-            f"{_human(seg.solver)} Hessian and solver workspace); the whole run needs about "
-            f"{_human(peak)}. Raise max_memory, use fewer or shorter calibration samples, or "
-            f"offload='disk' to keep the activations on disk.")
-    log.info("fxcompress: estimated peak tensor memory %s of max_memory %s",
-             _human(max(s.total for s in segments)), _human(budget))
+    """Peak tensor bytes of every segment of a streamed calibration: the liveness plan the
+    run executes, with parameters read from ``source`` while needed and every result handed
+    to the writer as it is made (:func:`fxcompress.passes.calibrate.estimate_memory`)."""
+    return calibrate_estimate(ep, sites, dict(plan), chunks, offload=offload, weights=source,
+                              keep_results=False)
 
 
 # ============================================================================ the output
@@ -698,8 +534,8 @@ def compress_checkpoint(
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
         if max_memory is not None:
-            check_memory(estimate_memory(ep, schedule(ep.graph_module, sites, plan), plan,
-                                         mine, source, offload), parse_size(max_memory))
+            check_memory(estimate_memory(ep, sites, plan, mine, source, offload),
+                         parse_size(max_memory))
         dense, tied = _dense_tensors(model, set(plan))
         with team.guard("the uncompressed tensors"):
             if output is not None:

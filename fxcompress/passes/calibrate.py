@@ -43,6 +43,7 @@ checkpoint writer), and sites already compressed by an interrupted run can be gi
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import tempfile
@@ -61,7 +62,8 @@ from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Cross, Hessian, Statistics
 from ..recipe import CROSS, HESSIAN, Method
-from .liveness import PRICE, Liveness, plan_of_schedule
+from . import liveness
+from .liveness import PRICE, Costs, Liveness, SegmentMemory, plan_of_schedule
 from .sites import Site
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,10 @@ class WeightSource(Protocol):
 
     def load(self, name: str) -> Tensor:
         """The tensor stored under ``name`` (a state-dict name), on :attr:`device`."""
+        ...
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of the tensor :meth:`load` returns for ``name`` (for the memory estimate)."""
         ...
 
 
@@ -447,6 +453,7 @@ class _Run:
                 if needs:
                     self._accumulate(needs, *x)
                 del x
+                release_freed_memory()
         interp.env, interp.replaced = {}, replaced
         for kept, _ in paths:
             for n in [n for n in kept if n not in seg.keep]:
@@ -633,3 +640,53 @@ def calibrate(
         if dense is not None:
             dense.close()
     return run.results, run.reports
+
+
+# ============================================================================ the estimate
+
+
+def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, Method],
+                    chunks: Sequence[tuple[tuple, dict]], *, offload: str | None = None,
+                    weights: WeightSource | None = None, keep_results: bool = True,
+                    recompute: float | None = PRICE) -> list[SegmentMemory]:
+    """Peak bytes :func:`calibrate` will hold in each segment with the same arguments, from
+    the same liveness plan it runs: frontier, one chunk's values, statistics, the solves,
+    parameters streamed from ``weights`` and the results it holds (``keep_results``: they
+    are returned rather than handed to a sink)."""
+    sched = schedule(ep.graph_module, sites, plan)
+    live = plan_of_schedule(ep, sched, chunks[0], recompute)
+    binds = [liveness.symbols(ep, c) for c in chunks]
+    specs = {s.arg.name: s.target for s in ep.graph_signature.input_specs}
+    needs = frozenset().union(*(m.needs() for m in plan.values()))
+    site_weights = {s.weight for s in sites}
+
+    @functools.cache
+    def chunk_bytes(n: fx.Node, c: int) -> int:
+        return liveness.value_bytes(n, binds[c])
+
+    def loaded(p: fx.Node) -> int:
+        if weights is None or p.op != "placeholder" or specs.get(p.name) is None:
+            return 0
+        meta = p.meta.get("val")
+        if not (isinstance(meta, Tensor) and meta.is_meta) or p in site_weights \
+                and CROSS not in needs:
+            return 0
+        return weights.nbytes(specs[p.name])
+
+    def solve(s: Site) -> int:
+        w = s.shape[0] * s.shape[1]
+        stored = w * s.module.weight.dtype.itemsize if s.module.weight.is_meta else 0
+        as_fp32 = 4 * w if s.module.weight.dtype != torch.float32 else 0
+        return stored + as_fp32 + plan[s.fqn].workspace(s.shape)
+
+    def statistics(x: fx.Node) -> int:
+        group = [s for s in sched.groups[x] if s.fqn in plan]
+        stats = frozenset().union(*(plan[s.fqn].needs() for s in group))
+        return 4 * group[0].shape[1] ** 2 * len(stats)
+
+    costs = Costs(
+        chunk_bytes, len(chunks), offload, CROSS in needs, loaded, solve,
+        result=lambda s: plan[s.fqn].held(s.shape), keep_results=keep_results,
+        replaced=lambda s: s.shape[0] * s.shape[1] * s.module.weight.dtype.itemsize,
+        statistics=statistics, op_workspace=lambda n, c: liveness.op_workspace(n, binds[c]))
+    return liveness.estimate(live, sched.groups, costs)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 PRICE = 64.0  # default: flop-equivalents of recomputation one byte of frontier is worth
+EAGER = 1e12  # when memory is short: recompute whatever saves a byte
 ELEMENT_COST = 64  # flop-equivalents of reading/writing one element (memory-bound ops)
 MATMULS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "einsum"}
 ATTENTION = "scaled_dot_product"  # in every SDPA variant's name
@@ -138,6 +140,17 @@ def recompute_cost(node: fx.Node, bind: dict) -> float:
         w = inputs[1]
         return 2.0 * out * _numel(w, bind) / max(_dim(w.shape[0], bind), 1)
     return ELEMENT_COST * max([out, *(_numel(t, bind) for t in inputs)])
+
+
+def op_workspace(node: fx.Node, bind: dict) -> int:
+    """Scratch memory an op allocates besides its output: attention's score matrix."""
+    name = getattr(node.target, "__name__", "")
+    inputs = [t for a in node.all_input_nodes for t in _tensors(a)]
+    if ATTENTION in name and len(inputs) >= 2 and inputs[0].dim() == 4:
+        q, k = inputs[0], inputs[1]
+        return _numel(q, bind) // _dim(q.shape[-1], bind) * _dim(k.shape[-2], bind) \
+            * q.dtype.itemsize
+    return 0
 
 
 # ============================================================================ the plan
@@ -280,3 +293,172 @@ def _cut(needed: set[fx.Node], before: set[fx.Node], x: fx.Node | None,
             g.add_edge((v, "out"), "sink")
     _, (reach, _) = nx.minimum_cut(g, "source", "sink")
     return {v for v in cands if (v, "in") in reach and (v, "out") not in reach}
+
+
+# ============================================================================ memory
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class MemoryBudgetError(MemoryError):
+    """One layer (weights, activations and solver workspace) does not fit ``max_memory``."""
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string like ``"6GiB"``, ``"500MB"``, ``"1.5GiB"``."""
+    if isinstance(size, int):
+        return size
+    m = _SIZE.fullmatch(size)
+    if not m:
+        raise ValueError(f"a memory size must be bytes or like '6GiB'/'500MB', got {size!r}")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def human(n: float) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class SegmentMemory:
+    """Estimated peak bytes of one segment: its run over the chunks, then the solves at its
+    barrier, whichever is larger (the parts are those of the larger)."""
+
+    layer: str  # the sites compressed at its end
+    weights: int  # parameters loaded, compressed weights in use, results held
+    activations: int  # the frontier in memory, one chunk's values
+    solver: int  # statistics, the largest solve's workspace
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.solver
+
+
+@dataclass
+class Costs:
+    """What the estimate needs to know besides the liveness plan (all in bytes)."""
+
+    chunk_bytes: Callable[[fx.Node, int], int]  # value of a node for chunk c
+    chunks: int
+    offload: str | None  # where the frontier lives ("disk": not in memory)
+    dense: bool  # a second, dense frontier (dense-output calibration)
+    loaded: Callable[[fx.Node], int]  # a parameter streamed in while needed (0: resident)
+    solve: Callable[[Any], int]  # peak of one site's solve, its weight loaded (a Site)
+    result: Callable[[Any], int]  # a site's result (codes, masks...) while it is held
+    keep_results: bool  # results stay until the end (False: handed to a writer as made)
+    replaced: Callable[[Any], int]  # the dense weight a compressed site computes with
+    statistics: Callable[[fx.Node], int]  # the statistics of a barrier input (sums, values)
+    op_workspace: Callable[[fx.Node, int], int] = lambda n, c: 0  # scratch inside one op
+
+
+def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
+             costs: Costs) -> list[SegmentMemory]:
+    """Peak bytes of every segment of a run planned by ``live``: what the run holds, from the
+    same plan it runs (see the module docstring). ``groups`` maps each barrier input to the
+    sites compressed there."""
+    barrier_of = {s.fqn: k for k, seg in enumerate(live.segments)
+                  if seg.barrier is not None for s in groups[seg.barrier]}
+    sites = {s.fqn: s for g in groups.values() for s in g}
+    first: dict[fx.Node, int] = {}
+    for k, seg in enumerate(live.segments):
+        for n in seg.run:
+            for a in n.all_input_nodes:
+                first.setdefault(a, k)
+    paths = 2 if costs.dense else 1
+    out = []
+    for k, seg in enumerate(live.segments):
+        before = live.frontier_before(k)
+        frontier_run = paths * _held(list(before) + seg.keep, costs)
+        frontier_solve = paths * _held(seg.keep, costs)
+        chunk = max(_chunk_peak(seg, set(before), c, costs) for c in range(costs.chunks))
+        loaded = sum(costs.loaded(p) for p, f in first.items()
+                     if f <= k <= live.last_segment.get(p, -1))
+        in_use = sum(costs.replaced(s) for f, s in sites.items()
+                     if barrier_of[f] < k <= live.last_segment.get(s.node, -1))
+        held = sum(costs.result(s) for f, s in sites.items()
+                   if costs.keep_results and barrier_of[f] < k)
+        stats = costs.statistics(seg.barrier) if seg.barrier is not None else 0
+        x = paths * costs.chunk_bytes(seg.barrier, 0) if stats else 0
+        run = SegmentMemory("", loaded + in_use + held, frontier_run + chunk + x, stats)
+        layer, solve = "the output", SegmentMemory("", 0, 0, 0)
+        if seg.barrier is not None:
+            group = list(groups[seg.barrier])
+            layer = ", ".join(s.fqn for s in group)
+            staying = sum(costs.replaced(s) for f, s in sites.items()
+                          if barrier_of[f] < k < live.last_segment.get(s.node, -1))
+            made = sum(costs.replaced(s) + costs.result(s) for s in group)
+            solve = SegmentMemory("", loaded + staying + held + made, frontier_solve,
+                                  stats + max(costs.solve(s) for s in group))
+        peak = max(run, solve, key=lambda m: m.total)
+        out.append(SegmentMemory(layer, peak.weights, peak.activations, peak.solver))
+    return out
+
+
+def _held(values: Sequence[fx.Node], costs: Costs) -> int:
+    """Frontier bytes in memory: every chunk's value of each storage once."""
+    if costs.offload == "disk":
+        return 0
+    roots = {root(v) for v in values}
+    return sum(costs.chunk_bytes(r, c) for r in roots for c in range(costs.chunks))
+
+
+def _chunk_peak(seg: Segment, before: set[fx.Node], c: int, costs: Costs) -> int:
+    """Peak bytes of chunk ``c``'s own values while the segment runs it: each storage from
+    the step that makes it to the step after which nothing of it is needed (values read back
+    from a disk frontier count too), plus the scratch of the op running."""
+    refs: dict[fx.Node, int] = {}  # storage -> live values on it
+    live_bytes = peak = 0
+
+    def hold(v: fx.Node) -> None:
+        nonlocal live_bytes
+        r = root(v)
+        if refs.get(r, 0) == 0:
+            live_bytes += costs.chunk_bytes(r, c)
+        refs[r] = refs.get(r, 0) + 1
+
+    def drop(v: fx.Node) -> None:
+        nonlocal live_bytes
+        r = root(v)
+        refs[r] -= 1
+        if refs[r] == 0:
+            live_bytes -= costs.chunk_bytes(r, c)
+
+    read: set[fx.Node] = set()
+    for i, n in enumerate(seg.run):
+        for a in n.all_input_nodes:
+            if a in before and a not in read and costs.offload == "disk":
+                read.add(a)
+                hold(a)
+        if root(n) not in before or costs.offload == "disk":
+            hold(n)
+        peak = max(peak, live_bytes + costs.op_workspace(n, c))
+        for v in seg.free[i]:
+            if (v in seg.run and (root(v) not in before or costs.offload == "disk")) \
+                    or v in read:
+                drop(v)
+    return peak
+
+
+def over_budget(segments: list[SegmentMemory], budget: int) -> SegmentMemory | None:
+    """The first segment that does not fit ``budget``, if any."""
+    return next((seg for seg in segments if seg.total > budget), None)
+
+
+def check_memory(segments: list[SegmentMemory], budget: int) -> None:
+    """Raise :class:`MemoryBudgetError` for the first segment over ``budget``."""
+    seg = over_budget(segments, budget)
+    if seg is not None:
+        peak = max(s.total for s in segments)
+        raise MemoryBudgetError(
+            f"max_memory={human(budget)} cannot hold the compression of {seg.layer}: it "
+            f"needs about {human(seg.total)} ({human(seg.weights)} weights, "
+            f"{human(seg.activations)} activations of the calibration batches, "
+            f"{human(seg.solver)} Hessian and solver workspace); the whole run needs about "
+            f"{human(peak)}. Raise max_memory, use fewer or shorter calibration samples, or "
+            f"offload='disk' to keep the activations on disk.")

@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def rewrite(model: nn.Module, sites: list[Site], results: dict[str, Compressed]) -> int:
-    """Swap in a compressed module for every site in ``results``; return how many."""
+    """Swap in a compressed module for every site in ``results``; return how many. Results
+    are consumed as their modules are made (taken out of ``results``), so that the two are
+    held together for one layer at a time, not for the whole model."""
     count = 0
     for site in sites:
-        c = results.get(site.fqn)
+        c = results.pop(site.fqn, None)
         if c is None:
             continue
         old = site.module
