@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 BITS = (2, 3, 4, 8)
 RECIPE_VERSION = 1
 
+SOLVERS = ("sweep", "admm")  # SparseGPT's mask selection and weight update
 HESSIAN = "hessian"  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
 CROSS = "cross"  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs (dense-output calibration)
 
@@ -84,9 +85,12 @@ class _HessianMethod(Method):
         return float(shape[0]) * shape[1] * shape[1]
 
     def workspace(self, shape: tuple[int, int]) -> int:
-        """The permuted, damped and factored copies of H (and C), and the sweep's buffers."""
+        """The permuted, damped and factored copies of H (and C), and the sweep's buffers
+        (ADMM: three more d×d matrices and four weight-sized iterates)."""
         out, inp = shape
-        return 4 * ((10 if self.dense_output else 8) * inp * inp + 7 * out * inp)
+        admm = getattr(self, "solver", "sweep") == "admm"
+        return 4 * ((10 if self.dense_output else 8) * inp * inp + 7 * out * inp
+                    + (3 * inp * inp + 4 * out * inp if admm else 0))
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,11 @@ class SparseGPT(_HessianMethod):
     ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
     ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
     ``block_size`` columns. ``dense_output`` as for :class:`GPTQ`.
+
+    ``solver="admm"`` chooses the mask and the weights by ADMM instead of the one-pass sweep
+    (``algorithms/admm.py``: the mask is re-selected while the weights converge to the exact
+    least-squares fit of the kept ones; about 40 weight-sized products per layer); with
+    ``quant``, the kept weights are then quantized by the sweep with that mask fixed.
     """
 
     sparsity: float = 0.5
@@ -168,6 +177,7 @@ class SparseGPT(_HessianMethod):
     damp: float = 0.01
     block_size: int = 128
     dense_output: bool = False
+    solver: str = "sweep"
 
     def __post_init__(self) -> None:
         _check_sparsity(self.sparsity, self.n_m)
@@ -178,6 +188,8 @@ class SparseGPT(_HessianMethod):
                 raise RecipeError(f"block_size {self.block_size} must be a multiple of M={m}")
         if not 0 <= self.damp < 1:
             raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
+        if self.solver not in SOLVERS:
+            raise RecipeError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.quant is not None and self.quant.act_order:
             raise RecipeError("SparseGPT with act_order quantization is not supported: the "
                               "mask selection sweeps columns in their natural order")
