@@ -15,7 +15,7 @@ import torch
 
 import fxcompress
 from fxcompress import GPTQ, SparseGPT
-from fxcompress.distributed import Distributed
+from fxcompress.distributed import Distributed, DistributedError
 from fxcompress.streaming import compress_checkpoint, partial_dir
 
 from .models import VOCAB, build
@@ -154,3 +154,15 @@ def test_a_failing_rank_stops_every_rank(checkpoint, tmp_path, mode):
         assert ranks[1] == {"exitcode": 3}
         assert "DistributedError" in ranks[0]["error"]
         assert "lost contact" in ranks[0]["error"] and FAIL_AT in ranks[0]["error"]
+
+
+def test_a_launched_rank_without_a_process_group_is_refused(checkpoint, tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) with ``init_from_env()`` forgotten,
+    the ranks must not each compress the model and race on one folder: a clear error first."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    with pytest.raises(DistributedError, match=r"rank 1 of WORLD_SIZE=2 .* not initialised"
+                                               r".*fxcompress\.distributed\.init_from_env\(\)"):
+        compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False)
+    assert not out.exists() and not partial_dir(out).exists()
