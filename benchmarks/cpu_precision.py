@@ -62,8 +62,8 @@ def main() -> None:
     model, tokenizer, _ = load_model("smollm2", progress=False)
     from fxcompress import assets
 
-    ids = evaluation_windows(tokenizer, assets.load_text(assets.sotu(progress=False) / "evaluation.txt"),
-                             512, args.windows)
+    text = assets.load_text(assets.sotu(progress=False) / "evaluation.txt")
+    ids = evaluation_windows(tokenizer, text, 512, args.windows)
     fxcompress.compile(model, ids[:1, :64], Recipe({"lm_head": None, ".*": RTN(4, 64)}),
                        progress=False)
     models = {"dequantized": decompress(copy.deepcopy(model)), "fast": model,
