@@ -270,7 +270,7 @@ def method_from_dict(data: Mapping[str, Any]) -> Method:
 def _field_value(where: str, value: Any, hint: Any) -> Any:
     """``value`` as read from a file, checked against the field's type ``hint`` (and a
     nested method or an ``n_m`` list converted); a RecipeError says what was expected."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) \
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
         else (hint,)
     for t in options:
         if t is type(None) and value is None:

@@ -106,5 +106,7 @@ def test_named_recipes_round_trip(name):
 
 def test_file_values_keep_their_types():
     recipe = Recipe.from_yaml("rules:\n  - {pattern: a, method: SparseGPT, sparsity: 0,"
-                              " n_m: [2, 4], quant: {method: GPTQ, group_size: -1}}\n")
+                              " n_m: [2, 4], quant: {method: GPTQ, group_size: -1}}\n"
+                              "  - {pattern: b, method: GPTQ, dense_output: true}\n")
     assert recipe.rules[0][1] == SparseGPT(0, n_m=(2, 4), quant=GPTQ(group_size=-1))
+    assert recipe.rules[1][1] == GPTQ(dense_output=True)
