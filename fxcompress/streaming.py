@@ -60,7 +60,7 @@ from torch.utils import _pytree as pytree
 from . import format as fmt
 from .algorithms import Compressed
 from .api import DEFAULT_BATCH_TOKENS, Report, _batch, _samples, _tokens, numerics, plan_sites
-from .distributed import Distributed, active, to_cpu
+from .distributed import Distributed, active, check_launch, to_cpu
 from .modules import QuantLinear, SparseLinear
 from .passes import capture, find_sites
 from .passes.calibrate import (
@@ -675,7 +675,11 @@ def compress_checkpoint(
     continues an interrupted run into the same ``out_dir`` with the same inputs. Under an
     initialised ``torch.distributed`` process group the work is spread over its ranks and
     rank 0 writes ``out_dir``; every rank returns the same :class:`~fxcompress.api.Report`.
+    Under a launcher (``torchrun``: ``WORLD_SIZE`` > 1) with no process group it raises
+    :class:`~fxcompress.distributed.DistributedError` before any work: call
+    :func:`~fxcompress.distributed.init_from_env` first.
     """
+    check_launch()
     t0 = time.perf_counter()
     offload = None if offload == "none" else offload
     model_dir, out_dir = Path(model_dir), Path(out_dir)
