@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Hessian, gptq, magnitude, rtn, sparsegpt
 from ..recipe import GPTQ, RTN, Magnitude, Method, SparseGPT
-from .sites import Site
+from .sites import Site, weight_path
 
 log = logging.getLogger(__name__)
 OFFLOAD = (None, "cpu", "disk")
@@ -72,6 +72,7 @@ class LayerReport:
     seconds: float
     samples: int  # rows of X (tokens) in its Hessian, 0 without one
     rank: int = 0  # the process that solved it (0 unless calibration is distributed)
+    routed: int | None = None  # an expert: the calibration tokens routed to it
 
 
 def needs_hessian(method: Method) -> bool:
@@ -214,14 +215,30 @@ def _ancestors(targets: set[fx.Node]) -> set[fx.Node]:
 
 
 def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Method]) -> Schedule:
-    """The interpretation schedule of ``gm`` for the sites named in ``plan``."""
+    """The interpretation schedule of ``gm`` for the sites named in ``plan``.
+
+    The nodes that read an expert parameter on its way to the matmul (a transpose, an index by
+    expert id) are moved to just before the matmul, so that they run after the experts are
+    compressed and read the compressed weights."""
     nodes = list(gm.graph.nodes)
     groups: dict[fx.Node, list[Site]] = {}
+    late: dict[fx.Node, fx.Node] = {}  # weight-path node -> the matmul it feeds
     for s in sites:
         if s.fqn in plan:
             groups.setdefault(s.input, []).append(s)
-    needed = _ancestors(set(groups))
-    order = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
+            late.update({n: s.matmul for n in weight_path(s)})
+    routing = {s.routing for g in groups.values() for s in g if s.routing is not None}
+    needed = _ancestors(set(groups) | routing)
+    base = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
+    pending: dict[fx.Node, list[fx.Node]] = {}
+    for n in base:
+        if n in late:
+            pending.setdefault(late[n], []).append(n)
+    order = []
+    for n in base:
+        if n not in late:
+            order += pending.pop(n, []) + [n]
+    order += [n for ns in pending.values() for n in ns]
     position = {n: i for i, n in enumerate(order)}
     placeholders = [n for n in nodes if n.op == "placeholder"]
     last_use = {n: max((position.get(u, -1) for u in n.users), default=-1)
@@ -232,6 +249,8 @@ def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Metho
                   default=position.get(x, -1) + 1)
         barriers.append((pos, x))
         last_use[x] = max(last_use[x], pos)
+        for r in {s.routing for s in group if s.routing is not None}:
+            last_use[r] = max(last_use[r], pos)
     barriers.sort(key=lambda b: b[0])
     return Schedule(order, position, last_use, barriers, groups)
 
@@ -461,26 +480,33 @@ class _Run:
         return node in self.interp.replaced and \
             node.args[self.interp.replaced[node][0]] is arg
 
-    def hessian(self, x: fx.Node, todo: list[Site]) -> Hessian | None:
-        """This process's partial H of ``x``, if any site still to solve needs one."""
-        if not any(needs_hessian(self.plan[s.fqn]) for s in todo):
-            return None
+    def hessians(self, x: fx.Node, todo: list[Site]) -> dict[int | None, Hessian]:
+        """This process's partial Hessians of ``x``: one for the linears reading it (key
+        None), one per expert of an experts matmul (key: the expert), from the rows routed to
+        it; only for sites still to solve that need one."""
+        todo = [s for s in todo if needs_hessian(self.plan[s.fqn])]
+        if not todo:
+            return {}
         device = self.kept.device or self.kept.get(x, 0).device
-        h = Hessian.zeros(todo[0].shape[1], device=device)
+        keys = {s.index: s for s in todo}
+        hs = {k: Hessian.zeros(s.shape[1], device=device) for k, s in keys.items()}
         for c in range(self.kept.chunks):
-            h.add(self.kept.get(x, c))
-        return h
+            xv = self.kept.get(x, c)
+            for k, s in keys.items():
+                routing = None if s.routing is None else self.kept.get(s.routing, c)
+                hs[k].add(s.rows(xv, routing))
+        return hs
 
     def device(self, s: Site) -> torch.device:
         """Where ``s``'s weight (and so its compressed replacement) lives."""
-        w = s.module.weight
+        w = s.param
         return self.params.source.device if w.is_meta else w.device
 
     def weight(self, s: Site) -> Tensor:
         """``s``'s weight as ``(out, in)`` float32."""
-        weight = s.module.weight
-        weight = (self.params.load(s.weight) if weight.is_meta else weight).detach()
-        return (weight.t() if s.transposed else weight).float()
+        param = s.param
+        param = (self.params.load(s.weight) if param.is_meta else param).detach()
+        return s.matrix(param).float()
 
     def solve(self, s: Site, hv: Tensor | None, count: int) -> tuple[Compressed, LayerReport]:
         t = time.perf_counter()
@@ -488,7 +514,7 @@ class _Run:
         c = compress(self.weight(s), hv, method, s.fqn)
         seconds = time.perf_counter() - t
         report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds, count,
-                             self.team.rank)
+                             self.team.rank, count if s.index is not None else None)
         log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
         return c, report
 
@@ -499,23 +525,25 @@ class _Run:
         todo = [s for s in group if s.fqn not in self.done]
         names = ", ".join(s.fqn for s in group)
         with self.team.guard(names):
-            h = self.hessian(x, todo)
-        hv, count = None, 0
-        if h is not None:
+            hs = self.hessians(x, todo)
+        values: dict[int | None, tuple[Tensor, int]] = {}
+        for key, h in hs.items():
             self.team.reduce(h, names)
-            hv, count = h.value(), h.count
-            del h
-            if self.on_hessian is not None:
-                for s in group:
-                    self.on_hessian(s.fqn, hv)
+            values[key] = (h.value(), h.count) if key is None else \
+                expert_hessian(h, f"{names} (expert {key})")
+        del hs
+        if self.on_hessian is not None:
+            for s in group:
+                if s.index in values:
+                    self.on_hessian(s.fqn, values[s.index][0])
         owners = self.team.owners([solve_cost(self.plan[s.fqn], s.shape) for s in todo])
         mine: dict[str, tuple[Compressed, LayerReport]] = {}
         with self.team.guard(names) as step:
             for s, owner in zip(todo, owners, strict=True):
                 if owner == self.team.rank:
                     step.layer = s.fqn
-                    mine[s.fqn] = self.solve(s, hv, count)
-        del hv
+                    mine[s.fqn] = self.solve(s, *values.get(s.index, (None, 0)))
+        del values
         shared = [(s, *self.team.share(owner, mine.pop(s.fqn, None), s.fqn))
                   for s, owner in zip(todo, owners, strict=True)]
         with self.team.guard(names) as step:
@@ -539,10 +567,28 @@ class _Run:
         self.bar.update()
 
     def replace(self, s: Site, c: Compressed) -> None:
-        """Compute ``s`` with ``c``'s weight from now on."""
-        w_hat = c.dense().to(self.device(s), s.module.weight.dtype)
-        self.interp.replaced[s.node] = (2 if s.transposed else 1,
-                                        w_hat.t().contiguous() if s.transposed else w_hat)
+        """Compute ``s`` with ``c``'s weight from now on (an expert: its slice of the
+        parameter, the others keeping theirs until they are replaced in turn)."""
+        param = s.param
+        w_hat = s.stored(c.dense().to(self.device(s), param.dtype))
+        if s.index is None:
+            self.interp.replaced[s.node] = (s.operand, w_hat)
+            return
+        if s.node not in self.interp.replaced:
+            value = (self.params.load(s.weight) if param.is_meta else param).detach().clone()
+            self.interp.replaced[s.node] = (s.operand, value)
+        self.interp.replaced[s.node][1][s.index] = w_hat
+
+
+def expert_hessian(h: Hessian, name: str) -> tuple[Tensor, int]:
+    """``H`` and the number of rows it saw. An expert that no calibration token was routed to
+    has no Hessian: that is an error naming it (use more or more varied calibration data, or
+    leave its block dense), never a silent fallback to rounding."""
+    if h.count == 0:
+        raise ValueError(f"{name}: no calibration token was routed to this expert, so it has "
+                         f"no Hessian. Calibrate with more (or more varied) samples, or leave "
+                         f"its experts dense with a None rule")
+    return h.value(), h.count
 
 
 def calibrate(

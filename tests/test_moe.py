@@ -1,0 +1,207 @@
+"""Mixture-of-experts decoders: every expert compressed, per-expert Hessians, compiled."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress import GPTQ, RTN, QuantExperts, Recipe, RecipeError, SparseExperts, SparseGPT
+from fxcompress.algorithms import output_error, rtn
+from fxcompress.api import plan_sites
+from fxcompress.passes import calibrate, capture, find_sites
+
+from .models import EXPERTS, MOE, VOCAB, build, output, substituted
+
+HIDDEN = 64
+
+
+def _calibration(n=8, seq=16, seed=0):
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _ids(seed=1):
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _experts_modules(model):
+    return [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+
+
+def _compress(arch, method, experts="grouped_mm"):
+    model = build(arch, hidden=HIDDEN, experts=experts)
+    dense = copy.deepcopy(model)
+    fxcompress.compile(model, _calibration(), method, progress=False)
+    return model, dense
+
+
+def _check_output(model, dense, quantized):
+    ids = _ids()
+    with torch.no_grad():
+        y, ref = output(model, ids), output(substituted(dense, model), ids)
+        changed = (output(dense, ids) - ref).norm() / ref.norm()
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < (2e-2 if quantized else 1e-5), rel  # int4 CPU kernels run bf16 activations
+    assert changed > 5 * rel
+
+
+@pytest.mark.parametrize(("arch", "experts"), [(a, "grouped_mm") for a in MOE]
+                         + [("mixtral", "batched_mm")])
+def test_every_expert_replaced_and_output_matches_reference(arch, experts):
+    model, dense = _compress(arch, GPTQ(4, 32), experts)
+    modules = _experts_modules(model)
+    assert len(modules) == 2 and all(isinstance(m, QuantExperts) for m in modules)
+    assert all(m.kernel == "int4pack" for m in modules)
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    if arch == "qwen2moe":  # the shared expert is ordinary linears, compressed as such
+        assert type(model.model.layers[0].mlp.shared_expert.up_proj).__name__ == "QuantLinear"
+    _check_output(model, dense, quantized=True)
+
+
+@pytest.mark.parametrize("method", [SparseGPT(0.5), SparseGPT(n_m=(2, 4)),
+                                    SparseGPT(n_m=(2, 4), quant=GPTQ(4, 32))],
+                         ids=["50%", "2:4", "2:4+w4"])
+def test_sparsegpt_on_experts(method):
+    model, dense = _compress("qwen3moe", method)
+    module = _experts_modules(model)[0]
+    if method.quant is None:
+        assert isinstance(module, SparseExperts)
+        kept = module.gate_up_proj_mask.float().mean().item()
+        assert abs(kept - 0.5) < 1e-6
+        if method.n_m:
+            assert (module.down_proj_mask.reshape(EXPERTS, HIDDEN, -1, 4).sum(-1) == 2).all()
+    else:
+        assert isinstance(module, QuantExperts) and module.gate_up_proj_bitmask is not None
+    _check_output(model, dense, quantized=method.quant is not None)
+
+
+def test_per_expert_token_counts_in_report():
+    model, _ = _compress("mixtral", GPTQ(4, 32))
+    layers = {r.fqn: r for r in model.fxcompress_report.layers}
+    tokens = _calibration().numel()
+    for block in range(2):
+        prefix = f"model.layers.{block}.mlp.experts"
+        routed = [layers[f"{prefix}.gate_up_proj.{e}"].routed for e in range(EXPERTS)]
+        assert sum(routed) == 2 * tokens  # two experts per token
+        assert routed == [layers[f"{prefix}.down_proj.{e}"].routed for e in range(EXPERTS)]
+        assert all(layers[f"{prefix}.gate_up_proj.{e}"].samples == routed[e]
+                   for e in range(EXPERTS))
+    assert model.fxcompress_report.expert_tokens()[f"{prefix}.gate_up_proj.0"] == routed[0]
+    assert layers["model.layers.0.self_attn.q_proj"].routed is None
+
+
+def test_gptq_beats_rtn_per_expert_on_the_calibration_objective():
+    model = build("qwen2moe", hidden=HIDDEN)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chunks = [((), {"input_ids": _calibration(), "use_cache": False})]
+    ep = capture(model, *chunks[0])
+    sites, others = find_sites(ep, model)
+    plan, _ = plan_sites(Recipe(GPTQ(4, 32)), sites, others, model)
+    hessians = {}
+    results, _ = calibrate(ep, sites, plan, chunks, progress=False,
+                           on_hessian=lambda name, h: hessians.setdefault(name, h))
+    experts = [s for s in sites if s.index is not None]
+    assert len(experts) == 2 * 2 * EXPERTS
+    for s in experts:
+        w = s.matrix(weights[f"{s.module_name}.{s.attr}"]).float()
+        h = hessians[s.fqn]
+        gptq_loss = output_error(w, results[s.fqn].dense(), h)
+        rtn_loss = output_error(w, rtn(w, RTN(4, 32)).dense(), h)
+        assert gptq_loss < rtn_loss, s.fqn
+
+
+def test_expert_hessians_are_built_from_routed_rows_only():
+    """An expert's H equals 2·XₑᵀXₑ/nₑ over the rows the router sent it, whichever experts
+    implementation the model runs (grouped_mm and batched_mm give the same Hessians)."""
+    got = {}
+    for experts in ("grouped_mm", "batched_mm"):
+        model = build("mixtral", hidden=HIDDEN, experts=experts)
+        chunks = [((), {"input_ids": _calibration(), "use_cache": False})]
+        ep = capture(model, *chunks[0])
+        sites, others = find_sites(ep, model)
+        plan = {s.fqn: GPTQ(4, 32) for s in sites if "layers.0.mlp.experts.gate_up" in s.fqn}
+        hs = {}
+        calibrate(ep, sites, plan, chunks, progress=False,
+                  on_hessian=lambda name, h, hs=hs: hs.setdefault(name, h))
+        got[experts] = hs
+        x, ids = _block_input(model, chunks[0][1]["input_ids"])
+    for e in range(EXPERTS):
+        rows = x[(ids == e).any(-1)]
+        ref = 2 * rows.T @ rows / len(rows)
+        for experts in got:
+            h = got[experts][f"model.layers.0.mlp.experts.gate_up_proj.{e}"]
+            assert torch.allclose(h, ref, rtol=1e-4, atol=1e-6), (experts, e)
+
+
+def _block_input(model, ids):
+    seen = {}
+    block = model.model.layers[0].mlp
+    handle = block.register_forward_hook(lambda m, a, y: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    x = seen["x"].reshape(-1, HIDDEN)
+    return x, block.gate(x)[2]
+
+
+def test_router_skipped_with_reason_and_explicit_rule_is_an_error():
+    model, _ = _compress("mixtral", GPTQ(4, 32))
+    skipped = model.fxcompress_report.skipped
+    assert "MixtralTopKRouter" in skipped["model.layers.0.mlp.gate"]
+    assert type(model.model.layers[0].mlp.gate).__name__ == "MixtralTopKRouter"
+    model = build("mixtral", hidden=HIDDEN)
+    with pytest.raises(RecipeError, match="model.layers.0.mlp.gate.*cannot compress"):
+        fxcompress.compile(model, _calibration(), Recipe({"model.layers.0.mlp.gate": GPTQ(4, 32),
+                                                          ".*": GPTQ(4, 32)}), progress=False)
+
+
+def test_named_recipes_compress_experts():
+    model, _ = _compress("qwen3moe", fxcompress.recipe.resolve("gptq-w4g64"))
+    assert all(isinstance(m, QuantExperts) for m in _experts_modules(model))
+
+
+def test_experts_of_one_block_need_one_method():
+    model = build("mixtral", hidden=HIDDEN)
+    recipe = Recipe({r".*experts\.gate_up_proj\.0": RTN(4, 32), ".*": GPTQ(4, 32)})
+    with pytest.raises(RecipeError, match="one method"):
+        fxcompress.compile(model, _calibration(), recipe, progress=False)
+
+
+def test_experts_module_name_selects_its_experts():
+    model = build("mixtral", hidden=HIDDEN)
+    recipe = Recipe({"model.layers.0.mlp.experts": GPTQ(4, 32), ".*": None})
+    fxcompress.compile(model, _calibration(), recipe, progress=False)
+    assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    assert not isinstance(model.model.layers[1].mlp.experts, QuantExperts)
+
+
+def test_eager_experts_fail_clearly():
+    model = build("mixtral", hidden=HIDDEN, experts="eager")
+    with pytest.raises(fxcompress.CaptureError, match="experts_implementation"):
+        fxcompress.compile(model, _calibration(), GPTQ(4, 32), progress=False)
+
+
+@pytest.mark.parametrize("method", [GPTQ(4, 32), SparseGPT(0.5)], ids=["w4", "50%"])
+def test_compile_fullgraph_no_graph_breaks(method):
+    model, _ = _compress("mixtral", method)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    ids = _ids()
+    with torch.no_grad():
+        ref, got = output(model, ids), output(compiled, ids)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < (1e-2 if isinstance(method, GPTQ) else 1e-5), rel  # bf16 int4 activations
+
+
+def test_export_compressed_moe():
+    model, _ = _compress("qwen2moe", GPTQ(4, 32))
+    ids = _ids()
+    ep = capture(model, (), {"input_ids": ids})
+    targets = {str(n.target) for n in ep.graph.nodes}
+    assert "fxcompress.moe_int4pack.default" in targets
+    with torch.no_grad():
+        ref = output(model, ids)
+        got = ep.module()(input_ids=ids, use_cache=False).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
