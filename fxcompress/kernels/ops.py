@@ -318,7 +318,7 @@ def activation(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"unknown experts activation {name!r}; supported: {ACTIVATIONS}")
 
 
-def _experts_loop(x: Tensor, ids: Tensor, weights: Tensor, experts: int, up, down,
+def experts_loop(x: Tensor, ids: Tensor, weights: Tensor, experts: int, up, down,
                   act: str) -> Tensor:
     """Run each expert on the rows routed to it (``up(e, rows)`` → (n, 2I), ``down(e, h)`` →
     (n, H)) and sum the outputs weighted by the router, in float32."""
@@ -355,7 +355,7 @@ def moe_quant(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, s1: Tensor, z
         w = dequantize(w2[e], s2[e], z2[e], None, bits, group2, inter)
         return F.linear(h, w.to(h.dtype))
 
-    return _experts_loop(x, ids, weights, w1.shape[0], up, down, act)
+    return experts_loop(x, ids, weights, w1.shape[0], up, down, act)
 
 
 @triton_op("fxcompress::moe_int4pack", mutates_args=())
@@ -374,7 +374,7 @@ def moe_int4pack(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, sz1: Tenso
     def down(e: int, h: Tensor) -> Tensor:
         return torch._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), w2[e], group2, sz2[e])
 
-    return _experts_loop(x, ids, weights, w1.shape[0], up, down, act)
+    return experts_loop(x, ids, weights, w1.shape[0], up, down, act)
 
 
 @triton_op("fxcompress::moe_masked", mutates_args=())
@@ -382,7 +382,7 @@ def moe_masked(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, m1: Tensor, 
                m2: Tensor, act: str) -> Tensor:
     """An experts block of pruned (not quantized) experts: dense ``w1`` (E, 2I, H) and ``w2``
     (E, H, I) with boolean keep-masks; pruned weights are zero whatever the stored values."""
-    return _experts_loop(
+    return experts_loop(
         x, ids, weights, w1.shape[0],
         lambda e, rows: F.linear(rows, torch.where(m1[e], w1[e], 0).to(rows.dtype)),
         lambda e, h: F.linear(h, torch.where(m2[e], w2[e], 0).to(h.dtype)), act)
