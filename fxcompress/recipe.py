@@ -2,9 +2,13 @@
 
 A method is a frozen dataclass (``GPTQ``, ``SparseGPT``, ``RTN``, ``Magnitude``) validated on
 construction, so a bad setting fails where it is written and not halfway through a long
-calibration. A :class:`Recipe` maps module-name patterns to methods; the first pattern that
-matches a linear's fully qualified name wins and ``None`` leaves the layer dense. Recipes
-round-trip through JSON and YAML with a format version.
+calibration. Each method is also its own registration (:class:`Method`): it declares which
+statistics calibration must gather for it, solves one weight from them, and states its cost,
+so that adding a method or a statistic touches this file and ``algorithms`` only.
+
+A :class:`Recipe` maps module-name patterns to methods; the first pattern that matches a
+linear's fully qualified name wins and ``None`` leaves the layer dense. Recipes round-trip
+through JSON and YAML with a format version.
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from .algorithms import Compressed, Statistics
 
 BITS = (2, 3, 4, 8)
 RECIPE_VERSION = 1
+
+HESSIAN = "hessian"  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
+CROSS = "cross"  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs (dense-output calibration)
 
 
 class RecipeError(ValueError):
@@ -33,8 +45,52 @@ def _check_grid(bits: int, group_size: int) -> None:
                           f"got {group_size}")
 
 
+class Method:
+    """What calibration needs to know of a method, in one place.
+
+    * :meth:`needs`: the statistics of a layer's inputs to gather (:data:`HESSIAN`,
+      :data:`CROSS`); a method needing none is data-free (no forward pass is run for it);
+    * :meth:`solve`: one ``(out, in)`` weight and those statistics to a ``Compressed``;
+    * :meth:`cost` and :meth:`workspace`: relative time (to share solves between processes)
+      and peak extra bytes of a solve (for the memory estimate of streamed runs).
+    """
+
+    def needs(self) -> frozenset[str]:
+        return frozenset()
+
+    def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
+              ) -> Compressed:
+        raise NotImplementedError
+
+    def cost(self, shape: tuple[int, int]) -> float:
+        """Relative time of one solve: ``out·in`` for data-free methods."""
+        return float(shape[0]) * shape[1]
+
+    def workspace(self, shape: tuple[int, int]) -> int:
+        """Peak bytes a solve allocates besides the statistics (measured, ~20 % spare):
+        about six fp32 copies of the weight for the data-free methods."""
+        return 4 * 6 * shape[0] * shape[1]
+
+
+class _HessianMethod(Method):
+    """GPTQ and SparseGPT: a sweep over the columns with the layer Hessian."""
+
+    dense_output: bool
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({HESSIAN, CROSS} if self.dense_output else {HESSIAN})
+
+    def cost(self, shape: tuple[int, int]) -> float:
+        return float(shape[0]) * shape[1] * shape[1]
+
+    def workspace(self, shape: tuple[int, int]) -> int:
+        """The permuted, damped and factored copies of H (and C), and the sweep's buffers."""
+        out, inp = shape
+        return 4 * ((10 if self.dense_output else 8) * inp * inp + 7 * out * inp)
+
+
 @dataclass(frozen=True)
-class RTN:
+class RTN(Method):
     """Round-to-nearest quantization: the baseline every GPTQ row is compared to."""
 
     bits: int = 4
@@ -45,9 +101,15 @@ class RTN:
     def __post_init__(self) -> None:
         _check_grid(self.bits, self.group_size)
 
+    def solve(self, w: torch.Tensor, stats: Statistics | None = None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import rtn
+
+        return rtn(w, self)
+
 
 @dataclass(frozen=True)
-class GPTQ:
+class GPTQ(_HessianMethod):
     """OPTQ/GPTQ quantization (Frantar et al., 2023).
 
     ``act_order`` processes columns by decreasing Hessian diagonal. With ``static_groups``
@@ -55,6 +117,10 @@ class GPTQ:
     so the checkpoint needs no group index and act-order costs nothing at inference; without
     it groups are fitted as the sweep reaches them in permuted order (the reference's dynamic
     variant, which stores an unsorted ``g_idx``).
+
+    ``dense_output`` fits each layer to the dense model's output on the dense model's inputs
+    instead of to the layer's own output on the compressed model's inputs (the errors of the
+    layers before are compensated too; see ``algorithms/hessian.py``).
     """
 
     bits: int = 4
@@ -65,6 +131,7 @@ class GPTQ:
     mse: bool = False
     damp: float = 0.01
     block_size: int = 128
+    dense_output: bool = False
 
     def __post_init__(self) -> None:
         _check_grid(self.bits, self.group_size)
@@ -77,15 +144,22 @@ class GPTQ:
     def grid(self) -> RTN:
         return RTN(self.bits, self.group_size, self.sym, self.mse)
 
+    def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import gptq
+
+        return gptq(w, stats.hessian, self, name, stats.cross)
+
 
 @dataclass(frozen=True)
-class SparseGPT:
+class SparseGPT(_HessianMethod):
     """SparseGPT pruning (Frantar & Alistarh, 2023), optionally quantizing the kept weights
-    in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp/block do not).
+    in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp, block and
+    dense_output do not: the SparseGPT's own do).
 
     ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
     ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
-    ``block_size`` columns.
+    ``block_size`` columns. ``dense_output`` as for :class:`GPTQ`.
     """
 
     sparsity: float = 0.5
@@ -93,6 +167,7 @@ class SparseGPT:
     quant: GPTQ | None = None
     damp: float = 0.01
     block_size: int = 128
+    dense_output: bool = False
 
     def __post_init__(self) -> None:
         _check_sparsity(self.sparsity, self.n_m)
@@ -111,9 +186,15 @@ class SparseGPT:
             raise RecipeError(f"group_size {self.quant.group_size} must be a multiple of "
                               f"M={self.n_m[1]}")
 
+    def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import sparsegpt
+
+        return sparsegpt(w, stats.hessian, self, name, stats.cross)
+
 
 @dataclass(frozen=True)
-class Magnitude:
+class Magnitude(Method):
     """Magnitude pruning: the baseline every SparseGPT row is compared to. ``quant`` rounds the
     kept weights to nearest (the joint baseline)."""
 
@@ -125,6 +206,12 @@ class Magnitude:
         _check_sparsity(self.sparsity, self.n_m)
         if self.n_m is not None:
             object.__setattr__(self, "n_m", tuple(self.n_m))
+
+    def solve(self, w: torch.Tensor, stats: Statistics | None = None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import magnitude
+
+        return magnitude(w, self)
 
 
 def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
@@ -139,7 +226,6 @@ def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
         raise RecipeError(f"sparsity must be in [0, 0.99], got {sparsity}")
 
 
-Method = Union[GPTQ, SparseGPT, RTN, Magnitude]  # noqa: UP007  (a runtime alias on 3.10)
 METHODS: dict[str, type] = {c.__name__: c for c in (GPTQ, SparseGPT, RTN, Magnitude)}
 
 
@@ -186,7 +272,7 @@ class Recipe:
     version: ClassVar[int] = RECIPE_VERSION
 
     def __init__(self, rules: Mapping[str, Method | None] | Method) -> None:
-        if isinstance(rules, tuple(METHODS.values())):
+        if isinstance(rules, Method):
             rules = {".*": rules}
         if not isinstance(rules, Mapping):
             raise RecipeError(f"a Recipe takes a mapping {{pattern: method}} or one method, "
@@ -197,7 +283,7 @@ class Recipe:
                 re.compile(pattern)
             except re.error as e:
                 raise RecipeError(f"invalid pattern {pattern!r}: {e}") from e
-            if method is not None and not isinstance(method, tuple(METHODS.values())):
+            if method is not None and not isinstance(method, Method):
                 raise RecipeError(f"rule {pattern!r}: expected a method or None, got {method!r}")
             items.append((pattern, method))
         object.__setattr__(self, "rules", tuple(items))

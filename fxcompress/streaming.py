@@ -69,7 +69,6 @@ from .passes.calibrate import (
     Schedule,
     Team,
     calibrate,
-    needs_hessian,
     release_freed_memory,
     schedule,
 )
@@ -255,10 +254,8 @@ def _site_bytes(method: Method, shape: tuple[int, int], dtype: torch.dtype) -> i
     copies and sweep buffers; for GPTQ/SparseGPT also the permuted, damped and factored
     copies of H), the dense reconstruction (about 5 fp32 copies) and the packing for the
     writer (about 14 bytes a weight). The reduced H itself is counted by the caller."""
-    out, inp = shape
-    w = out * inp
-    solve = 4 * (8 * inp * inp + 7 * w) if needs_hessian(method) else 4 * 6 * w
-    return w * dtype.itemsize + max(solve, 4 * 6 * w, 16 * w)
+    w = shape[0] * shape[1]
+    return w * dtype.itemsize + max(method.workspace(shape), 4 * 6 * w, 16 * w)
 
 
 def _held_bytes(s: Site) -> int:
@@ -297,7 +294,8 @@ def estimate_memory(ep: ExportedProgram, sched: Schedule, plan: Mapping[str, Met
             group = sched.groups[x]
             layer = ", ".join(s.fqn for s in group)
             inp = group[0].shape[1]
-            h = 8 * inp * inp if any(needs_hessian(plan[s.fqn]) for s in group) else 0
+            needs = frozenset().union(*(plan[s.fqn].needs() for s in group))
+            h = 8 * inp * inp * len(needs)  # each statistic: its sum and its value
             solver = h + max(_site_bytes(plan[s.fqn], s.shape, s.module.weight.dtype)
                              for s in group) + sum(_held_bytes(s) for s in group)
         out.append(SegmentMemory(layer, resident + w_hats, frontier + transient, solver))

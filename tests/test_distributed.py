@@ -56,21 +56,21 @@ def _worker(rank: int, world: int, init: str, model_dir: str, out: str, mode: st
             results: str) -> None:
     import torch.distributed as dist
 
-    pass_ = importlib.import_module("fxcompress.passes.calibrate")
+    run = importlib.import_module("fxcompress.passes.calibrate")._Run
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
-    solve = pass_.compress
+    solve = run.solve
 
-    def sabotaged(w, h, method, name):
-        if mode != "ok" and rank == 1 and name.startswith(FAIL_AT):
+    def sabotaged(self, site, stats):
+        if mode != "ok" and rank == 1 and site.fqn.startswith(FAIL_AT):
             if mode == "kill":
                 os._exit(3)
             raise ValueError("sabotaged on purpose")
-        return solve(w, h, method, name)
+        return solve(self, site, stats)
 
-    pass_.compress = sabotaged
+    run.solve = sabotaged
     result: dict = {}
     try:
         report = compress_checkpoint(model_dir, _calibration(), RECIPE, out, progress=False,

@@ -101,7 +101,7 @@ def test_gptq_beats_rtn_per_expert_on_the_calibration_objective():
     plan, _ = plan_sites(Recipe(GPTQ(4, 32)), sites, others, model)
     hessians = {}
     results, _ = calibrate(ep, sites, plan, chunks, progress=False,
-                           on_hessian=lambda name, h: hessians.setdefault(name, h))
+                           on_statistics=lambda name, st: hessians.setdefault(name, st.hessian))
     experts = [s for s in sites if s.index is not None]
     assert len(experts) == 2 * 2 * EXPERTS
     for s in experts:
@@ -124,7 +124,7 @@ def test_expert_hessians_are_built_from_routed_rows_only():
         plan = {s.fqn: GPTQ(4, 32) for s in sites if "layers.0.mlp.experts.gate_up" in s.fqn}
         hs = {}
         calibrate(ep, sites, plan, chunks, progress=False,
-                  on_hessian=lambda name, h, hs=hs: hs.setdefault(name, h))
+                  on_statistics=lambda name, st, hs=hs: hs.setdefault(name, st.hessian))
         got[experts] = hs
         x, ids = _block_input(model, chunks[0][1]["input_ids"])
     for e in range(EXPERTS):

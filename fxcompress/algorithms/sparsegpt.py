@@ -34,15 +34,16 @@ from .sweep import Sweep
 
 
 def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
-              name: str | None = None) -> Compressed:
-    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in)."""
+              name: str | None = None, cross: Tensor | None = None) -> Compressed:
+    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
+    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``)."""
     rows, cols = w.shape
     if cfg.n_m is not None and cols % cfg.n_m[1]:
         raise ValueError(f"{cfg.n_m[0]}:{cfg.n_m[1]} sparsity needs in_features divisible by "
                          f"{cfg.n_m[1]}, got {cols}" + (f" (layer {name!r})" if name else ""))
     q = cfg.quant
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
-    f = factor(w, h, cfg.damp, name)
+    f = factor(w, h, cfg.damp, name, cross)
     if q:
         scale, zero = grid.fit_groups(f.w, q.bits, gs, q.sym, q.mse)
         scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()
