@@ -278,6 +278,11 @@ def experts_unsupported(module: nn.Module) -> str:
     return ""
 
 
+def experts_activation(module: nn.Module) -> str:
+    """The activation of a supported experts module, by the name the experts ops take."""
+    return _EXPERT_ACTIVATIONS[module.config.hidden_act]
+
+
 def _expert_orientation(module: nn.Module, bank: str) -> tuple[int, int]:
     """(out, in) of one expert of ``bank`` in the module (which may store experts (in, out))."""
     p = getattr(module, bank)
@@ -340,7 +345,7 @@ class QuantExperts(nn.Module):
         out, hidden = _expert_orientation(module, "gate_up_proj")
         group = -1 if first.group_size == hidden else first.group_size
         m = cls(len(results["gate_up_proj"]), hidden, out // 2, first.bits, group, first.sym,
-                _EXPERT_ACTIVATIONS[module.config.hidden_act], first.mask is not None,
+                experts_activation(module), first.mask is not None,
                 device="meta")
         for bank, cs in results.items():
             setattr(m, f"{bank}_packed", pack.pack(torch.stack([c.codes for c in cs]), m.bits))
@@ -456,7 +461,7 @@ class SparseExperts(nn.Module):
         out, hidden = _expert_orientation(module, "gate_up_proj")
         dtype = module.gate_up_proj.dtype
         m = cls(len(results["gate_up_proj"]), hidden, out // 2,
-                _EXPERT_ACTIVATIONS[module.config.hidden_act], device="meta", dtype=dtype)
+                experts_activation(module), device="meta", dtype=dtype)
         for bank, cs in results.items():
             mask = torch.stack([c.mask for c in cs])
             setattr(m, bank, nn.Parameter(torch.stack([c.values for c in cs]).to(dtype) * mask))

@@ -60,11 +60,14 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Cross, Hessian, Statistics
+from ..kernels.ops import activation
+from ..modules import EXPERT_BANKS, experts_activation
 from ..recipe import CROSS, HESSIAN, Method
 from .sites import Site, weight_path
 
 log = logging.getLogger(__name__)
 OFFLOAD = (None, "cpu", "disk")
+FIRST, SECOND = EXPERT_BANKS  # an experts block's projections: gate_up, then down
 
 
 @dataclass
@@ -78,7 +81,8 @@ class LayerReport:
     seconds: float
     samples: int  # rows of X (tokens) in its Hessian, 0 without one
     rank: int = 0  # the process that solved it (0 unless calibration is distributed)
-    routed: int | None = None  # an expert: the calibration tokens routed to it
+    routed: int | None = None  # an expert: the calibration rows routed to it (``samples``
+    # counts every row of the block instead when fewer than its input features were routed)
 
 
 # ============================================================================ the seams
@@ -176,6 +180,11 @@ class Schedule:
     barriers: list[tuple[int, fx.Node]]  # (position, input): compress before that node
     groups: dict[fx.Node, list[Site]]  # input -> the sites reading it
 
+    def groups_of(self, module: str, index: int) -> list[Site]:
+        """The scheduled sites of one expert of one experts module."""
+        return [s for g in self.groups.values() for s in g
+                if s.index == index and s.module_name == module]
+
     def segments(self) -> list[tuple[int, int, fx.Node | None]]:
         """``(start, end, input compressed at end)``; the last segment ends with no barrier."""
         out, start = [], 0
@@ -210,6 +219,8 @@ def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Metho
             groups.setdefault(s.input, []).append(s)
             late.update({n: s.matmul for n in weight_path(s)})
     routing = {s.routing for g in groups.values() for s in g if s.routing is not None}
+    feeders = {(s.module_name, s.index): s.input for g in groups.values() for s in g
+               if s.index is not None and s.attr == FIRST}
     needed = _ancestors(set(groups) | routing)
     base = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
     pending: dict[fx.Node, list[fx.Node]] = {}
@@ -233,6 +244,10 @@ def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Metho
         last_use[x] = max(last_use[x], pos)
         for r in {s.routing for s in group if s.routing is not None}:
             last_use[r] = max(last_use[r], pos)
+        for s in group:  # the all-token rows of a second projection start from the first's
+            first = feeders.get((s.module_name, s.index)) if s.attr == SECOND else None
+            if first is not None:
+                last_use[first] = max(last_use[first], pos)
     barriers.sort(key=lambda b: b[0])
     return Schedule(order, position, last_use, barriers, groups)
 
@@ -426,6 +441,8 @@ class _Run:
     on_statistics: Callable[[str, Statistics], None] | None
     bar: Any
     results: dict[str, Compressed] = field(default_factory=dict)
+    routed: dict[tuple[fx.Node, int], int] = field(default_factory=dict)  # rows per expert
+    firsts: dict[str, Tensor] = field(default_factory=dict)  # compressed gate_up per block
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
@@ -504,14 +521,37 @@ class _Run:
         param = (self.params.load(s.weight) if param.is_meta else param).detach()
         return s.matrix(param).float()
 
+    def all_tokens(self, x: fx.Node, s: Site, names: str) -> Hessian:
+        """The Hessian of expert ``s`` over *every* token of its block: the rule for an expert
+        routed fewer rows than it has input features, whose routed Hessian is rank-deficient
+        (measured better than the routed rows alone: benchmarks/RESULTS.md). The first
+        projection reads all rows of its input; the second, the gated activation of the
+        compressed first projection of the same expert on all of them."""
+        h = Hessian.zeros(s.shape[1], self.kept.device or self.kept.get(x, 0).device)
+        for c in range(self.kept.chunks):
+            if s.attr == FIRST:
+                h.add(self.kept.get(x, c).reshape(-1, s.shape[1]))
+                continue
+            first = next(f for f in self.sched.groups_of(s.module_name, s.index) if
+                         f.attr == FIRST)
+            rows = self.kept.get(first.input, c).reshape(-1, first.shape[1])
+            w = first.matrix(self.firsts[first.module_name])
+            gate, up = torch.nn.functional.linear(rows, w.to(rows.dtype)).chunk(2, dim=-1)
+            h.add(activation(experts_activation(s.module), gate) * up)
+        self.team.reduce(h, names)
+        log.info("%s: %d routed rows < %d input features, Hessian from all %d rows of the "
+                 "block", s.fqn, self.routed[(x, s.index)], s.shape[1], h.count)
+        return h
+
     def solve(self, s: Site, stats: Statistics | None) -> tuple[Compressed, LayerReport]:
         t = time.perf_counter()
         method = self.plan[s.fqn]
         c = method.solve(self.weight(s), stats, s.fqn)
         seconds = time.perf_counter() - t
         count = stats.count if stats is not None else 0
+        routed = self.routed.get((s.input, s.index), count) if s.index is not None else None
         report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds, count,
-                             self.team.rank, count if s.index is not None else None)
+                             self.team.rank, routed)
         log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
         return c, report
 
@@ -530,6 +570,9 @@ class _Run:
             h = parts[HESSIAN]
             if key is not None:
                 check_routed(h, f"{names} (expert {key})")
+                self.routed[(x, key)] = h.count
+                if h.count < h.sum.shape[0]:
+                    h = self.all_tokens(x, next(s for s in todo if s.index == key), names)
             stats[key] = Statistics(h.value(), h.count,
                                     parts[CROSS].value() if CROSS in parts else None)
         del sums
@@ -555,6 +598,9 @@ class _Run:
                 if s.fqn in self.done and not self.data_free:
                     step.layer = s.fqn
                     self.replace(s, self.done[s.fqn])
+        for s in group:
+            if s.attr == SECOND:
+                self.firsts.pop(s.module_name, None)
 
     def finish(self, s: Site, c: Compressed, report: LayerReport) -> None:
         if not self.data_free:
@@ -578,6 +624,8 @@ class _Run:
         if s.node not in self.interp.replaced:
             value = (self.params.load(s.weight) if param.is_meta else param).detach().clone()
             self.interp.replaced[s.node] = (s.operand, value)
+            if s.attr == FIRST:  # the all-token rule of the second projection reads it
+                self.firsts[s.module_name] = value
         self.interp.replaced[s.node][1][s.index] = w_hat
 
 
