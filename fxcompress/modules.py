@@ -116,19 +116,9 @@ class QuantLinear(nn.Module):
         return codes[:, perm], perm, self.weight_g_idx[perm].long()
 
     def _prepare_int4(self, kg: int) -> None:
-        """aten's kernel computes ``(c - 8) * scale + bias``. 2- and 3-bit codes are shifted by
-        ``8 - zero`` (still < 16) so that the bias term is exactly 0; 4-bit codes keep
-        ``bias = (8 - zero) * scale``, rounded to bf16 like the scale."""
         codes, perm, groups = self._sorted_groups()
-        scale = self.weight_scale.float()
-        zero = self.weight_zero_point.float()
-        if self.bits <= 3:
-            codes = codes.to(torch.int32) + (8 - zero[:, groups]).to(torch.int32)
-            zero = torch.full_like(zero, 8)
-        g = groups[::kg]  # group of each kernel group
-        sz = torch.stack([scale[:, g], (8 - zero[:, g]) * scale[:, g]], -1)  # (N, G', 2)
-        self._w_int4 = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        self._scale_zeros = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+        self._w_int4, self._scale_zeros = int4pack(codes, self.weight_scale,
+                                                   self.weight_zero_point, groups, self.bits, kg)
         self._perm = perm
         self.kernel_group = kg
         self.kernel = "int4pack"
@@ -381,10 +371,13 @@ class QuantExperts(nn.Module):
         if None in groups or any(out % 16 for out, _ in self._shapes().values()):
             return
         for i, bank in enumerate(EXPERT_BANKS, 1):
-            w, sz = zip(*(_int4pack(self._expert_codes(bank, e),
-                                    getattr(self, f"{bank}_scale")[e],
-                                    getattr(self, f"{bank}_zero_point")[e], self.bits,
-                                    self.bank_group(bank), groups[i - 1])
+            inp = self._shapes()[bank][1]
+            natural = torch.arange(inp, device=self.gate_up_proj_packed.device) \
+                // self.bank_group(bank)
+            w, sz = zip(*(int4pack(self._expert_codes(bank, e),
+                                   getattr(self, f"{bank}_scale")[e],
+                                   getattr(self, f"{bank}_zero_point")[e], natural, self.bits,
+                                   groups[i - 1])
                           for e in range(self.num_experts)), strict=True)
             setattr(self, f"_w{i}", torch.stack(w))
             setattr(self, f"_sz{i}", torch.stack(sz))
@@ -424,16 +417,19 @@ class QuantExperts(nn.Module):
                 + (", sparse" if self.gate_up_proj_bitmask is not None else ""))
 
 
-def _int4pack(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
-              kernel_group: int) -> tuple[Tensor, Tensor]:
-    """One expert's weight in aten's CPU int4 layout (see ``QuantLinear._prepare_int4``)."""
+def int4pack(codes: Tensor, scale: Tensor, zero: Tensor, groups: Tensor, bits: int,
+             kernel_group: int) -> tuple[Tensor, Tensor]:
+    """An (N, K) weight in aten's CPU int4 layout, with ``groups`` the group of each column.
+
+    aten's kernel computes ``(c - 8) * scale + bias``. 2- and 3-bit codes are shifted by
+    ``8 - zero`` (still < 16) so that the bias term is exactly 0; 4-bit codes keep
+    ``bias = (8 - zero) * scale``, rounded to bf16 like the scale."""
     scale, zero = scale.float(), zero.float()
-    groups = torch.arange(codes.shape[1], device=codes.device) // group_size
     if bits <= 3:
         codes = codes.to(torch.int32) + (8 - zero[:, groups]).to(torch.int32)
         zero = torch.full_like(zero, 8)
-    g = groups[::kernel_group]
-    sz = torch.stack([scale[:, g], (8 - zero[:, g]) * scale[:, g]], -1)
+    g = groups[::kernel_group]  # group of each kernel group
+    sz = torch.stack([scale[:, g], (8 - zero[:, g]) * scale[:, g]], -1)  # (N, G', 2)
     return (torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1),
             sz.transpose(0, 1).contiguous().to(torch.bfloat16))
 
