@@ -228,3 +228,27 @@ def test_saving_compressed_experts_is_refused_clearly(tmp_path):
     model, _ = _compress("mixtral", GPTQ(4, 32))
     with pytest.raises(NotImplementedError, match="compressed experts"):
         fxcompress.save(model, tmp_path / "out")
+
+
+def test_unsupported_experts_are_skipped_with_reason():
+    """gpt-oss experts (interleaved gate/up, biases, own gate function) stay dense under a
+    catch-all rule, listed with the reason; naming them explicitly is an error."""
+    import warnings
+
+    import transformers as T
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = T.GptOssConfig(vocab_size=VOCAB, num_hidden_layers=1, hidden_size=HIDDEN,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             intermediate_size=HIDDEN, num_local_experts=EXPERTS,
+                             num_experts_per_tok=2, layer_types=["full_attention"])
+        model = T.GptOssForCausalLM(cfg).eval()
+    fxcompress.compile(model, _calibration(n=4), GPTQ(4, 32), progress=False)
+    skipped = model.fxcompress_report.skipped
+    assert "GptOssExperts: gate and up rows are interleaved" in \
+        skipped["model.layers.0.mlp.experts"]
+    assert type(model.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+    with pytest.raises(RecipeError, match="names 'model.layers.0.mlp.experts'"):
+        fxcompress.compile(model, _calibration(n=4), Recipe(
+            {"model.layers.0.mlp.experts": GPTQ(4, 32), ".*": None}), progress=False)
