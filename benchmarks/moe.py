@@ -8,11 +8,13 @@ held-out random tokens, and the time of a one-token forward (decode-sized, batch
 of the compressed model against the dense one (median of repeats). Random weights and tokens:
 the errors compare methods on the same objective, they say nothing about language quality.
 
-Run: OMP_NUM_THREADS=1 python benchmarks/moe.py    (or at a quiet moment with all threads)
+Run: OMP_NUM_THREADS=1 python benchmarks/moe.py [--methods dense,gptq-w4g128,...]
+(or at a quiet moment with all threads)
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -65,6 +67,25 @@ def _decode_ms(model, repeats: int = 15) -> float:
     return 1e3 * statistics.median(times[3:])
 
 
+def _block_ms(dense, compressed, tokens: int, repeats: int = 30) -> tuple[float, float]:
+    """One experts block alone (layer 0), dense vs compressed, timed interleaved (so that
+    load from other jobs hits both alike): median ms per call."""
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, SIZES["hidden_size"], generator=gen)
+    ids = torch.stack([torch.randperm(SIZES["num_local_experts"], generator=gen)[:2]
+                       for _ in range(tokens)])
+    w = torch.softmax(torch.randn(tokens, 2, generator=gen), -1)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    with torch.no_grad():
+        for r in range(repeats + 3):
+            for i, m in enumerate((dense, compressed)):
+                t = time.perf_counter()
+                m(x, ids, w)
+                if r >= 3:
+                    times[i].append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+
+
 def child(name: str) -> dict:
     import fxcompress
 
@@ -72,6 +93,7 @@ def child(name: str) -> dict:
     calib = torch.randint(0, SIZES["vocab_size"], (32, 128), generator=gen)
     held = torch.randint(0, SIZES["vocab_size"], (4, 128), generator=gen)
     model = build()
+    dense_experts = copy.deepcopy(model.model.layers[0].mlp.experts)
     with torch.no_grad():
         ref = model(input_ids=held, use_cache=False).logits
     dense_ms = _decode_ms(model)
@@ -84,6 +106,8 @@ def child(name: str) -> dict:
             y = model(input_ids=held, use_cache=False).logits
         row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
         row["decode_ms"] = _decode_ms(model)
+        experts = model.model.layers[0].mlp.experts
+        row["block"] = {t: _block_ms(dense_experts, experts, t) for t in (1, 32)}
     row["peak_rss"] = _hwm()
     return row
 
@@ -100,7 +124,10 @@ def main() -> None:
     print("| method | compress s | peak RSS MiB | logits rel. err vs dense | decode ms "
           "(1 token) | dense decode ms | speed-up |")
     print("|---|---|---|---|---|---|---|")
-    for name in METHODS:
+    blocks = []
+    chosen = sys.argv[sys.argv.index("--methods") + 1].split(",") \
+        if "--methods" in sys.argv else METHODS
+    for name in chosen:
         out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True,
                              text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,6 +138,14 @@ def main() -> None:
         print(f"| {name} | {r['seconds']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
               f"{r['rel_err']:.4f} | {r['decode_ms']:.1f} | {r['dense_decode_ms']:.1f} | "
               f"{r['dense_decode_ms'] / r['decode_ms']:.2f} |", flush=True)
+        blocks.append((name, r["block"]))
+    print("\nOne experts block alone (layer 0: 8 experts, 2 per token), dense (transformers "
+          "grouped_mm, fp32) vs compressed, timed interleaved, median ms:\n")
+    print("| method | tokens | dense ms | compressed ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for name, block in blocks:
+        for tokens, (d, c) in block.items():
+            print(f"| {name} | {tokens} | {d:.2f} | {c:.2f} | {d / c:.2f} |")
 
 
 if __name__ == "__main__":

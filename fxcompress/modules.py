@@ -436,7 +436,9 @@ def int4pack(codes: Tensor, scale: Tensor, zero: Tensor, groups: Tensor, bits: i
 
 class SparseExperts(nn.Module):
     """All experts of one mixture-of-experts block, pruned (not quantized): dense
-    ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I) with keep-masks ``<bank>_mask``."""
+    ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I) whose pruned weights are exactly 0,
+    with the keep-masks ``<bank>_mask`` recording the pattern. The weights are frozen
+    (``requires_grad=False``): training through experts is not supported yet."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu",
                  device: torch.device | str | None = None,
@@ -447,7 +449,7 @@ class SparseExperts(nn.Module):
         shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}
         for bank, shape in shapes.items():
             setattr(self, bank, nn.Parameter(torch.zeros(num_experts, *shape, dtype=dtype,
-                                                         device=device)))
+                                                         device=device), requires_grad=False))
             self.register_buffer(f"{bank}_mask", torch.ones(num_experts, *shape,
                                                             dtype=torch.bool, device=device))
 
@@ -460,15 +462,15 @@ class SparseExperts(nn.Module):
                 experts_activation(module), device="meta", dtype=dtype)
         for bank, cs in results.items():
             mask = torch.stack([c.mask for c in cs])
-            setattr(m, bank, nn.Parameter(torch.stack([c.values for c in cs]).to(dtype) * mask))
+            setattr(m, bank, nn.Parameter(torch.stack([c.values for c in cs]).to(dtype) * mask,
+                                          requires_grad=False))
             setattr(m, f"{bank}_mask", mask)
         return m
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                 ) -> Tensor:
-        return torch.ops.fxcompress.moe_masked(
-            hidden_states, top_k_index, top_k_weights, self.gate_up_proj,
-            self.gate_up_proj_mask, self.down_proj, self.down_proj_mask, self.act)
+        return torch.ops.fxcompress.moe_pruned(hidden_states, top_k_index, top_k_weights,
+                                               self.gate_up_proj, self.down_proj, self.act)
 
     def extra_repr(self) -> str:
         kept = torch.cat([self.gate_up_proj_mask.flatten(), self.down_proj_mask.flatten()])

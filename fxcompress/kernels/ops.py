@@ -19,6 +19,11 @@ op                        weight format
                           sorted by group with ``perm``): the CUDA path of any grid
 ``sparse24_quant_linear`` 2:4 kept half of the codes + 2-bit positions: CUDA 2:4 + int
 ``masked_linear``         dense weight and a keep-mask (pruned, not quantized; trainable)
+``moe_quant``             a mixture-of-experts block, every expert's two weights in the
+                          canonical layout stacked (E, ...): CPU dequantizes per expert, CUDA
+                          runs the grouped Triton kernel over the routed tokens
+``moe_int4pack``          the same in aten's CPU int4 layout per expert: the fast CPU path
+``moe_pruned``            the same, pruned (not quantized) experts stored dense with zeros
 ========================  =================================================================
 """
 
@@ -377,15 +382,16 @@ def moe_int4pack(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, sz1: Tenso
     return experts_loop(x, ids, weights, w1.shape[0], up, down, act)
 
 
-@triton_op("fxcompress::moe_masked", mutates_args=())
-def moe_masked(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, m1: Tensor, w2: Tensor,
-               m2: Tensor, act: str) -> Tensor:
+@triton_op("fxcompress::moe_pruned", mutates_args=())
+def moe_pruned(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, act: str
+               ) -> Tensor:
     """An experts block of pruned (not quantized) experts: dense ``w1`` (E, 2I, H) and ``w2``
-    (E, H, I) with boolean keep-masks; pruned weights are zero whatever the stored values."""
-    return experts_loop(
-        x, ids, weights, w1.shape[0],
-        lambda e, rows: F.linear(rows, torch.where(m1[e], w1[e], 0).to(rows.dtype)),
-        lambda e, h: F.linear(h, torch.where(m2[e], w2[e], 0).to(h.dtype)), act)
+    (E, H, I) whose pruned weights are exactly 0 (``SparseExperts`` keeps that invariant and
+    records the pattern in its masks; re-masking every expert on every call cost 30× the
+    dense block at decode)."""
+    return experts_loop(x, ids, weights, w1.shape[0],
+                        lambda e, rows: F.linear(rows, w1[e].to(rows.dtype)),
+                        lambda e, h: F.linear(h, w2[e].to(h.dtype)), act)
 
 
 def _moe_fake(x: Tensor, *args, **kwargs) -> Tensor:
@@ -395,5 +401,5 @@ def _moe_fake(x: Tensor, *args, **kwargs) -> Tensor:
     return torch.empty_like(x)
 
 
-for _op in (moe_quant, moe_int4pack, moe_masked):
+for _op in (moe_quant, moe_int4pack, moe_pruned):
     _op.register_fake(_moe_fake)
