@@ -198,7 +198,9 @@ def test_eager_experts_fail_clearly():
         fxcompress.compile(model, _calibration(), GPTQ(4, 32), progress=False)
 
 
-@pytest.mark.parametrize("method", [GPTQ(4, 32), SparseGPT(0.5)], ids=["w4", "50%"])
+@pytest.mark.parametrize("method", [GPTQ(4, 32),
+                                    pytest.param(SparseGPT(0.5), marks=pytest.mark.slow)],
+                         ids=["w4", "50%"])
 def test_compile_fullgraph_no_graph_breaks(method):
     model, _ = _compress("mixtral", method)
     torch._dynamo.reset()
