@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def _echo(*args: Any) -> None:
 # --- inputs ------------------------------------------------------------------------------
 
 
+MODELS_EXPECTED = ("a Hugging Face model folder (with config.json and safetensors), a "
+                   "checkpoint written by fxcompress, a model id such as "
+                   "HuggingFaceTB/SmolLM2-135M-Instruct (when a hub is reachable), or "
+                   f"{DEFAULT_MODEL!r} (the default)")
+_HUB_ID = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")  # 'name' or 'organisation/name'
+
+
 def _is_checkpoint(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
@@ -51,23 +59,68 @@ def _is_checkpoint(path: Path) -> bool:
     return "fxcompress" in qc
 
 
-def load_model(spec: str, progress: bool = True) -> tuple[torch.nn.Module, Any, Path | None]:
-    """``smollm2`` (the embedded default), an fxcompress checkpoint, a Hugging Face folder, or
-    a model id (when a hub is reachable). Returns (model, tokenizer, folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def model_source(spec: str, progress: bool = True, local: bool = False,
+                 dense: bool = False) -> Path | str:
+    """The folder (or hub id) ``spec`` names, checked before transformers sees it: a missing
+    folder, a folder without ``config.json`` or (``local``) a hub id is a FileNotFoundError
+    saying what is expected; (``dense``) an fxcompress checkpoint, a ValueError."""
     from . import assets
 
-    folder = assets.smollm2(progress=progress) if spec == DEFAULT_MODEL else Path(spec)
-    source = str(folder) if folder.exists() else spec
-    if folder.exists() and _is_checkpoint(folder):
+    if spec == DEFAULT_MODEL:
+        return assets.smollm2(progress=progress)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        if dense and _is_checkpoint(path):
+            raise ValueError(f"{spec!r} is already compressed (an fxcompress checkpoint); "
+                             f"this command compresses a dense model: give the folder it was "
+                             f"made from")
+        return path
+    if path.exists():
+        found = "a folder without config.json" if path.is_dir() else "a file, not a folder"
+        raise FileNotFoundError(f"model {spec!r} is {found}; expected {MODELS_EXPECTED}")
+    if local or not _HUB_ID.fullmatch(spec) or ".." in spec:
+        where = (f"a local Hugging Face model folder (config.json and safetensors: streamed "
+                 f"compression reads the weights from disk) or {DEFAULT_MODEL!r}") if local \
+            else MODELS_EXPECTED
+        raise FileNotFoundError(f"model {spec!r}: no such folder; expected {where}")
+    return spec
+
+
+def _from_hub(loader: Any, source: Path | str, what: str) -> Any:
+    """``loader(source)``, with transformers' failures (no hub, unknown id, missing files)
+    turned into one line that says what was being loaded and what is expected."""
+    try:
+        return loader(source)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:400] or type(e).__name__
+        if isinstance(source, str):
+            raise FileNotFoundError(f"model {source!r} is not a local folder, and loading it as "
+                                    f"a hub model id failed: {reason.rstrip('.')}; expected "
+                                    f"{MODELS_EXPECTED}") from e
+        hint = (" The command line needs the model's own tokenizer files in its folder "
+                "(tokenizer.json, tokenizer_config.json).") if what == "tokenizer" else ""
+        raise FileNotFoundError(f"cannot load the {what} of {str(source)!r}: "
+                                f"{reason.rstrip('.')}.{hint}") \
+            from e
+
+
+def load_model(spec: str, progress: bool = True, dense: bool = False
+               ) -> tuple[torch.nn.Module, Any, Path | None]:
+    """``smollm2`` (the embedded default), an fxcompress checkpoint, a Hugging Face folder, or
+    a model id (when a hub is reachable); ``dense``: not an fxcompress checkpoint. Returns
+    (model, tokenizer, folder); anything else is a clear error (:func:`model_source`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(spec, progress, dense=dense)
+    if isinstance(source, Path) and _is_checkpoint(source):
         from .format import load
 
-        model = load(folder)
+        model = load(source)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model.eval(), tokenizer, folder if folder.exists() else None
+        model = _from_hub(lambda s: AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32),
+                          source, "model")
+    tokenizer = _from_hub(AutoTokenizer.from_pretrained, source, "tokenizer")
+    return model.eval(), tokenizer, source if isinstance(source, Path) else None
 
 
 def _text(path: str | None, which: str, progress: bool) -> str:
@@ -77,6 +130,13 @@ def _text(path: str | None, which: str, progress: bool) -> str:
         folder = assets.sotu(progress=progress)
         path = str(folder / f"{which}.txt")
     return assets.load_text(path)
+
+
+def _other_text(path: str | None, progress: bool) -> str:
+    """A held-out text of another domain than the calibration text (default: Moby-Dick)."""
+    from . import assets
+
+    return assets.load_text(path if path is not None else assets.moby_dick(progress=progress))
 
 
 def _calibration(tokenizer: Any, args: argparse.Namespace) -> torch.Tensor:
@@ -163,7 +223,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     recipe = resolve(args.recipe)
     if _streamed(args):
         return _compress_streamed(args, recipe)
-    model, tokenizer, folder = load_model(args.model, not args.quiet)
+    model, tokenizer, folder = load_model(args.model, not args.quiet, dense=True)
     calib = _calibration(tokenizer, args)
     _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed {args.seed})")
     dense_ppl = _perplexity(model, tokenizer, args, "dense") if args.eval else None
@@ -196,20 +256,15 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from . import assets
     from .distributed import init_from_env
     from .streaming import compress_checkpoint
 
-    folder = assets.smollm2(progress=not args.quiet) if args.model == DEFAULT_MODEL \
-        else Path(args.model)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"streamed compression reads a local Hugging Face folder "
-                                f"(config.json + safetensors); {args.model!r} is not one")
+    folder = model_source(args.model, not args.quiet, local=True, dense=True)
     distributed = init_from_env()
     lead = not distributed or dist.get_rank() == 0
     quiet = args.quiet or not lead
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _from_hub(AutoTokenizer.from_pretrained, folder, "tokenizer")
         args.quiet = quiet
         calib = _calibration(tokenizer, args)
         if lead:
@@ -274,9 +329,11 @@ def cmd_row(args: argparse.Namespace) -> int:
     decompress(model)
     from .evaluate import perplexity
 
-    ids = torch.load(args.eval_ids)
-    row["ppl"] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
-                            progress=False).ppl
+    for key, path in (("ppl", args.eval_ids), ("ppl_other", args.other_ids)):
+        if path is not None:
+            ids = torch.load(path)
+            row[key] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
+                                  progress=False).ppl
     Path(args.json).write_text(json.dumps(row))
     return 0
 
@@ -300,34 +357,41 @@ def _sparsity(model: torch.nn.Module) -> float:
 def cmd_compare(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from . import assets
     from .evaluate import calibration_samples, evaluation_windows
 
-    tokenizer = AutoTokenizer.from_pretrained(  # the rows load the model, each on its own
-        assets.smollm2(progress=not args.quiet) if args.model == DEFAULT_MODEL else args.model)
+    # the rows load the model, each in its own process: check it here, once
+    source = model_source(args.model, not args.quiet, dense=True)
+    tokenizer = _from_hub(AutoTokenizer.from_pretrained, source, "tokenizer")
     calib = calibration_samples(tokenizer, _text(args.calib, "calibration", not args.quiet),
                                 args.samples, args.seqlen, args.seed)
     ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
                              args.eval_seqlen, args.windows)
+    other = None if args.other_text == "none" else evaluation_windows(
+        tokenizer, _other_text(args.other_text, not args.quiet), args.eval_seqlen, args.windows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     # the exact token ids, so that another tool can be run on the same samples
     torch.save(calib, out / "calib_ids.pt")
     torch.save(ids, out / "eval_ids.pt")
+    extra = []
+    if other is not None:
+        torch.save(other, out / "other_ids.pt")
+        extra = ["--other-ids", str(out / "other_ids.pt")]
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in ["dense", *args.recipes.split(",")]:
             _echo(f"[compare] {recipe} ...")
             cmd = [sys.executable, "-m", "fxcompress", "_row", "--model", args.model,
                    "--recipe", recipe, "--calib-ids", str(out / "calib_ids.pt"),
-                   "--eval-ids", str(out / "eval_ids.pt"), "--json", f"{tmp}/row.json",
+                   "--eval-ids", str(out / "eval_ids.pt"), *extra, "--json", f"{tmp}/row.json",
                    "--quiet"]
             subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
             rows.append(json.loads(Path(f"{tmp}/row.json").read_text()))
             _echo(f"[compare] {recipe}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds']:.0f}s")
     settings = (f"calibration {calib.shape[0]} x {calib.shape[1]} tokens (seed {args.seed}); "
-                f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens; perplexity with "
-                f"dequantized float32 weights")
+                f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens"
+                + ("" if other is None else " of the evaluation text and of the other-domain "
+                   "text") + "; perplexity with dequantized float32 weights")
     table = compare_table(rows, settings)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "table.md").write_text(table + "\n")
@@ -337,14 +401,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def compare_table(rows: list[dict[str, Any]], settings: str) -> str:
+    other = any("ppl_other" in r for r in rows)
     lines = [f"_{settings}_", "",
-             "| recipe | perplexity | bits/weight | sparsity | time (s) | CPU time (s) "
-             "| peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| recipe | perplexity |" + (" other domain |" if other else "")
+             + " bits/weight | sparsity | time (s) | CPU time (s) | peak RSS (MiB) |",
+             "|---|---:|" + ("---:|" if other else "") + "---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {r['bits_per_weight']:.2f} | "
-                     f"{r['sparsity']:.0%} | {r['seconds']:.0f} | {r.get('cpu_seconds', 0):.0f} "
-                     f"| {r['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | "
+                     + (f"{r['ppl_other']:.2f} | " if other else "")
+                     + f"{r['bits_per_weight']:.2f} | {r['sparsity']:.0%} | {r['seconds']:.0f} | "
+                     f"{r.get('cpu_seconds', 0):.0f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -448,6 +514,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     k.add_argument("--recipes", required=True, help="comma-separated named recipes or files")
     k.add_argument("--out", default="compare", help="folder for table.md, plot.png, results.json")
+    k.add_argument("--other-text", help="a held-out text of another domain, also evaluated "
+                                        "(default: Moby-Dick, from npm; 'none' to skip)")
     _data(k)
     _evaluation(k)
     _common(k)
@@ -458,6 +526,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--recipe", required=True)
     w.add_argument("--calib-ids", required=True)
     w.add_argument("--eval-ids", required=True)
+    w.add_argument("--other-ids")
     w.add_argument("--json", required=True)
     _common(w)
     w.set_defaults(fn=cmd_row)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ BITS = (2, 3, 4, 8)
 RECIPE_VERSION = 1
 
 _SMALL = 8 << 20  # small buffers of a solve (group grids, block caches, allocator slack)
+SOLVERS = ("sweep", "admm")  # SparseGPT's mask selection and weight update
 HESSIAN = "hessian"  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
 CROSS = "cross"  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs (dense-output calibration)
 
@@ -94,10 +97,13 @@ class _HessianMethod(Method):
     def workspace(self, shape: tuple[int, int]) -> int:
         """One fp32 copy of H, factored in place, and about 13 bytes a weight for the sweep's
         buffers and the result (8 more for the dense-output target, 5 more for SparseGPT's
-        kept fp32 values); measured, with ~15 % to spare."""
+        kept fp32 values); measured, with ~15 % to spare. ADMM holds three more d×d matrices
+        and four weight-sized iterates."""
         out, inp = shape
         per_weight = 13 + (8 if self.dense_output else 0) + self._extra_per_weight()
-        return 4 * inp * inp + per_weight * out * inp + _SMALL
+        admm = getattr(self, "solver", "sweep") == "admm"
+        return (4 * inp * inp + per_weight * out * inp + _SMALL
+                + (4 * (3 * inp * inp + 4 * out * inp) if admm else 0))
 
     def _extra_per_weight(self) -> int:
         return 0
@@ -174,6 +180,11 @@ class SparseGPT(_HessianMethod):
     ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
     ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
     ``block_size`` columns. ``dense_output`` as for :class:`GPTQ`.
+
+    ``solver="admm"`` chooses the mask and the weights by ADMM instead of the one-pass sweep
+    (``algorithms/admm.py``: the mask is re-selected while the weights converge to the exact
+    least-squares fit of the kept ones; about 40 weight-sized products per layer); with
+    ``quant``, the kept weights are then quantized by the sweep with that mask fixed.
     """
 
     sparsity: float = 0.5
@@ -182,6 +193,7 @@ class SparseGPT(_HessianMethod):
     damp: float = 0.01
     block_size: int = 128
     dense_output: bool = False
+    solver: str = "sweep"
 
     def __post_init__(self) -> None:
         _check_sparsity(self.sparsity, self.n_m)
@@ -192,6 +204,8 @@ class SparseGPT(_HessianMethod):
                 raise RecipeError(f"block_size {self.block_size} must be a multiple of M={m}")
         if not 0 <= self.damp < 1:
             raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
+        if self.solver not in SOLVERS:
+            raise RecipeError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.quant is not None and self.quant.act_order:
             raise RecipeError("SparseGPT with act_order quantization is not supported: the "
                               "mask selection sweeps columns in their natural order")
@@ -271,24 +285,84 @@ def method_to_dict(method: Method) -> dict[str, Any]:
 
 
 def method_from_dict(data: Mapping[str, Any]) -> Method:
-    """Inverse of :func:`method_to_dict`; unknown methods or fields are clear errors."""
+    """Inverse of :func:`method_to_dict`; unknown methods or fields, and values of the wrong
+    type (as a YAML/JSON file may hold), are clear errors."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a method must be a mapping like {{method: GPTQ, bits: 4}}, got "
+                          f"{_kind(data)}")
     data = dict(data)
     name = data.pop("method", None)
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise RecipeError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
     cls = METHODS[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise RecipeError(f"{name} has no field(s) {sorted(unknown)}; fields: {sorted(known)}")
-    if isinstance(data.get("quant"), Mapping):
-        data["quant"] = method_from_dict(data["quant"])
-    if data.get("n_m") is not None:
-        data["n_m"] = tuple(data["n_m"])
+    hints = typing.get_type_hints(cls)
+    data = {k: _field_value(f"{name}.{k}", v, hints[k]) for k, v in data.items()}
     try:
         return cls(**data)
     except TypeError as e:
         raise RecipeError(f"{name}: {e}") from e
+
+
+def _field_value(where: str, value: Any, hint: Any) -> Any:
+    """``value`` as read from a file, checked against the field's type ``hint`` (and a
+    nested method or an ``n_m`` list converted); a RecipeError says what was expected."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+        else (hint,)
+    for t in options:
+        if t is type(None) and value is None:
+            return None
+        if t in (int, float) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and (t is float or isinstance(value, int)):
+            return value
+        if t in (bool, str) and isinstance(value, t):
+            return value
+        if typing.get_origin(t) is tuple and isinstance(value, (list, tuple)) \
+                and len(value) == len(typing.get_args(t)) \
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        if t in METHODS.values() and isinstance(value, Mapping) \
+                and value.get("method") == t.__name__:
+            return method_from_dict(value)
+    expected = " or ".join(_EXPECTED.get(t) or _EXPECTED.get(typing.get_origin(t))
+                           or f"a mapping like {{method: {t.__name__}, ...}}" for t in options)
+    raise RecipeError(f"{where} must be {expected}, got {_kind(value)}")
+
+
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             tuple: "a pair of integers like [2, 4]", type(None): "null"}
+
+EXAMPLE = """\
+version: 1
+rules:                  # a list, tried in order: the first pattern matching a layer wins
+  - pattern: 'model\\.layers\\..*'   # regular expression, matched against the whole name
+    method: GPTQ        # GPTQ, SparseGPT, RTN, Magnitude, or null (leave the layers dense)
+    bits: 4             # the method's fields (see `fxcompress recipes`)
+    group_size: 64
+  - pattern: '.*'
+    method: null"""
+
+
+def _kind(value: Any) -> str:
+    """What a YAML/JSON value is, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, Mapping) and "method" in value:
+        return f"a mapping with method {value['method']!r}"
+    if isinstance(value, Mapping):
+        return f"a mapping with keys {list(value)[:8]}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _shape_error(what: str) -> RecipeError:
+    return RecipeError(f"{what}. A recipe file looks like this:\n{EXAMPLE}")
 
 
 @dataclass(frozen=True, init=False, repr=False)
@@ -332,19 +406,29 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        if not isinstance(data, Mapping) or "rules" not in data:
-            raise RecipeError("a recipe needs a 'rules' list of {pattern, method, ...}")
+        """Inverse of :meth:`to_dict`: anything of another shape is a :class:`RecipeError`
+        saying what was found, with an example of what is expected."""
+        if not isinstance(data, Mapping):
+            raise _shape_error(f"a recipe must be a mapping with a 'rules' list, got "
+                               f"{'nothing (an empty file?)' if data is None else _kind(data)}")
+        unknown = set(data) - {"version", "rules"}
+        if unknown or "rules" not in data:
+            raise _shape_error(f"a recipe has the keys 'rules' (and optionally 'version'), "
+                               f"got {sorted(map(str, data))}")
         version = data.get("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise RecipeError(f"recipe version {version} is not supported "
+        if version != RECIPE_VERSION or isinstance(version, bool):
+            raise RecipeError(f"recipe version {version!r} is not supported "
                               f"(this fxcompress reads version {RECIPE_VERSION})")
+        if not isinstance(data["rules"], list):
+            raise _shape_error(f"'rules' must be a list (one '- pattern: ...' item per rule), "
+                               f"got {_kind(data['rules'])}")
         rules: dict[str, Method | None] = {}
-        for rule in data["rules"]:
-            rule = dict(rule)
-            if "pattern" not in rule:
-                raise RecipeError(f"rule {rule} has no 'pattern'")
-            pattern = rule.pop("pattern")
-            rules[pattern] = None if rule.get("method") is None else method_from_dict(rule)
+        for i, rule in enumerate(data["rules"]):
+            pattern, method = _rule_from_dict(i, rule)
+            if pattern in rules:
+                raise RecipeError(f"rules[{i}]: pattern {pattern!r} appears twice (the first "
+                                  f"match wins, so the second would never apply)")
+            rules[pattern] = method
         return cls(rules)
 
     def to_json(self) -> str:
@@ -352,7 +436,11 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"recipe is not valid JSON: {e}") from e
+        return cls.from_dict(data)
 
     def to_yaml(self) -> str:
         import yaml
@@ -377,12 +465,37 @@ class Recipe:
             text = path.read_text()
         except OSError as e:
             raise RecipeError(f"cannot read recipe file {path}: {e}") from e
-        if path.suffix == ".json":
-            return cls.from_json(text)
-        return cls.from_yaml(text)
+        try:
+            return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        except RecipeError as e:
+            raise RecipeError(f"recipe file {path}: {e}") from e
 
     def __repr__(self) -> str:
         return f"Recipe({dict(self.rules)!r})"
+
+
+def _rule_from_dict(i: int, rule: Any) -> tuple[str, Method | None]:
+    """``(pattern, method)`` of the ``i``-th rule of a recipe file."""
+    if not isinstance(rule, Mapping):
+        raise _shape_error(f"rules[{i}] must be a mapping with 'pattern' and 'method' keys, got "
+                           f"{_kind(rule)}")
+    rule = dict(rule)
+    pattern = rule.pop("pattern", None)
+    if not isinstance(pattern, str):
+        raise _shape_error(f"rules[{i}] needs a 'pattern' (a regular expression string), got "
+                           f"{_kind(pattern)}")
+    if "method" not in rule:
+        raise _shape_error(f"rules[{i}] ({pattern!r}) has no 'method': give one of "
+                           f"{sorted(METHODS)}, or null to leave the layers dense")
+    if rule["method"] is None:
+        if len(rule) > 1:
+            raise RecipeError(f"rules[{i}] ({pattern!r}): method null (dense) takes no fields, "
+                              f"got {sorted(k for k in rule if k != 'method')}")
+        return pattern, None
+    try:
+        return pattern, method_from_dict(rule)
+    except RecipeError as e:
+        raise RecipeError(f"rules[{i}] ({pattern!r}): {e}") from e
 
 
 def _decoder(method: Method) -> Recipe:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..recipe import SparseGPT
 from . import grid
+from .admm import admm_prune
 from .compressed import Compressed
 from .hessian import factor
 from .sweep import Sweep
@@ -42,11 +43,22 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
 
     A sequence of weights sharing ``h`` is swept as one stacked weight (see ``gptq``); with
     N:M sparsity the parts then equal their own solves, while unstructured masks are chosen
-    over all the stacked rows together."""
+    over all the stacked rows together. With ``cfg.solver == "admm"`` the mask and kept
+    weights come from ``admm_prune``, and a quantized result is the sweep over those weights
+    with that mask fixed."""
     cols = h.shape[0]
     if cfg.n_m is not None and cols % cfg.n_m[1]:
         raise ValueError(f"{cfg.n_m[0]}:{cfg.n_m[1]} sparsity needs in_features divisible by "
                          f"{cfg.n_m[1]}, got {cols}" + (f" (layer {name!r})" if name else ""))
+    fixed = None
+    if cfg.solver == "admm":
+        w = w if isinstance(w, Tensor) else torch.cat(list(w))  # stacked parts: one problem
+        pruned = admm_prune(w, h, cfg.sparsity, cfg.n_m, name=name, cross=cross)
+        if cfg.quant is None:
+            return pruned
+        # the kept weights are the least-squares optimum for the mask: quantizing them with
+        # the plain objective ‖X̃(Q - Ẑ)ᵀ‖² is the same problem (the cross term vanishes)
+        w, cross, fixed = pruned.values, None, pruned.mask.t().contiguous()
     q = cfg.quant
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
     f = factor(w, h, cfg.damp, name, cross)
@@ -60,10 +72,12 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
         values_t = torch.empty_like(f.wt)
 
     sweep = Sweep(f, cfg.block_size)
-    keep = torch.ones(cols, rows, dtype=torch.bool, device=dev)
+    keep = torch.ones(cols, rows, dtype=torch.bool, device=dev) if fixed is None else fixed
     total = rows * cols * cfg.sparsity
     for j in range(cols):
-        if cfg.n_m is None and j % cfg.block_size == 0:
+        if fixed is not None:  # the mask is given
+            pass
+        elif cfg.n_m is None and j % cfg.block_size == 0:
             j1 = min(j + cfg.block_size, cols)
             score = sweep.current(j, j1).square_() / sweep.d(j, j1)[:, None].square()
             k = round(total * j1 / cols) - round(total * j / cols)
@@ -90,6 +104,7 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
     del sweep, f
 
     mask = keep.t().contiguous()
+    row_loss = row_loss + (0 if fixed is None else pruned.row_loss)
     del keep
     out = Compressed(shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss,
                      mask=mask, damp=damp)

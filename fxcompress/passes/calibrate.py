@@ -61,13 +61,16 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Cross, Hessian, Statistics
+from ..kernels.ops import activation
+from ..modules import EXPERT_BANKS, experts_activation
 from ..recipe import CROSS, HESSIAN, Method
 from . import liveness
 from .liveness import PRICE, Costs, Liveness, SegmentMemory, plan_of_schedule
-from .sites import Site
+from .sites import Site, weight_path
 
 log = logging.getLogger(__name__)
 OFFLOAD = (None, "cpu", "disk")
+FIRST, SECOND = EXPERT_BANKS  # an experts block's projections: gate_up, then down
 
 
 @dataclass
@@ -81,6 +84,8 @@ class LayerReport:
     seconds: float
     samples: int  # rows of X (tokens) in its Hessian, 0 without one
     rank: int = 0  # the process that solved it (0 unless calibration is distributed)
+    routed: int | None = None  # an expert: the calibration rows routed to it (``samples``
+    # counts every row of the block instead when fewer than its input features were routed)
 
 
 # ============================================================================ the seams
@@ -181,6 +186,13 @@ class Schedule:
     last_use: dict[fx.Node, int]  # position of the last reader (-1: none); placeholders too
     barriers: list[tuple[int, fx.Node]]  # (position, input): compress before that node
     groups: dict[fx.Node, list[Site]]  # input -> the sites reading it
+    # input -> values held for all chunks at its barrier (see :func:`schedule`)
+    pinned: dict[fx.Node, set[fx.Node]] = field(default_factory=dict)
+
+    def groups_of(self, module: str, index: int) -> list[Site]:
+        """The scheduled sites of one expert of one experts module."""
+        return [s for g in self.groups.values() for s in g
+                if s.index == index and s.module_name == module]
 
     def segments(self) -> list[tuple[int, int, fx.Node | None]]:
         """``(start, end, input compressed at end)``; the last segment ends with no barrier."""
@@ -203,26 +215,61 @@ def _ancestors(targets: set[fx.Node]) -> set[fx.Node]:
 
 
 def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Method]) -> Schedule:
-    """The interpretation schedule of ``gm`` for the sites named in ``plan``."""
+    """The interpretation schedule of ``gm`` for the sites named in ``plan``.
+
+    The nodes that read an expert parameter on its way to the matmul (a transpose, an index by
+    expert id) are moved to just before the matmul, so that they run after the experts are
+    compressed and read the compressed weights.
+
+    A group with experts is *pinned*: its input, its routing and (for a second projection)
+    the first projection's input are held for all chunks at its barrier, and its statistics
+    are made there from them (:meth:`_Run.statistics`) rather than chunk by chunk as the
+    segment runs. Per-expert Hessians could stream, but the all-token rule of an expert
+    routed too few rows is only known to apply once every chunk is seen, and it reads these
+    values again (the second projection's through the compressed first one)."""
     nodes = list(gm.graph.nodes)
     groups: dict[fx.Node, list[Site]] = {}
+    late: dict[fx.Node, fx.Node] = {}  # weight-path node -> the matmul it feeds
     for s in sites:
         if s.fqn in plan:
             groups.setdefault(s.input, []).append(s)
-    needed = _ancestors(set(groups))
-    order = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
+            late.update({n: s.matmul for n in weight_path(s)})
+    routing = {s.routing for g in groups.values() for s in g if s.routing is not None}
+    feeders = {(s.module_name, s.index): s.input for g in groups.values() for s in g
+               if s.index is not None and s.attr == FIRST}
+    needed = _ancestors(set(groups) | routing)
+    base = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
+    pending: dict[fx.Node, list[fx.Node]] = {}
+    for n in base:
+        if n in late:
+            pending.setdefault(late[n], []).append(n)
+    order = []
+    for n in base:
+        if n not in late:
+            order += pending.pop(n, []) + [n]
+    order += [n for ns in pending.values() for n in ns]
     position = {n: i for i, n in enumerate(order)}
     placeholders = [n for n in nodes if n.op == "placeholder"]
     last_use = {n: max((position.get(u, -1) for u in n.users), default=-1)
                 for n in placeholders + order}
     barriers: list[tuple[int, fx.Node]] = []
+    pinned: dict[fx.Node, set[fx.Node]] = {}
     for x, group in groups.items():
         pos = min((position[s.node] for s in group if s.node in position),
                   default=position.get(x, -1) + 1)
         barriers.append((pos, x))
         last_use[x] = max(last_use[x], pos)
+        if all(s.index is None for s in group):
+            continue
+        pins = pinned[x] = {x} | {s.routing for s in group if s.routing is not None}
+        for s in group:  # the all-token rows of a second projection start from the first's
+            first = feeders.get((s.module_name, s.index)) if s.attr == SECOND else None
+            if first is not None:
+                pins.add(first)
+        for v in pins:
+            last_use[v] = max(last_use[v], pos)
     barriers.sort(key=lambda b: b[0])
-    return Schedule(order, position, last_use, barriers, groups)
+    return Schedule(order, position, last_use, barriers, groups, pinned)
 
 
 # ============================================================================ values
@@ -418,6 +465,8 @@ class _Run:
     results: dict[str, Compressed] = field(default_factory=dict)
     sums: dict[str, Hessian] = field(default_factory=dict)  # statistics of the next barrier
     segment: int = 0  # the segment running or just run
+    routed: dict[tuple[fx.Node, int], int] = field(default_factory=dict)  # rows per expert
+    firsts: dict[str, Tensor] = field(default_factory=dict)  # compressed gate_up per block
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
@@ -467,8 +516,9 @@ class _Run:
             node.args[self.interp.replaced[node][0]] is arg
 
     def _needs(self, x: fx.Node | None) -> frozenset[str]:
-        """The statistics of ``x`` that its sites still to solve need."""
-        if x is None:
+        """The statistics of ``x`` that its sites still to solve need, accumulated as the
+        chunks run (none for a pinned group: :meth:`statistics` makes them at the barrier)."""
+        if x is None or x in self.sched.pinned:
             return frozenset()
         todo = [s for s in self.sched.groups[x] if s.fqn not in self.done]
         return frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
@@ -485,24 +535,78 @@ class _Run:
         if CROSS in self.sums:
             self.sums[CROSS].add(x_tilde, x)
 
+    def statistics(self, x: fx.Node, todo: list[Site]) -> dict[int | None, dict[str, Hessian]]:
+        """This process's partial sums of what the sites still to solve need of ``x``: one set
+        for the linears reading it (key None), one per expert of an experts matmul (key: the
+        expert), from the rows routed to that expert. Made at the barrier from the frontier,
+        for pinned groups (see :func:`schedule`); the others were accumulated as the chunks
+        ran (:meth:`_accumulate`)."""
+        if x not in self.sched.pinned:
+            sums, self.sums = self.sums, {}
+            return {None: sums} if sums else {}
+        todo = [s for s in todo if self.plan[s.fqn].needs()]
+        if not todo:
+            return {}
+        needs = frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
+        if CROSS in needs and any(s.index is not None for s in todo):
+            raise ValueError(f"{todo[0].fqn}: dense-output calibration of experts is not "
+                             f"supported (the dense model routes tokens differently)")
+        device = self.kept.device or self.kept.get(x, 0).device
+        keys = {s.index: s for s in todo}
+        sums = {k: {HESSIAN: Hessian.zeros(s.shape[1], device)} for k, s in keys.items()}
+        if CROSS in needs:
+            sums[None][CROSS] = Cross.zeros(keys[None].shape[1], device)
+        for c in range(self.kept.chunks):
+            x_tilde = self.kept.get(x, c)
+            for k, s in keys.items():
+                routing = None if s.routing is None else self.kept.get(s.routing, c)
+                sums[k][HESSIAN].add(s.rows(x_tilde, routing))
+                if CROSS in sums[k]:
+                    sums[k][CROSS].add(x_tilde, self.dense.get(x, c))
+        return sums
+
     def device(self, s: Site) -> torch.device:
         """Where ``s``'s weight (and so its compressed replacement) lives."""
-        w = s.module.weight
+        w = s.param
         return self.params.source.device if w.is_meta else w.device
 
     def weight(self, s: Site) -> Tensor:
         """``s``'s weight as ``(out, in)`` float32."""
-        weight = s.module.weight
-        weight = (self.params.load(s.weight) if weight.is_meta else weight).detach()
-        return (weight.t() if s.transposed else weight).float()
+        param = s.param
+        param = (self.params.load(s.weight) if param.is_meta else param).detach()
+        return s.matrix(param).float()
+
+    def all_tokens(self, x: fx.Node, s: Site, names: str) -> Hessian:
+        """The Hessian of expert ``s`` over *every* token of its block: the rule for an expert
+        routed fewer rows than it has input features, whose routed Hessian is rank-deficient
+        (measured better than the routed rows alone: benchmarks/RESULTS.md). The first
+        projection reads all rows of its input; the second, the gated activation of the
+        compressed first projection of the same expert on all of them."""
+        h = Hessian.zeros(s.shape[1], self.kept.device or self.kept.get(x, 0).device)
+        for c in range(self.kept.chunks):
+            if s.attr == FIRST:
+                h.add(self.kept.get(x, c).reshape(-1, s.shape[1]))
+                continue
+            first = next(f for f in self.sched.groups_of(s.module_name, s.index) if
+                         f.attr == FIRST)
+            rows = self.kept.get(first.input, c).reshape(-1, first.shape[1])
+            w = first.matrix(self.firsts[first.module_name])
+            gate, up = torch.nn.functional.linear(rows, w.to(rows.dtype)).chunk(2, dim=-1)
+            h.add(activation(experts_activation(s.module), gate) * up)
+        self.team.reduce(h, names)
+        log.info("%s: %d routed rows < %d input features, Hessian from all %d rows of the "
+                 "block", s.fqn, self.routed[(x, s.index)], s.shape[1], h.count)
+        return h
 
     def solve(self, s: Site, stats: Statistics | None) -> tuple[Compressed, LayerReport]:
         t = time.perf_counter()
         method = self.plan[s.fqn]
         c = method.solve(self.weight(s), stats, s.fqn)
         seconds = time.perf_counter() - t
-        report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds,
-                             stats.count if stats is not None else 0, self.team.rank)
+        count = stats.count if stats is not None else 0
+        routed = self.routed.get((s.input, s.index), count) if s.index is not None else None
+        report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds, count,
+                             self.team.rank, routed)
         log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
         return c, report
 
@@ -512,24 +616,33 @@ class _Run:
         group = self.sched.groups[x]
         todo = [s for s in group if s.fqn not in self.done]
         names = ", ".join(s.fqn for s in group)
-        sums, self.sums = self.sums, {}
-        stats = None
-        if sums:
-            for partial in sums.values():
+        with self.team.guard(names):
+            sums = self.statistics(x, todo)
+        stats: dict[int | None, Statistics] = {}
+        for key, parts in sums.items():
+            for partial in parts.values():
                 self.team.reduce(partial, names)
-            h = sums[HESSIAN]
-            stats = Statistics(h.take(), h.count, sums[CROSS].take() if CROSS in sums else None)
-            del sums, h
-            if self.on_statistics is not None:
-                for s in group:
-                    self.on_statistics(s.fqn, stats)
+            h = parts[HESSIAN]
+            if key is not None:
+                check_routed(h, f"{names} (expert {key})")
+                self.routed[(x, key)] = h.count
+                if h.count < h.sum.shape[0]:
+                    h = self.all_tokens(x, next(s for s in todo if s.index == key), names)
+            stats[key] = Statistics(h.take(), h.count,
+                                    parts[CROSS].take() if CROSS in parts else None)
+            del h
+        del sums
+        if self.on_statistics is not None:
+            for s in group:
+                if s.index in stats:
+                    self.on_statistics(s.fqn, stats[s.index])
         owners = self.team.owners([self.plan[s.fqn].cost(s.shape) for s in todo])
         mine: dict[str, tuple[Compressed, LayerReport]] = {}
         with self.team.guard(names) as step:
             for s, owner in zip(todo, owners, strict=True):
                 if owner == self.team.rank:
                     step.layer = s.fqn
-                    mine[s.fqn] = self.solve(s, stats)
+                    mine[s.fqn] = self.solve(s, stats.get(s.index))
         del stats
         shared = [(s, *self.team.share(owner, mine.pop(s.fqn, None), s.fqn))
                   for s, owner in zip(todo, owners, strict=True)]
@@ -541,6 +654,9 @@ class _Run:
                 if s.fqn in self.done and not self.data_free:
                     step.layer = s.fqn
                     self.replace(s, self.done[s.fqn])
+        for s in group:
+            if s.attr == SECOND:
+                self.firsts.pop(s.module_name, None)
 
     def finish(self, s: Site, c: Compressed, report: LayerReport) -> None:
         if not self.data_free:
@@ -554,12 +670,33 @@ class _Run:
         self.bar.update()
 
     def replace(self, s: Site, c: Compressed) -> None:
-        """Compute ``s`` with ``c``'s weight from now on (if it runs again at all)."""
+        """Compute ``s`` with ``c``'s weight from now on, if it runs again at all (an expert:
+        its slice of the parameter, the others keeping theirs until they are replaced in
+        turn; a first projection always runs again when its second projection is scheduled,
+        so the all-token rule finds it in ``firsts``)."""
         if self.live.last_segment.get(s.node, -1) <= self.segment:
             return
-        w_hat = c.dense().to(self.device(s), s.module.weight.dtype)
-        self.interp.replaced[s.node] = (2 if s.transposed else 1,
-                                        w_hat.t().contiguous() if s.transposed else w_hat)
+        param = s.param
+        w_hat = s.stored(c.dense().to(self.device(s), param.dtype))
+        if s.index is None:
+            self.interp.replaced[s.node] = (s.operand, w_hat)
+            return
+        if s.node not in self.interp.replaced:
+            value = (self.params.load(s.weight) if param.is_meta else param).detach().clone()
+            self.interp.replaced[s.node] = (s.operand, value)
+            if s.attr == FIRST:  # the all-token rule of the second projection reads it
+                self.firsts[s.module_name] = value
+        self.interp.replaced[s.node][1][s.index] = w_hat
+
+
+def check_routed(h: Hessian, name: str) -> None:
+    """An expert that no calibration token was routed to has no Hessian: that is an error
+    naming it (use more or more varied calibration data, or leave its block dense), never a
+    silent fallback to rounding."""
+    if h.count == 0:
+        raise ValueError(f"{name}: no calibration token was routed to this expert, so it has "
+                         f"no Hessian. Calibrate with more (or more varied) samples, or leave "
+                         f"its experts dense with a None rule")
 
 
 def calibrate(
@@ -653,6 +790,7 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
     the same liveness plan it runs: frontier, one chunk's values, statistics, the solves,
     parameters streamed from ``weights`` and the results it holds (``keep_results``: they
     are returned rather than handed to a sink)."""
+    _flat_inputs(ep, chunks)  # a malformed batch: calibrate's error naming it, before any work
     sched = schedule(ep.graph_module, sites, plan)
     live = plan_of_schedule(ep, sched, chunks[0], recompute)
     binds = [liveness.symbols(ep, c) for c in chunks]
@@ -673,20 +811,20 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
             return 0
         return weights.nbytes(specs[p.name])
 
-    def solve(s: Site) -> int:
-        w = s.shape[0] * s.shape[1]
-        stored = w * s.module.weight.dtype.itemsize if s.module.weight.is_meta else 0
-        as_fp32 = 4 * w if s.module.weight.dtype != torch.float32 else 0
+    def solve(s: Site) -> int:  # a meta parameter is loaded whole (all experts) to solve
+        w, param = s.shape[0] * s.shape[1], s.param
+        stored = param.numel() * param.dtype.itemsize if param.is_meta else 0
+        as_fp32 = 4 * w if param.dtype != torch.float32 else 0
         return stored + as_fp32 + plan[s.fqn].workspace(s.shape)
 
-    def statistics(x: fx.Node) -> int:
-        group = [s for s in sched.groups[x] if s.fqn in plan]
-        stats = frozenset().union(*(plan[s.fqn].needs() for s in group))
-        return 4 * group[0].shape[1] ** 2 * len(stats)
+    def statistics(x: fx.Node) -> int:  # one set of sums per expert of an experts group
+        keys = {s.index: s for s in sched.groups[x] if s.fqn in plan and plan[s.fqn].needs()}
+        stats = frozenset().union(*(plan[s.fqn].needs() for s in sched.groups[x]))
+        return sum(4 * s.shape[1] ** 2 for s in keys.values()) * len(stats)
 
     costs = Costs(
         chunk_bytes, len(chunks), offload, CROSS in needs, loaded, solve,
         result=lambda s: plan[s.fqn].held(s.shape), keep_results=keep_results,
-        replaced=lambda s: s.shape[0] * s.shape[1] * s.module.weight.dtype.itemsize,
+        replaced=lambda s: s.shape[0] * s.shape[1] * s.param.dtype.itemsize,
         statistics=statistics, op_workspace=lambda n, c: liveness.op_workspace(n, binds[c]))
     return liveness.estimate(live, sched.groups, costs)

@@ -21,7 +21,10 @@ flop-equivalents divided by ``price`` — how much compute one byte saved is wor
 ``price=None`` keeps exactly what the plain schedule keeps (everything later segments read).
 
 Statistics of ``x`` are accumulated chunk by chunk while the segment runs, so ``x`` itself
-crosses the barrier only when that is the cheapest choice. Recomputed values run with the same
+crosses the barrier only when that is the cheapest choice — except for *pinned* values, which
+cross it whatever they cost: a group of experts keeps its input and routing (and a second
+projection the first one's input) for its per-expert statistics, made at the barrier
+(``calibrate.schedule`` says why). Recomputed values run with the same
 (possibly already compressed) weights as the first time, so results are identical.
 
 The same :class:`Liveness` drives the run (what to execute, when to free, what to hand on) and
@@ -185,13 +188,16 @@ class Liveness:
 def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
          last_use: Mapping[fx.Node, int], segments: Sequence[tuple[int, int, fx.Node | None]],
          inputs: Sequence[fx.Node], nbytes: Callable[[fx.Node], int],
-         cost: Callable[[fx.Node], float], price: float | None) -> Liveness:
+         cost: Callable[[fx.Node], float], price: float | None,
+         pinned: Mapping[fx.Node, set[fx.Node]] | None = None) -> Liveness:
     """The liveness of a schedule (``order``/``position``/``last_use`` of
     ``calibrate.Schedule``, its ``segments()``), starting from the user ``inputs``.
 
     ``nbytes(v)``: bytes of ``v``'s value for one chunk; ``cost(v)``: flop-equivalents of
     recomputing it; ``price``: flop-equivalents one byte of frontier is worth (``None``: never
-    recompute)."""
+    recompute); ``pinned[x]``: values that must be held for all chunks at ``x``'s barrier
+    (the statistics of ``x`` are made there from them, not as the chunks run)."""
+    pinned = pinned or {}
     frontier = [n for n in inputs if last_use.get(n, -1) >= 0]
     out = Liveness(list(frontier), [])
     crossing = set(frontier)  # values computed before the barrier and read after it
@@ -199,11 +205,12 @@ def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
         crossing |= {n for n in order[start:end] if last_use[n] >= end}
         crossing = {n for n in crossing if last_use[n] >= end}
         before = set(frontier)
+        pins = pinned.get(x, set()) if x is not None else set()
         if price is None:
-            keep = set(crossing)
+            keep = crossing | pins
         else:
-            keep = _cut(crossing | ({x} if x is not None else set()), before, x,
-                        nbytes, cost, price)
+            keep = _cut(crossing | pins | ({x} if x is not None else set()), before, x,
+                        nbytes, cost, price, pins)
         targets = ({x} if x is not None else set()) | (keep - before)
         run = sorted(_needed(targets, before), key=position.__getitem__)
         own = set(order[start:end])
@@ -227,7 +234,7 @@ def plan_of_schedule(ep: ExportedProgram, schedule: Any, chunk: tuple[tuple, dic
     nbytes = functools.cache(lambda n: value_bytes(n, bind))
     cost = functools.cache(lambda n: recompute_cost(n, bind))
     return plan(schedule.order, schedule.position, schedule.last_use, schedule.segments(),
-                inputs, nbytes, cost, price)
+                inputs, nbytes, cost, price, schedule.pinned)
 
 
 def _needed(targets: set[fx.Node], available: set[fx.Node]) -> set[fx.Node]:
@@ -258,9 +265,9 @@ def _frees(run: list[fx.Node], keep: set[fx.Node], x: fx.Node | None) -> list[li
 
 def _cut(needed: set[fx.Node], before: set[fx.Node], x: fx.Node | None,
          nbytes: Callable[[fx.Node], int], cost: Callable[[fx.Node], float],
-         price: float) -> set[fx.Node]:
+         price: float, pins: set[fx.Node] = frozenset()) -> set[fx.Node]:
     """The cheapest set of values to keep so that ``needed`` can be computed after the
-    barrier (see the module docstring)."""
+    barrier (see the module docstring); ``pins`` are kept whatever they cost."""
     import networkx as nx
 
     cands, stack = set(), list(needed)
@@ -277,7 +284,7 @@ def _cut(needed: set[fx.Node], before: set[fx.Node], x: fx.Node | None,
     for v in cands:
         storage = root(v)
         g.add_edge((v, "in"), (v, "out"), capacity=max(nbytes(storage), 1))
-        if v in before or v.op != "call_function":
+        if v in before or v in pins or v.op != "call_function":
             g.add_edge("source", (v, "in"))  # no capacity: infinite
         elif v in forced or math.isinf(cost(v)):
             c = cost(v)
