@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 import warnings
@@ -99,6 +100,17 @@ def _tokens(call: tuple[tuple, dict]) -> int:
     return max(1, leaves[0][:1].numel()) if leaves else 1
 
 
+def calibration_batches(model: nn.Module, calibration: Any, batch_size: int | None = None, *,
+                        ranks: int = 1) -> tuple[list[tuple[tuple, dict]], int]:
+    """The calibration samples as keyword calls of ``model``, runs of same-shaped samples
+    concatenated ``batch_size`` at a time (default: about ``DEFAULT_BATCH_TOKENS`` tokens a
+    batch, and no more than an equal share of the samples per rank, so every rank gets a
+    batch); and the number of samples."""
+    calls = [((), call_kwargs(model, *as_call(s))) for s in _samples(calibration)]
+    size = batch_size or max(1, DEFAULT_BATCH_TOKENS // _tokens(calls[0]))
+    return _batch(calls, min(size, math.ceil(len(calls) / ranks))), len(calls)
+
+
 def _explicit(pattern: str, name: str) -> bool:
     return pattern in (name, re.escape(name))
 
@@ -154,10 +166,7 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
     """
     t0 = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
-    calls = [as_call(s) for s in _samples(calibration)]
-    calls = [((), call_kwargs(model, a, k)) for a, k in calls]
-    batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // _tokens(calls[0]))
-    chunks = _batch(calls, batch_size)
+    chunks, samples = calibration_batches(model, calibration, batch_size)
     with evaluating(model), numerics(), torch.no_grad():
         ep = capture(model, *chunks[0])
         sites, others = find_sites(ep, model)
@@ -167,7 +176,7 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
         count = rewrite(model, sites, results)
         del results
         release_freed_memory()
-    report = Report(recipe, layers, skipped, time.perf_counter() - t0, len(calls))
+    report = Report(recipe, layers, skipped, time.perf_counter() - t0, samples)
     model.fxcompress_report = report
     log.info("fxcompress: compressed %d linear layers in %.1fs", count, report.seconds)
     return model

@@ -52,7 +52,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_compressed(cls, c: Compressed, bias: Tensor | None = None,
-                        dtype: torch.dtype = torch.float32) -> QuantLinear:
+                        dtype: torch.dtype = torch.float32, prepare: bool = True
+                        ) -> QuantLinear:
+        """The layer computing with ``c``; ``prepare=False`` leaves out the kernel layout
+        (the canonical buffers are all a checkpoint stores)."""
         if not c.quantized:
             raise ValueError("QuantLinear needs a quantized Compressed result")
         out_features, in_features = c.shape
@@ -69,7 +72,8 @@ class QuantLinear(nn.Module):
             m.weight_bitmask = pack.pack_bitmask(c.mask)
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
-        m.prepare()
+        if prepare:
+            m.prepare()
         return m
 
     def codes(self) -> Tensor:
@@ -247,10 +251,12 @@ class SparseLinear(nn.Module):
                 f"sparsity={self.sparsity():.2f}")
 
 
-def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """The module that computes with ``c``."""
+def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype,
+                      prepare: bool = True) -> nn.Module:
+    """The module that computes with ``c`` (``prepare``: see :meth:`QuantLinear.
+    from_compressed`)."""
     if c.quantized:
-        return QuantLinear.from_compressed(c, bias, dtype)
+        return QuantLinear.from_compressed(c, bias, dtype, prepare)
     return SparseLinear.from_compressed(c, bias, dtype)
 
 

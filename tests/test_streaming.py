@@ -16,10 +16,10 @@ import torch
 
 import fxcompress
 from fxcompress import GPTQ, RTN, SparseGPT
+from fxcompress.format import CheckpointWriter
 from fxcompress.streaming import (
     MemoryBudgetError,
     ResumeError,
-    ShardWriter,
     compress_checkpoint,
     parse_size,
     partial_dir,
@@ -83,7 +83,7 @@ class Interrupted(Exception):
 def test_interrupted_run_resumes_to_the_same_result(checkpoint, in_memory, tmp_path,
                                                     monkeypatch):
     out = tmp_path / "out"
-    add = ShardWriter.add
+    add = CheckpointWriter.add
     calls = {"n": 0}
 
     def interrupt(self, name, t):  # die half-way through writing the 6th layer
@@ -91,13 +91,13 @@ def test_interrupted_run_resumes_to_the_same_result(checkpoint, in_memory, tmp_p
             raise Interrupted
         add(self, name, t)
 
-    monkeypatch.setattr(ShardWriter, "add", interrupt)
+    monkeypatch.setattr(CheckpointWriter, "add", interrupt)
     with pytest.raises(Interrupted):
         compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False,
                             batch_size=2, max_shard_size=20_000)
     assert not out.exists() and partial_dir(out).exists()
 
-    monkeypatch.setattr(ShardWriter, "add", add)
+    monkeypatch.setattr(CheckpointWriter, "add", add)
     pass_ = importlib.import_module("fxcompress.passes.calibrate")
 
     solve = pass_.compress
