@@ -209,9 +209,10 @@ class _LinearCodec(Codec):
         return entry
 
     def entry_problem(self, entry: Entry) -> str | None:
-        if (not self.required <= set(entry) or not _positive_ints(entry, "in_features",
-                                                                 "out_features")
-                or not isinstance(entry["bias"], bool) or (entry["bias"] and "dtype" not in entry)):
+        if (not self.required <= set(entry)
+                or not _positive_ints(entry, "in_features", "out_features")
+                or not isinstance(entry["bias"], bool) or (entry["bias"] and "dtype" not in entry)
+                or ("nnz" in self.required and not _nnz_ok(entry))):
             return f"an invalid entry {entry!r}"
         return None
 
@@ -244,6 +245,11 @@ class _LinearCodec(Codec):
         if t["weight_shape"].tolist() != [n, k]:
             raise CheckpointError(f"{where}weight_shape holds {t['weight_shape'].tolist()}, "
                                   f"config.json says [{n}, {k}]")
+
+    def _bitmask(self, entry: Entry) -> Shapes:
+        """The keep-mask of pruned kinds: bit ``k % 8`` of byte ``k // 8`` of each row."""
+        return {"weight_bitmask": ((entry["out_features"], math.ceil(entry["in_features"] / 8)),
+                                   torch.uint8)}
 
     def _mask(self, entry: Entry, t: dict[str, Tensor], where: str) -> Tensor:
         mask = pack.unpack_bitmask(t["weight_bitmask"], entry["in_features"])
@@ -381,15 +387,8 @@ class SparseQuantizedCodec(QuantizedCodec):
         return {"weight_bitmask": m.weight_bitmask,
                 "weight_kept_packed": pack.pack(codes[mask][None], m.bits)[0]}
 
-    def entry_problem(self, entry: Entry) -> str | None:
-        problem = super().entry_problem(entry)
-        if problem is None and not _nnz_ok(entry):
-            problem = f"an invalid entry {entry!r}"
-        return problem
-
     def _expected_codes(self, entry: Entry) -> Shapes:
-        n, k = entry["out_features"], entry["in_features"]
-        return {"weight_bitmask": ((n, math.ceil(k / 8)), torch.uint8),
+        return {**self._bitmask(entry),
                 "weight_kept_packed": ((pack.packed_width(entry["nnz"], entry["bits"]),),
                                        torch.int32)}
 
@@ -424,16 +423,8 @@ class SparseCodec(_LinearCodec):
         return self._encode_linear(m, {"weight_bitmask": pack.pack_bitmask(m.mask),
                                        "weight_values": m.weight.detach()[m.mask]})
 
-    def entry_problem(self, entry: Entry) -> str | None:
-        problem = super().entry_problem(entry)
-        if problem is None and not _nnz_ok(entry):
-            problem = f"an invalid entry {entry!r}"
-        return problem
-
     def expected(self, entry: Entry) -> Shapes:
-        n, k = entry["out_features"], entry["in_features"]
-        return {**self._linear_expected(entry),
-                "weight_bitmask": ((n, math.ceil(k / 8)), torch.uint8),
+        return {**self._linear_expected(entry), **self._bitmask(entry),
                 "weight_values": ((entry["nnz"],), dtype_named(entry["dtype"]))}
 
     def decode(self, entry: Entry, t: dict[str, Tensor], where: str) -> SparseLinear:

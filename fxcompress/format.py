@@ -65,6 +65,7 @@ from .codecs import (
     set_module,
     set_tensor,
 )
+from .passes.calibrate import release_freed_memory
 from .recipe import Recipe, RecipeError
 from .sizes import parse_size
 
@@ -109,7 +110,7 @@ def partial_dir(out_dir: str | Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.partial")
 
 
-def read_progress(folder: Path) -> dict:
+def _read_progress(folder: Path) -> dict:
     try:
         state = json.loads((folder / PROGRESS).read_text())
     except (OSError, ValueError) as e:
@@ -132,7 +133,7 @@ class PartialCheckpoint:
     def __init__(self, out_dir: str | Path, state: dict | None = None):
         self.out_dir, self.folder = Path(out_dir).resolve(), partial_dir(out_dir)
         if state is None:
-            state = read_progress(self.folder) if (self.folder / PROGRESS).is_file() \
+            state = _read_progress(self.folder) if (self.folder / PROGRESS).is_file() \
                 else _fresh_state(None)
         self.state = state
 
@@ -209,7 +210,7 @@ class CheckpointWriter(PartialCheckpoint):
         if not (self.folder / PROGRESS).is_file():
             log.info("fxcompress: nothing to resume in %s, starting afresh", self.folder)
             return None
-        state = read_progress(self.folder)
+        state = _read_progress(self.folder)
         if state["fingerprint"] != fingerprint:
             raise ResumeError(f"{self.folder} holds a partial compression of another model, "
                               f"recipe or calibration set; remove it or run without resume")
@@ -318,13 +319,33 @@ def _write_safetensors(part: Path, tensors: dict[str, list], out: Path) -> None:
     with open(part, "rb") as src, open(out, "wb") as dst:
         dst.write(struct.pack("<Q", len(raw)))
         dst.write(raw)
+        dst.flush()
         for _, (_, _, begin, end, _) in entries:
-            src.seek(begin)
-            left = end - begin
-            while left:
-                block = src.read(min(left, 64 << 20))
-                dst.write(block)
-                left -= len(block)
+            _copy_range(src, dst, begin, end - begin)
+
+
+def _copy_range(src: Any, dst: Any, begin: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``begin`` to ``dst``: in the kernel where it can
+    (``copy_file_range``), through a buffer otherwise."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while count:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), count, begin)
+                if n == 0:
+                    raise CheckpointError(f"{src.name} ends before byte {begin + count}")
+                begin, count = begin + n, count - n
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    src.seek(begin)
+    while count:
+        block = src.read(min(count, 64 << 20))
+        if not block:
+            raise CheckpointError(f"{src.name} ends before byte {begin + count}")
+        dst.write(block)
+        count -= len(block)
+    dst.flush()
 
 
 def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Recipe | None
@@ -869,16 +890,26 @@ def _crc(t: Tensor) -> int:
     return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
 
 
+_TRIM_EVERY = 8 << 20  # bytes of stored tensors decoded between two trims of the heap
+
+
 def _decode(layers: dict[str, Entry], tensors: dict[str, Tensor],
             stored: dict[str, StoredTensor]) -> dict[str, nn.Module]:
     """Each compressed layer's module, built by its codec from its tensors (taken out of
     ``tensors``: what is left is stored as it is)."""
-    modules = {}
+    modules, since_trim = {}, 0
     for name, entry in layers.items():
         codec = codec_of(entry)
         local = {k: tensors.pop(f"{name}.{k}") for k in codec.expected(entry)}
         file = stored[f"{name}.{next(iter(local))}"].file if local else CONFIG_NAME
         modules[name] = codec.decode(entry, local, f"{file}: {name}.")
+        # decoding frees temporaries (unpacked codes, kernel-layout staging) between the
+        # tensors the model keeps: hand them back now and then, or the heap keeps them all
+        since_trim += sum(t.numel() * t.element_size() for t in local.values())
+        if since_trim > _TRIM_EVERY:
+            release_freed_memory()
+            since_trim = 0
+    release_freed_memory()
     return modules
 
 

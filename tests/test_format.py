@@ -603,7 +603,9 @@ def test_smollm2_load_memory_stays_near_packed_size(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    folder = fxcompress.assets.smollm2(progress=False)
+    from fxcompress import assets
+
+    folder = assets.smollm2(progress=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     dense = sum(p.numel() * 4 for p in model.parameters())
     quick(model, Recipe({"lm_head": None, ".*": GPTQ(4, 64)}))

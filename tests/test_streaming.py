@@ -140,12 +140,16 @@ def test_max_memory_too_small_names_the_layer(checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_parse_size():
-    assert parse_size("6GiB") == 6 * 2**30
-    assert parse_size("1.5 GB") == 1_500_000_000
-    assert parse_size(123) == 123
-    with pytest.raises(ValueError, match="6GiB"):
-        parse_size("lots")
+def test_sizes_are_checked_before_any_work(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("fxcompress.streaming.skeleton", None)  # not reached
+    with pytest.raises(ValueError, match=r"max_memory must be a positive number of bytes or "
+                                         r"a string like '6GiB'.*got 'lots'"):
+        compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "out",
+                            max_memory="lots")
+    with pytest.raises(ValueError, match=r"max_shard_size must be .*got '5 PB'"):
+        compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "out",
+                            max_shard_size="5 PB")
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------- bounded memory
