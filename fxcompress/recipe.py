@@ -2,9 +2,13 @@
 
 A method is a frozen dataclass (``GPTQ``, ``SparseGPT``, ``RTN``, ``Magnitude``) validated on
 construction, so a bad setting fails where it is written and not halfway through a long
-calibration. A :class:`Recipe` maps module-name patterns to methods; the first pattern that
-matches a linear's fully qualified name wins and ``None`` leaves the layer dense. Recipes
-round-trip through JSON and YAML with a format version.
+calibration. Each method is also its own registration (:class:`Method`): it declares which
+statistics calibration must gather for it, solves one weight from them, and states its cost,
+so that adding a method or a statistic touches this file and ``algorithms`` only.
+
+A :class:`Recipe` maps module-name patterns to methods; the first pattern that matches a
+linear's fully qualified name wins and ``None`` leaves the layer dense. Recipes round-trip
+through JSON and YAML with a format version.
 """
 
 from __future__ import annotations
@@ -12,13 +16,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from .algorithms import Compressed, Statistics
 
 BITS = (2, 3, 4, 8)
 RECIPE_VERSION = 1
+
+SOLVERS = ("sweep", "admm")  # SparseGPT's mask selection and weight update
+HESSIAN = "hessian"  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
+CROSS = "cross"  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs (dense-output calibration)
 
 
 class RecipeError(ValueError):
@@ -33,8 +48,55 @@ def _check_grid(bits: int, group_size: int) -> None:
                           f"got {group_size}")
 
 
+class Method:
+    """What calibration needs to know of a method, in one place.
+
+    * :meth:`needs`: the statistics of a layer's inputs to gather (:data:`HESSIAN`,
+      :data:`CROSS`); a method needing none is data-free (no forward pass is run for it);
+    * :meth:`solve`: one ``(out, in)`` weight and those statistics to a ``Compressed``;
+    * :meth:`cost` and :meth:`workspace`: relative time (to share solves between processes)
+      and peak extra bytes of a solve (for the memory estimate of streamed runs).
+    """
+
+    def needs(self) -> frozenset[str]:
+        return frozenset()
+
+    def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
+              ) -> Compressed:
+        raise NotImplementedError
+
+    def cost(self, shape: tuple[int, int]) -> float:
+        """Relative time of one solve: ``out·in`` for data-free methods."""
+        return float(shape[0]) * shape[1]
+
+    def workspace(self, shape: tuple[int, int]) -> int:
+        """Peak bytes a solve allocates besides the statistics (measured, ~20 % spare):
+        about six fp32 copies of the weight for the data-free methods."""
+        return 4 * 6 * shape[0] * shape[1]
+
+
+class _HessianMethod(Method):
+    """GPTQ and SparseGPT: a sweep over the columns with the layer Hessian."""
+
+    dense_output: bool
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({HESSIAN, CROSS} if self.dense_output else {HESSIAN})
+
+    def cost(self, shape: tuple[int, int]) -> float:
+        return float(shape[0]) * shape[1] * shape[1]
+
+    def workspace(self, shape: tuple[int, int]) -> int:
+        """The permuted, damped and factored copies of H (and C), and the sweep's buffers
+        (ADMM: three more d×d matrices and four weight-sized iterates)."""
+        out, inp = shape
+        admm = getattr(self, "solver", "sweep") == "admm"
+        return 4 * ((10 if self.dense_output else 8) * inp * inp + 7 * out * inp
+                    + (3 * inp * inp + 4 * out * inp if admm else 0))
+
+
 @dataclass(frozen=True)
-class RTN:
+class RTN(Method):
     """Round-to-nearest quantization: the baseline every GPTQ row is compared to."""
 
     bits: int = 4
@@ -45,9 +107,15 @@ class RTN:
     def __post_init__(self) -> None:
         _check_grid(self.bits, self.group_size)
 
+    def solve(self, w: torch.Tensor, stats: Statistics | None = None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import rtn
+
+        return rtn(w, self)
+
 
 @dataclass(frozen=True)
-class GPTQ:
+class GPTQ(_HessianMethod):
     """OPTQ/GPTQ quantization (Frantar et al., 2023).
 
     ``act_order`` processes columns by decreasing Hessian diagonal. With ``static_groups``
@@ -55,6 +123,10 @@ class GPTQ:
     so the checkpoint needs no group index and act-order costs nothing at inference; without
     it groups are fitted as the sweep reaches them in permuted order (the reference's dynamic
     variant, which stores an unsorted ``g_idx``).
+
+    ``dense_output`` fits each layer to the dense model's output on the dense model's inputs
+    instead of to the layer's own output on the compressed model's inputs (the errors of the
+    layers before are compensated too; see ``algorithms/hessian.py``).
     """
 
     bits: int = 4
@@ -65,6 +137,7 @@ class GPTQ:
     mse: bool = False
     damp: float = 0.01
     block_size: int = 128
+    dense_output: bool = False
 
     def __post_init__(self) -> None:
         _check_grid(self.bits, self.group_size)
@@ -77,15 +150,27 @@ class GPTQ:
     def grid(self) -> RTN:
         return RTN(self.bits, self.group_size, self.sym, self.mse)
 
+    def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import gptq
+
+        return gptq(w, stats.hessian, self, name, stats.cross)
+
 
 @dataclass(frozen=True)
-class SparseGPT:
+class SparseGPT(_HessianMethod):
     """SparseGPT pruning (Frantar & Alistarh, 2023), optionally quantizing the kept weights
-    in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp/block do not).
+    in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp, block and
+    dense_output do not: the SparseGPT's own do).
 
     ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
     ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
-    ``block_size`` columns.
+    ``block_size`` columns. ``dense_output`` as for :class:`GPTQ`.
+
+    ``solver="admm"`` chooses the mask and the weights by ADMM instead of the one-pass sweep
+    (``algorithms/admm.py``: the mask is re-selected while the weights converge to the exact
+    least-squares fit of the kept ones; about 40 weight-sized products per layer); with
+    ``quant``, the kept weights are then quantized by the sweep with that mask fixed.
     """
 
     sparsity: float = 0.5
@@ -93,6 +178,8 @@ class SparseGPT:
     quant: GPTQ | None = None
     damp: float = 0.01
     block_size: int = 128
+    dense_output: bool = False
+    solver: str = "sweep"
 
     def __post_init__(self) -> None:
         _check_sparsity(self.sparsity, self.n_m)
@@ -103,6 +190,8 @@ class SparseGPT:
                 raise RecipeError(f"block_size {self.block_size} must be a multiple of M={m}")
         if not 0 <= self.damp < 1:
             raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
+        if self.solver not in SOLVERS:
+            raise RecipeError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.quant is not None and self.quant.act_order:
             raise RecipeError("SparseGPT with act_order quantization is not supported: the "
                               "mask selection sweeps columns in their natural order")
@@ -111,9 +200,15 @@ class SparseGPT:
             raise RecipeError(f"group_size {self.quant.group_size} must be a multiple of "
                               f"M={self.n_m[1]}")
 
+    def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import sparsegpt
+
+        return sparsegpt(w, stats.hessian, self, name, stats.cross)
+
 
 @dataclass(frozen=True)
-class Magnitude:
+class Magnitude(Method):
     """Magnitude pruning: the baseline every SparseGPT row is compared to. ``quant`` rounds the
     kept weights to nearest (the joint baseline)."""
 
@@ -125,6 +220,12 @@ class Magnitude:
         _check_sparsity(self.sparsity, self.n_m)
         if self.n_m is not None:
             object.__setattr__(self, "n_m", tuple(self.n_m))
+
+    def solve(self, w: torch.Tensor, stats: Statistics | None = None, name: str | None = None
+              ) -> Compressed:
+        from .algorithms import magnitude
+
+        return magnitude(w, self)
 
 
 def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
@@ -139,7 +240,6 @@ def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
         raise RecipeError(f"sparsity must be in [0, 0.99], got {sparsity}")
 
 
-Method = Union[GPTQ, SparseGPT, RTN, Magnitude]  # noqa: UP007  (a runtime alias on 3.10)
 METHODS: dict[str, type] = {c.__name__: c for c in (GPTQ, SparseGPT, RTN, Magnitude)}
 
 
@@ -157,24 +257,84 @@ def method_to_dict(method: Method) -> dict[str, Any]:
 
 
 def method_from_dict(data: Mapping[str, Any]) -> Method:
-    """Inverse of :func:`method_to_dict`; unknown methods or fields are clear errors."""
+    """Inverse of :func:`method_to_dict`; unknown methods or fields, and values of the wrong
+    type (as a YAML/JSON file may hold), are clear errors."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a method must be a mapping like {{method: GPTQ, bits: 4}}, got "
+                          f"{_kind(data)}")
     data = dict(data)
     name = data.pop("method", None)
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise RecipeError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
     cls = METHODS[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise RecipeError(f"{name} has no field(s) {sorted(unknown)}; fields: {sorted(known)}")
-    if isinstance(data.get("quant"), Mapping):
-        data["quant"] = method_from_dict(data["quant"])
-    if data.get("n_m") is not None:
-        data["n_m"] = tuple(data["n_m"])
+    hints = typing.get_type_hints(cls)
+    data = {k: _field_value(f"{name}.{k}", v, hints[k]) for k, v in data.items()}
     try:
         return cls(**data)
     except TypeError as e:
         raise RecipeError(f"{name}: {e}") from e
+
+
+def _field_value(where: str, value: Any, hint: Any) -> Any:
+    """``value`` as read from a file, checked against the field's type ``hint`` (and a
+    nested method or an ``n_m`` list converted); a RecipeError says what was expected."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+        else (hint,)
+    for t in options:
+        if t is type(None) and value is None:
+            return None
+        if t in (int, float) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and (t is float or isinstance(value, int)):
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if typing.get_origin(t) is tuple and isinstance(value, (list, tuple)) \
+                and len(value) == len(typing.get_args(t)) \
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        if t in METHODS.values() and isinstance(value, Mapping) \
+                and value.get("method") == t.__name__:
+            return method_from_dict(value)
+    expected = " or ".join(_EXPECTED.get(t) or _EXPECTED.get(typing.get_origin(t))
+                           or f"a mapping like {{method: {t.__name__}, ...}}" for t in options)
+    raise RecipeError(f"{where} must be {expected}, got {_kind(value)}")
+
+
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false",
+             tuple: "a pair of integers like [2, 4]", type(None): "null"}
+
+EXAMPLE = """\
+version: 1
+rules:                  # a list, tried in order: the first pattern matching a layer wins
+  - pattern: 'model\\.layers\\..*'   # regular expression, matched against the whole name
+    method: GPTQ        # GPTQ, SparseGPT, RTN, Magnitude, or null (leave the layers dense)
+    bits: 4             # the method's fields (see `fxcompress recipes`)
+    group_size: 64
+  - pattern: '.*'
+    method: null"""
+
+
+def _kind(value: Any) -> str:
+    """What a YAML/JSON value is, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, Mapping) and "method" in value:
+        return f"a mapping with method {value['method']!r}"
+    if isinstance(value, Mapping):
+        return f"a mapping with keys {list(value)[:8]}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _shape_error(what: str) -> RecipeError:
+    return RecipeError(f"{what}. A recipe file looks like this:\n{EXAMPLE}")
 
 
 @dataclass(frozen=True, init=False, repr=False)
@@ -186,7 +346,7 @@ class Recipe:
     version: ClassVar[int] = RECIPE_VERSION
 
     def __init__(self, rules: Mapping[str, Method | None] | Method) -> None:
-        if isinstance(rules, tuple(METHODS.values())):
+        if isinstance(rules, Method):
             rules = {".*": rules}
         if not isinstance(rules, Mapping):
             raise RecipeError(f"a Recipe takes a mapping {{pattern: method}} or one method, "
@@ -197,7 +357,7 @@ class Recipe:
                 re.compile(pattern)
             except re.error as e:
                 raise RecipeError(f"invalid pattern {pattern!r}: {e}") from e
-            if method is not None and not isinstance(method, tuple(METHODS.values())):
+            if method is not None and not isinstance(method, Method):
                 raise RecipeError(f"rule {pattern!r}: expected a method or None, got {method!r}")
             items.append((pattern, method))
         object.__setattr__(self, "rules", tuple(items))
@@ -218,19 +378,29 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        if not isinstance(data, Mapping) or "rules" not in data:
-            raise RecipeError("a recipe needs a 'rules' list of {pattern, method, ...}")
+        """Inverse of :meth:`to_dict`: anything of another shape is a :class:`RecipeError`
+        saying what was found, with an example of what is expected."""
+        if not isinstance(data, Mapping):
+            raise _shape_error(f"a recipe must be a mapping with a 'rules' list, got "
+                               f"{'nothing (an empty file?)' if data is None else _kind(data)}")
+        unknown = set(data) - {"version", "rules"}
+        if unknown or "rules" not in data:
+            raise _shape_error(f"a recipe has the keys 'rules' (and optionally 'version'), "
+                               f"got {sorted(map(str, data))}")
         version = data.get("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise RecipeError(f"recipe version {version} is not supported "
+        if version != RECIPE_VERSION or isinstance(version, bool):
+            raise RecipeError(f"recipe version {version!r} is not supported "
                               f"(this fxcompress reads version {RECIPE_VERSION})")
+        if not isinstance(data["rules"], list):
+            raise _shape_error(f"'rules' must be a list (one '- pattern: ...' item per rule), "
+                               f"got {_kind(data['rules'])}")
         rules: dict[str, Method | None] = {}
-        for rule in data["rules"]:
-            rule = dict(rule)
-            if "pattern" not in rule:
-                raise RecipeError(f"rule {rule} has no 'pattern'")
-            pattern = rule.pop("pattern")
-            rules[pattern] = None if rule.get("method") is None else method_from_dict(rule)
+        for i, rule in enumerate(data["rules"]):
+            pattern, method = _rule_from_dict(i, rule)
+            if pattern in rules:
+                raise RecipeError(f"rules[{i}]: pattern {pattern!r} appears twice (the first "
+                                  f"match wins, so the second would never apply)")
+            rules[pattern] = method
         return cls(rules)
 
     def to_json(self) -> str:
@@ -238,7 +408,11 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"recipe is not valid JSON: {e}") from e
+        return cls.from_dict(data)
 
     def to_yaml(self) -> str:
         import yaml
@@ -263,12 +437,37 @@ class Recipe:
             text = path.read_text()
         except OSError as e:
             raise RecipeError(f"cannot read recipe file {path}: {e}") from e
-        if path.suffix == ".json":
-            return cls.from_json(text)
-        return cls.from_yaml(text)
+        try:
+            return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        except RecipeError as e:
+            raise RecipeError(f"recipe file {path}: {e}") from e
 
     def __repr__(self) -> str:
         return f"Recipe({dict(self.rules)!r})"
+
+
+def _rule_from_dict(i: int, rule: Any) -> tuple[str, Method | None]:
+    """``(pattern, method)`` of the ``i``-th rule of a recipe file."""
+    if not isinstance(rule, Mapping):
+        raise _shape_error(f"rules[{i}] must be a mapping with 'pattern' and 'method' keys, got "
+                           f"{_kind(rule)}")
+    rule = dict(rule)
+    pattern = rule.pop("pattern", None)
+    if not isinstance(pattern, str):
+        raise _shape_error(f"rules[{i}] needs a 'pattern' (a regular expression string), got "
+                           f"{_kind(pattern)}")
+    if "method" not in rule:
+        raise _shape_error(f"rules[{i}] ({pattern!r}) has no 'method': give one of "
+                           f"{sorted(METHODS)}, or null to leave the layers dense")
+    if rule["method"] is None:
+        if len(rule) > 1:
+            raise RecipeError(f"rules[{i}] ({pattern!r}): method null (dense) takes no fields, "
+                              f"got {sorted(k for k in rule if k != 'method')}")
+        return pattern, None
+    try:
+        return pattern, method_from_dict(rule)
+    except RecipeError as e:
+        raise RecipeError(f"rules[{i}] ({pattern!r}): {e}") from e
 
 
 def _decoder(method: Method) -> Recipe:

@@ -60,7 +60,7 @@ from . import format as fmt
 from .algorithms import Compressed
 from .api import Report, calibration_batches, numerics, plan_sites
 from .codecs import codec_for, dense_tensors
-from .distributed import Distributed, active, to_cpu
+from .distributed import Distributed, active, check_launch, to_cpu
 from .format import ResumeError, partial_dir
 from .modules import compressed_module
 from .passes import capture, find_sites
@@ -70,7 +70,6 @@ from .passes.calibrate import (
     Schedule,
     Team,
     calibrate,
-    needs_hessian,
     release_freed_memory,
     schedule,
 )
@@ -239,10 +238,8 @@ def _site_bytes(method: Method, shape: tuple[int, int], dtype: torch.dtype) -> i
     copies and sweep buffers; for GPTQ/SparseGPT also the permuted, damped and factored
     copies of H), the dense reconstruction (about 5 fp32 copies) and the packing for the
     writer (about 14 bytes a weight). The reduced H itself is counted by the caller."""
-    out, inp = shape
-    w = out * inp
-    solve = 4 * (8 * inp * inp + 7 * w) if needs_hessian(method) else 4 * 6 * w
-    return w * dtype.itemsize + max(solve, 4 * 6 * w, 16 * w)
+    w = shape[0] * shape[1]
+    return w * dtype.itemsize + max(method.workspace(shape), 4 * 6 * w, 16 * w)
 
 
 def _held_bytes(s: Site) -> int:
@@ -281,7 +278,8 @@ def estimate_memory(ep: ExportedProgram, sched: Schedule, plan: Mapping[str, Met
             group = sched.groups[x]
             layer = ", ".join(s.fqn for s in group)
             inp = group[0].shape[1]
-            h = 8 * inp * inp if any(needs_hessian(plan[s.fqn]) for s in group) else 0
+            needs = frozenset().union(*(plan[s.fqn].needs() for s in group))
+            h = 8 * inp * inp * len(needs)  # each statistic: its sum and its value
             solver = h + max(_site_bytes(plan[s.fqn], s.shape, s.module.weight.dtype)
                              for s in group) + sum(_held_bytes(s) for s in group)
         out.append(SegmentMemory(layer, resident + w_hats, frontier + transient, solver))
@@ -437,7 +435,11 @@ def compress_checkpoint(
     continues an interrupted run into the same ``out_dir`` with the same inputs. Under an
     initialised ``torch.distributed`` process group the work is spread over its ranks and
     rank 0 writes ``out_dir``; every rank returns the same :class:`~fxcompress.api.Report`.
+    Under a launcher (``torchrun``: ``WORLD_SIZE`` > 1) with no process group it raises
+    :class:`~fxcompress.distributed.DistributedError` before any work: call
+    :func:`~fxcompress.distributed.init_from_env` first.
     """
+    check_launch()
     t0 = time.perf_counter()
     offload = None if offload == "none" else offload
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -151,3 +151,60 @@ def test_compare_writes_table_plot_and_token_ids(folder, tmp_path, capsys):
     assert "| gptq-w4g64 |" in (out / "table.md").read_text()
     assert (out / "plot.png").stat().st_size > 0
     assert torch.load(out / "calib_ids.pt").shape == (4, 32)
+
+
+EXPECTED = "expected a Hugging Face model folder (with config.json and safetensors), a " \
+    "checkpoint written by fxcompress, a model id"
+
+
+def _model_args(command: str, model: str, tmp_path) -> list[str]:
+    return {"compress": ["compress", model, "--out", str(tmp_path / "o"), "--quiet"],
+            "stream": ["compress", model, "--out", str(tmp_path / "o"), "--stream", "--quiet"],
+            "eval": ["eval", model, "--quiet"],
+            "compare": ["compare", model, "--recipes", "rtn-w4g64", "--out",
+                        str(tmp_path / "c"), "--quiet"]}[command]
+
+
+@pytest.mark.parametrize("command", ["compress", "stream", "eval", "compare"])
+def test_a_model_that_is_not_there_says_what_is_expected(tmp_path, capsys, command):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("not a model")
+    for model, found in [("/no/such/folder", "no such folder"),
+                         (str(tmp_path / "empty"), "is a folder without config.json"),
+                         (str(tmp_path / "file.txt"), "is a file, not a folder")]:
+        assert main(_model_args(command, model, tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fxcompress: error: model {model!r}") and found in err, err
+        assert (EXPECTED in err) or (command == "stream" and found == "no such folder"), err
+        assert "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_hub_id_that_cannot_be_loaded_says_why(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    assert main(_model_args("compress", "some-org/some-model", tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "model 'some-org/some-model' is not a local folder, and loading it as a hub model " \
+           "id failed: We couldn't connect" in err and EXPECTED in err
+    # streamed compression reads local files only: no hub attempt
+    assert main(_model_args("stream", "some-org/some-model", tmp_path)) == 2
+    assert "expected a local Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_compressing_a_compressed_checkpoint_or_a_folder_without_tokenizer(tmp_path, capsys):
+    from fxcompress import GPTQ, save
+
+    from .test_format import quick
+
+    save(quick(build("llama", hidden=128, layers=1), {".*": GPTQ(4, 64)}), tmp_path / "ckpt")
+    for command in ("compress", "stream", "compare"):
+        assert main(_model_args(command, str(tmp_path / "ckpt"), tmp_path)) == 2
+        assert "is already compressed (an fxcompress checkpoint)" in capsys.readouterr().err
+    assert main(_model_args("eval", str(tmp_path / "ckpt"), tmp_path)) == 2  # no tokenizer
+    err = capsys.readouterr().err
+    assert "cannot load the tokenizer of" in err and "tokenizer files in its folder" in err

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fxcompress import GPTQ, RTN, Magnitude, SparseGPT
-from fxcompress.algorithms import Compressed
+from fxcompress.algorithms import Compressed, Statistics
 from fxcompress.codecs import (
     CODECS,
     CheckpointError,
@@ -21,7 +21,6 @@ from fxcompress.codecs import (
 )
 from fxcompress.format import load, save
 from fxcompress.modules import compressed_module
-from fxcompress.passes.calibrate import compress
 
 METHODS = {
     "quantized": GPTQ(4, 32),
@@ -38,7 +37,7 @@ def _compressed(method, bias: bool, seed: int = 0) -> tuple[Compressed, Tensor |
     w = torch.randn(48, 64, generator=g)
     x = torch.randn(256, 64, generator=g)
     b = torch.randn(48, generator=g) if bias else None
-    return compress(w, 2 * x.t() @ x / 256, method, "layer"), b
+    return method.solve(w, Statistics(2 * x.t() @ x / 256, 256), "layer"), b
 
 
 @pytest.mark.parametrize("bias", [False, True])

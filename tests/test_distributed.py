@@ -15,7 +15,7 @@ import torch
 
 import fxcompress
 from fxcompress import GPTQ, SparseGPT
-from fxcompress.distributed import Distributed
+from fxcompress.distributed import Distributed, DistributedError
 from fxcompress.streaming import compress_checkpoint, partial_dir
 
 from .models import VOCAB, build
@@ -54,21 +54,21 @@ def _worker(rank: int, world: int, init: str, model_dir: str, out: str, mode: st
             results: str) -> None:
     import torch.distributed as dist
 
-    pass_ = importlib.import_module("fxcompress.passes.calibrate")
+    run = importlib.import_module("fxcompress.passes.calibrate")._Run
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
-    solve = pass_.compress
+    solve = run.solve
 
-    def sabotaged(w, h, method, name):
-        if mode != "ok" and rank == 1 and name.startswith(FAIL_AT):
+    def sabotaged(self, site, stats):
+        if mode != "ok" and rank == 1 and site.fqn.startswith(FAIL_AT):
             if mode == "kill":
                 os._exit(3)
             raise ValueError("sabotaged on purpose")
-        return solve(w, h, method, name)
+        return solve(self, site, stats)
 
-    pass_.compress = sabotaged
+    run.solve = sabotaged
     result: dict = {}
     try:
         report = compress_checkpoint(model_dir, _calibration(), RECIPE, out, progress=False,
@@ -110,7 +110,14 @@ def checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
-def test_two_ranks_match_one_and_split_the_solves(checkpoint, tmp_path):
+@pytest.mark.parametrize("layers", [2, pytest.param(8, marks=pytest.mark.slow)])
+def test_two_ranks_match_one_and_split_the_solves(tmp_path, layers):
+    """docs/SCALING.md: every rank holds the same result, bit for bit; against one process
+    the result is as good, not equal (the Hessians' partial sums are added in another order,
+    and true-sequential calibration carries the rounding differences down the layers: on the
+    8-layer model 6 % of layer 4's down_proj codes differ)."""
+    checkpoint = tmp_path / "dense"
+    build("llama", hidden=64, layers=layers).save_pretrained(checkpoint)
     ranks = _launch(tmp_path, checkpoint, "ok")
     assert all("error" not in r for r in ranks), ranks
     # every rank holds the same compressed model (here: the in-memory pass's results)
@@ -124,17 +131,21 @@ def test_two_ranks_match_one_and_split_the_solves(checkpoint, tmp_path):
     report = compress_checkpoint(checkpoint, _calibration(), RECIPE, single, progress=False,
                                  batch_size=2)
     assert [r.fqn for r in report.layers] == [name for name, _, _ in ranks[0]["layers"]]
-    for r, (_, _, loss) in zip(report.layers, ranks[0]["layers"], strict=True):
-        assert loss == pytest.approx(r.loss, rel=1e-3, abs=1e-6)
-    one = fxcompress.load(single).state_dict()
-    two = fxcompress.load(tmp_path / "out-ok").state_dict()
-    assert one.keys() == two.keys()
-    for name in one:  # equal up to the order of the Hessians' float sums
-        a, b = one[name], two[name]
-        if a.is_floating_point():
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
-        else:  # codes: a rare rounding tie may flip one level
-            assert (a != b).float().mean() < 1e-3, name
+    losses = [loss for _, _, loss in ranks[0]["layers"]]
+    for r, loss in zip(report.layers, losses, strict=True):  # each layer as good (measured:
+        assert loss == pytest.approx(r.loss, rel=0.1, abs=1e-6), r.fqn  # within 2 %)
+    assert sum(losses) == pytest.approx(sum(r.loss for r in report.layers), rel=2e-2)
+    one, two = fxcompress.load(single).eval(), fxcompress.load(tmp_path / "out-ok").eval()
+    # the same layers, formats and shapes; the codes and masks are not equal (rounding
+    # decisions go either way once the Hessians differ in their last bits)
+    assert {k: (v.shape, v.dtype) for k, v in one.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in two.state_dict().items()}
+    dense = build("llama", hidden=64, layers=layers)
+    ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():  # the model as a whole: as close to the dense model
+        ref = dense(ids).logits
+        error = [((m(ids).logits - ref).norm() / ref.norm()).item() for m in (one, two)]
+    assert error[1] == pytest.approx(error[0], rel=1e-2)
 
 
 @pytest.mark.parametrize("mode", ["raise", pytest.param("kill", marks=pytest.mark.slow)])
@@ -152,3 +163,15 @@ def test_a_failing_rank_stops_every_rank(checkpoint, tmp_path, mode):
         assert ranks[1] == {"exitcode": 3}
         assert "DistributedError" in ranks[0]["error"]
         assert "lost contact" in ranks[0]["error"] and FAIL_AT in ranks[0]["error"]
+
+
+def test_a_launched_rank_without_a_process_group_is_refused(checkpoint, tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) with ``init_from_env()`` forgotten,
+    the ranks must not each compress the model and race on one folder: a clear error first."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    with pytest.raises(DistributedError, match=r"rank 1 of WORLD_SIZE=2 .* not initialised"
+                                               r".*fxcompress\.distributed\.init_from_env\(\)"):
+        compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False)
+    assert not out.exists() and not partial_dir(out).exists()

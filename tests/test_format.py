@@ -20,9 +20,9 @@ from torch import nn
 import fxcompress
 from fxcompress import GPTQ, RTN, Magnitude, QuantLinear, Recipe, SparseGPT, SparseLinear
 from fxcompress import format as fmt
+from fxcompress.algorithms import Statistics
 from fxcompress.format import CheckpointError, load, read_header, save
 from fxcompress.modules import compressed_module
-from fxcompress.passes.calibrate import compress
 
 from .models import VOCAB, build, output
 
@@ -43,7 +43,7 @@ def quick(model: nn.Module, recipe: Recipe | dict, seed: int = 0) -> nn.Module:
             continue
         w = m.weight.detach().t() if isinstance(m, Conv1D) else m.weight.detach()
         x = torch.randn(256, w.shape[1], generator=g)
-        c = compress(w.float().contiguous(), 2 * x.t() @ x / 256, match[1], name)
+        c = match[1].solve(w.float().contiguous(), Statistics(2 * x.t() @ x / 256, 256), name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 compressed_module(c, m.bias, w.dtype))

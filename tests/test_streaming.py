@@ -98,15 +98,14 @@ def test_interrupted_run_resumes_to_the_same_result(checkpoint, in_memory, tmp_p
     assert not out.exists() and partial_dir(out).exists()
 
     monkeypatch.setattr(CheckpointWriter, "add", add)
-    pass_ = importlib.import_module("fxcompress.passes.calibrate")
+    run = importlib.import_module("fxcompress.passes.calibrate")._Run
+    solve = run.solve
 
-    solve = pass_.compress
-
-    def count(*args, **kwargs):
+    def count(self, *args, **kwargs):
         calls["n"] += 1
-        return solve(*args, **kwargs)
+        return solve(self, *args, **kwargs)
 
-    monkeypatch.setattr(pass_, "compress", count)
+    monkeypatch.setattr(run, "solve", count)
     report = compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False,
                                  batch_size=2, max_shard_size=20_000, resume=True)
     _assert_same(out, in_memory)

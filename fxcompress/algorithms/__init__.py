@@ -3,10 +3,17 @@
 from .baselines import magnitude, magnitude_mask, rtn
 from .compressed import Compressed
 from .gptq import gptq
-from .hessian import Hessian, HessianNotPositiveDefinite, factor, output_error
+from .hessian import (
+    Cross,
+    Hessian,
+    HessianNotPositiveDefinite,
+    Statistics,
+    factor,
+    output_error,
+)
 from .sparsegpt import sparsegpt
 
 __all__ = [
-    "Compressed", "Hessian", "HessianNotPositiveDefinite", "factor", "gptq", "magnitude",
-    "magnitude_mask", "output_error", "rtn", "sparsegpt",
+    "Compressed", "Cross", "Hessian", "HessianNotPositiveDefinite", "factor", "gptq", "magnitude",
+    "magnitude_mask", "output_error", "rtn", "sparsegpt", "Statistics",
 ]

@@ -36,7 +36,8 @@ def magnitude_mask(w: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None
     layer, or all but the N largest of every M consecutive inputs."""
     rows, cols = w.shape
     score = w.abs()
-    keep = torch.ones_like(w, dtype=torch.bool)
+    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device)  # contiguous, even for a
+    # transposed (Conv1D) weight view
     if n_m is None:
         k = round(sparsity * w.numel())
         drop = torch.topk(score.flatten(), k, largest=False, sorted=False).indices

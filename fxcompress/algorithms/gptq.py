@@ -33,14 +33,17 @@ from .hessian import factor
 from .sweep import Sweep
 
 
-def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None) -> Compressed:
-    """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in)."""
+def gptq(w: Tensor, h: Tensor, cfg: GPTQ = GPTQ(), name: str | None = None,
+         cross: Tensor | None = None) -> Compressed:
+    """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
+    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``)."""
     rows, cols = w.shape
     gs = grid.check(cfg.bits, cfg.group_size, cols)
     groups = cols // gs
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if cfg.act_order \
         else torch.arange(cols, device=w.device)
-    f = factor(w[:, perm], h[perm][:, perm], cfg.damp, name)
+    f = factor(w[:, perm], h[perm][:, perm], cfg.damp, name,
+               None if cross is None else cross[perm][:, perm])
 
     # Group parameters fitted before the sweep (per-channel, or act-order static groups).
     dynamic = gs < cols and not (cfg.act_order and cfg.static_groups)

@@ -14,6 +14,17 @@ Cholesky factor U of H⁻¹). Instead of the reference's three cubic steps (Chol
 Cholesky) we factor the row/column-reversed Hessian once: ``flip(chol(flip(H)))`` is the upper
 triangular V with ``H = V Vᵀ``, and ``U = V⁻¹``. The sweep (see ``sweep.py``) works with V
 directly, so no inverse is ever formed.
+
+Dense-output calibration ("asymmetric": fit each layer to what the *dense* model computes on
+its dense inputs X, given the compressed model's inputs X̃) needs one more statistic, the cross
+moment ``C = 2 (X - X̃)ᵀ X̃ / n`` (:class:`Cross`). With ``H = 2 X̃ᵀX̃ / n``::
+
+    ‖X̃ Qᵀ - X Wᵀ‖² = ‖X̃ (Q - W*)ᵀ‖² + const,   W* = W Xᵀ X̃ (X̃ᵀX̃)⁻¹ = W + W C H⁻¹
+
+so the usual sweep runs unchanged on the corrected weight W* with the usual H. ``factor``
+computes W* with the same damped factor it returns, ``W* = W + W C (H + λI)⁻¹``: the damping
+regularises the *correction* towards W (a ridge regression of the drift), so a layer whose
+inputs did not drift keeps exactly its weight.
 """
 
 from __future__ import annotations
@@ -73,18 +84,51 @@ class Hessian:
         return (lower + torch.tril(self.sum, -1).t()) / self.count
 
 
+class Cross(Hessian):
+    """Running ``Σ 2·(x - x̃)ᵀx̃`` over the dense (x) and compressed (x̃) activations of the same
+    calibration rows: the cross moment of dense-output calibration. Not symmetric; same
+    sum-and-count bookkeeping as :class:`Hessian`, so partial sums merge and reduce alike."""
+
+    def add(self, x_tilde: Tensor, x: Tensor) -> None:  # type: ignore[override]
+        n = self.sum.shape[0]
+        if x_tilde.shape != x.shape or x.shape[-1] != n:
+            raise ValueError(f"dense activations {tuple(x.shape)} and compressed activations "
+                             f"{tuple(x_tilde.shape)} must both have {n} features")
+        xt = x_tilde.reshape(-1, n).to(self.sum.device, torch.float32)
+        drift = x.reshape(-1, n).to(self.sum.device, torch.float32) - xt
+        self.sum.addmm_(drift.t(), xt, alpha=2.0)
+        self.count += xt.shape[0]
+
+    def value(self) -> Tensor:
+        """``C = 2 (X - X̃)ᵀ X̃ / n``."""
+        if self.count == 0:
+            raise ValueError("the cross moment has seen no samples")
+        return self.sum / self.count
+
+
+@dataclass
+class Statistics:
+    """What calibration measured at one layer input, in the form the solvers take."""
+
+    hessian: Tensor  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
+    count: int  # rows of X̃ (tokens)
+    cross: Tensor | None = None  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs
+
+
 @dataclass
 class Factor:
     """What the sweep needs: the (dead-column fixed) weight and ``H + λI = V Vᵀ``."""
 
-    w: Tensor  # (rows, cols) float32, dead columns zeroed
+    w: Tensor  # (rows, cols) float32, dead columns zeroed (W* when a cross moment is given)
     v: Tensor  # (cols, cols) upper triangular, H + λI = V Vᵀ
     dead: Tensor  # (cols,) bool
     damp: float  # the relative damping that succeeded
 
 
-def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None) -> Factor:
-    """Fix dead columns, damp, and factor ``H``; see the module docstring."""
+def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None,
+           cross: Tensor | None = None) -> Factor:
+    """Fix dead columns, damp, and factor ``H``; with the cross moment ``cross`` of
+    dense-output calibration, also replace ``w`` by the target ``W*`` (module docstring)."""
     layer = f" for layer {name!r}" if name else ""
     cols = h.shape[0]
     if h.shape != (cols, cols) or w.shape[1] != cols:
@@ -92,22 +136,39 @@ def factor(w: Tensor, h: Tensor, damp: float = 0.01, name: str | None = None) ->
                          f"{tuple(w.shape)}{layer}")
     if not torch.isfinite(h).all():
         raise HessianNotPositiveDefinite(f"the Hessian{layer} contains NaN or Inf")
-    w = w.float().clone()
-    h = h.float().clone()
+    if cross is not None and cross.shape != h.shape:
+        raise ValueError(f"cross moment of shape {tuple(cross.shape)} does not fit a Hessian "
+                         f"of shape {tuple(h.shape)}{layer}")
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp64 on request
+    original = w.to(dtype)
+    w = original.clone()
+    h = h.to(dtype, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     mean_diag = torch.diag(h).mean()
     for d in (damp, damp * 10):
-        hd = h + d * mean_diag * torch.eye(cols, device=h.device)
+        hd = h + d * mean_diag * torch.eye(cols, device=h.device, dtype=dtype)
         lower, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
         if info == 0:
-            return Factor(w, lower.flip(0, 1), dead, d)
+            v = lower.flip(0, 1)
+            if cross is not None:
+                w = original + dense_correction(original, cross.to(dtype), v)
+                w[:, dead] = 0.0
+            return Factor(w, v, dead, d)
     raise HessianNotPositiveDefinite(
         f"the Hessian{layer} is not positive definite even with damping {damp * 10:g} x "
         f"mean(diag H): its Cholesky factorisation failed. Use more (or more varied) "
         f"calibration samples, or a larger damp."
     )
+
+
+def dense_correction(w: Tensor, cross: Tensor, v: Tensor) -> Tensor:
+    """``W C (V Vᵀ)⁻¹``: what dense-output calibration adds to ``w`` (two triangular solves
+    with the factor of the damped Hessian, ``H + λI = V Vᵀ``, V upper triangular)."""
+    m_t = (w @ cross).t()
+    z = torch.linalg.solve_triangular(v, m_t, upper=True)
+    return torch.linalg.solve_triangular(v.t(), z, upper=False).t()
 
 
 def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:

@@ -28,31 +28,45 @@ from torch import Tensor
 
 from ..recipe import SparseGPT
 from . import grid
+from .admm import admm_prune
 from .compressed import Compressed
 from .hessian import factor
 from .sweep import Sweep
 
 
 def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
-              name: str | None = None) -> Compressed:
-    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in)."""
+              name: str | None = None, cross: Tensor | None = None) -> Compressed:
+    """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
+    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
+    With ``cfg.solver == "admm"`` the mask and kept weights come from ``admm_prune``, and a
+    quantized result is the sweep over those weights with that mask fixed."""
     rows, cols = w.shape
     if cfg.n_m is not None and cols % cfg.n_m[1]:
         raise ValueError(f"{cfg.n_m[0]}:{cfg.n_m[1]} sparsity needs in_features divisible by "
                          f"{cfg.n_m[1]}, got {cols}" + (f" (layer {name!r})" if name else ""))
+    fixed = None
+    if cfg.solver == "admm":
+        pruned = admm_prune(w, h, cfg.sparsity, cfg.n_m, name=name, cross=cross)
+        if cfg.quant is None:
+            return pruned
+        # the kept weights are the least-squares optimum for the mask: quantizing them with
+        # the plain objective ‖X̃(Q - Ẑ)ᵀ‖² is the same problem (the cross term vanishes)
+        w, cross, fixed = pruned.values, None, pruned.mask.t().contiguous()
     q = cfg.quant
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
-    f = factor(w, h, cfg.damp, name)
+    f = factor(w, h, cfg.damp, name, cross)
     if q:
         scale, zero = grid.fit_groups(f.w, q.bits, gs, q.sym, q.mse)
         scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()
         codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
 
     sweep = Sweep(f.w, f.v, cfg.block_size)
-    keep = torch.ones(cols, rows, dtype=torch.bool, device=w.device)
+    keep = torch.ones(cols, rows, dtype=torch.bool, device=w.device) if fixed is None else fixed
     total = rows * cols * cfg.sparsity
     for j in range(cols):
-        if cfg.n_m is None and j % cfg.block_size == 0:
+        if fixed is not None:  # the mask is given
+            pass
+        elif cfg.n_m is None and j % cfg.block_size == 0:
             j1 = min(j + cfg.block_size, cols)
             score = sweep.current(j, j1).square() / sweep.d(j, j1)[:, None].square()
             k = round(total * j1 / cols) - round(total * j / cols)
@@ -77,7 +91,7 @@ def sparsegpt(w: Tensor, h: Tensor, cfg: SparseGPT = SparseGPT(),
             sweep.commit(wj, wj * keep[j])
 
     mask = keep.t().contiguous()
-    row_loss = sweep.row_loss()
+    row_loss = sweep.row_loss() + (0 if fixed is None else pruned.row_loss)
     out = Compressed(shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss,
                      mask=mask, damp=f.damp)
     if not q:

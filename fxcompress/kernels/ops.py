@@ -36,6 +36,10 @@ def dequantize(w_packed: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | No
                bits: int, group_size: int, in_features: int) -> Tensor:
     """Dense float32 ``(N, K)`` weight from the canonical layout."""
     codes = pack.unpack(w_packed, bits, in_features).float()
+    if g_idx is None and in_features % group_size == 0:  # broadcast per group: no gather
+        n = codes.shape[0]
+        w = (codes.view(n, -1, group_size) - zero.float()[..., None]) * scale.float()[..., None]
+        return w.view(n, in_features)
     if g_idx is None:
         g = torch.arange(in_features, device=w_packed.device) // group_size
     else:

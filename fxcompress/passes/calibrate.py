@@ -9,6 +9,12 @@ layers before it (true-sequential, at the granularity of single linears), and ea
 exactly once per chunk: one forward pass in all, where layer-wise calibrate-then-propagate
 schemes run two per layer.
 
+With dense-output calibration (a method's ``dense_output``), a second, *dense* frontier runs
+the same segments with the original weights next to the compressed one, so that at each
+barrier both the compressed model's inputs X̃ and the dense model's inputs X are complete: the
+methods that ask for it get the cross moment ``2 (X - X̃)ᵀX̃ / n`` besides ``H = 2X̃ᵀX̃ / n``
+(what a method needs is its own declaration, ``Method.needs``).
+
 Between two such barriers the nodes run chunk-major (chunk by chunk through the whole
 segment), so only values that cross a barrier are held for all chunks at once; everything is
 freed after its last use, and only the nodes that lead to some site's input run at all (the
@@ -53,8 +59,8 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from ..algorithms import Compressed, Hessian, gptq, magnitude, rtn, sparsegpt
-from ..recipe import GPTQ, RTN, Magnitude, Method, SparseGPT
+from ..algorithms import Compressed, Cross, Hessian, Statistics
+from ..recipe import CROSS, HESSIAN, Method
 from .sites import Site
 
 log = logging.getLogger(__name__)
@@ -72,30 +78,6 @@ class LayerReport:
     seconds: float
     samples: int  # rows of X (tokens) in its Hessian, 0 without one
     rank: int = 0  # the process that solved it (0 unless calibration is distributed)
-
-
-def needs_hessian(method: Method) -> bool:
-    return isinstance(method, (GPTQ, SparseGPT))
-
-
-def solve_cost(method: Method, shape: tuple[int, int]) -> float:
-    """Relative cost of compressing an ``(out, in)`` weight: ``out·in²`` for the Hessian
-    sweeps, ``out·in`` for rounding and magnitude pruning."""
-    out, inp = shape
-    return float(out) * inp * (inp if needs_hessian(method) else 1)
-
-
-def compress(w: Tensor, h: Tensor | None, method: Method, name: str) -> Compressed:
-    """Dispatch one weight ``(out, in)`` to its algorithm."""
-    if isinstance(method, GPTQ):
-        return gptq(w, h, method, name)
-    if isinstance(method, SparseGPT):
-        return sparsegpt(w, h, method, name)
-    if isinstance(method, RTN):
-        return rtn(w, method)
-    if isinstance(method, Magnitude):
-        return magnitude(w, method)
-    raise TypeError(f"{name}: unknown method {method!r}")
 
 
 # ============================================================================ the seams
@@ -417,59 +399,72 @@ class _Run:
     plan: Mapping[str, Method]
     params: Params
     kept: Frontier
+    dense: Frontier | None  # the dense model's frontier, for dense-output calibration
     interp: _Interpreter
     team: Team
     done: Mapping[str, Compressed]
     sink: Callable[[Site, Compressed, LayerReport], None] | None
-    on_hessian: Callable[[str, Tensor], None] | None
+    on_statistics: Callable[[str, Statistics], None] | None
     bar: Any
     results: dict[str, Compressed] = field(default_factory=dict)
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
     def run_segment(self, start: int, end: int) -> None:
-        """Nodes ``order[start:end]``, chunk by chunk; keep what later segments read."""
-        sched, interp, kept = self.sched, self.interp, self.kept
+        """Nodes ``order[start:end]``, chunk by chunk; keep what later segments read. With a
+        dense frontier, run them a second time with the original weights."""
+        sched, interp = self.sched, self.interp
         seg = sched.order[start:end]
         if not seg:
             return
-        self.params.fetch({a for n in seg for a in n.all_input_nodes
-                           if self.params.lazy(a) and not self._replaced_weight(n, a)})
+        self.params.fetch({a for n in seg for a in n.all_input_nodes if self.params.lazy(a)
+                           and (self.dense is not None or not self._replaced_weight(n, a))})
         dying: dict[int, set[fx.Node]] = {}  # position -> values no node after it reads
         for n in seg:
             for a in (n, *n.all_input_nodes):
                 last = sched.last_use[a]
                 if last < end:
                     dying.setdefault(max(last, sched.position[n]), set()).add(a)
-        for c in range(kept.chunks):
-            interp.env = env = _ChunkEnv(c, kept, self.params)
-            for i, n in enumerate(seg, start):
-                env[n] = interp.run_node(n)
-                for a in dying.get(i, ()):
-                    env.pop(a, None)
-            for n in seg:
-                if sched.last_use[n] >= end:
-                    kept.put(n, c, env[n])
-        interp.env = {}
-        for n in [n for n in kept if sched.last_use[n] < end]:
-            kept.drop(n)
-        for n in [n for n in interp.replaced if sched.position.get(n, len(sched.order)) < end]:
-            del interp.replaced[n]
+        replaced = interp.replaced
+        paths = [(self.kept, replaced)] + ([(self.dense, {})] if self.dense is not None else [])
+        for kept, weights in paths:  # the dense path computes with the original weights
+            interp.replaced = weights
+            for c in range(kept.chunks):
+                interp.env = env = _ChunkEnv(c, kept, self.params)
+                for i, n in enumerate(seg, start):
+                    env[n] = interp.run_node(n)
+                    for a in dying.get(i, ()):
+                        env.pop(a, None)
+                for n in seg:
+                    if sched.last_use[n] >= end:
+                        kept.put(n, c, env[n])
+            for n in [n for n in kept if sched.last_use[n] < end]:
+                kept.drop(n)
+        interp.env, interp.replaced = {}, replaced
+        for n in [n for n in replaced if sched.position.get(n, len(sched.order)) < end]:
+            del replaced[n]
         self.params.release(sched.last_use, end)
 
     def _replaced_weight(self, node: fx.Node, arg: fx.Node) -> bool:
         return node in self.interp.replaced and \
             node.args[self.interp.replaced[node][0]] is arg
 
-    def hessian(self, x: fx.Node, todo: list[Site]) -> Hessian | None:
-        """This process's partial H of ``x``, if any site still to solve needs one."""
-        if not any(needs_hessian(self.plan[s.fqn]) for s in todo):
-            return None
+    def statistics(self, x: fx.Node, todo: list[Site]) -> dict[str, Hessian]:
+        """This process's partial sums of what the sites still to solve need of ``x``."""
+        needs = frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
+        if not needs:
+            return {}
         device = self.kept.device or self.kept.get(x, 0).device
-        h = Hessian.zeros(todo[0].shape[1], device=device)
+        features = todo[0].shape[1]
+        sums: dict[str, Hessian] = {HESSIAN: Hessian.zeros(features, device)}
+        if CROSS in needs:
+            sums[CROSS] = Cross.zeros(features, device)
         for c in range(self.kept.chunks):
-            h.add(self.kept.get(x, c))
-        return h
+            x_tilde = self.kept.get(x, c)
+            sums[HESSIAN].add(x_tilde)
+            if CROSS in sums:
+                sums[CROSS].add(x_tilde, self.dense.get(x, c))
+        return sums
 
     def device(self, s: Site) -> torch.device:
         """Where ``s``'s weight (and so its compressed replacement) lives."""
@@ -482,13 +477,13 @@ class _Run:
         weight = (self.params.load(s.weight) if weight.is_meta else weight).detach()
         return (weight.t() if s.transposed else weight).float()
 
-    def solve(self, s: Site, hv: Tensor | None, count: int) -> tuple[Compressed, LayerReport]:
+    def solve(self, s: Site, stats: Statistics | None) -> tuple[Compressed, LayerReport]:
         t = time.perf_counter()
         method = self.plan[s.fqn]
-        c = compress(self.weight(s), hv, method, s.fqn)
+        c = method.solve(self.weight(s), stats, s.fqn)
         seconds = time.perf_counter() - t
-        report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds, count,
-                             self.team.rank)
+        report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds,
+                             stats.count if stats is not None else 0, self.team.rank)
         log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
         return c, report
 
@@ -499,23 +494,25 @@ class _Run:
         todo = [s for s in group if s.fqn not in self.done]
         names = ", ".join(s.fqn for s in group)
         with self.team.guard(names):
-            h = self.hessian(x, todo)
-        hv, count = None, 0
-        if h is not None:
-            self.team.reduce(h, names)
-            hv, count = h.value(), h.count
-            del h
-            if self.on_hessian is not None:
+            sums = self.statistics(x, todo)
+        stats = None
+        if sums:
+            for partial in sums.values():
+                self.team.reduce(partial, names)
+            h = sums[HESSIAN]
+            stats = Statistics(h.value(), h.count, sums[CROSS].value() if CROSS in sums else None)
+            del sums, h
+            if self.on_statistics is not None:
                 for s in group:
-                    self.on_hessian(s.fqn, hv)
-        owners = self.team.owners([solve_cost(self.plan[s.fqn], s.shape) for s in todo])
+                    self.on_statistics(s.fqn, stats)
+        owners = self.team.owners([self.plan[s.fqn].cost(s.shape) for s in todo])
         mine: dict[str, tuple[Compressed, LayerReport]] = {}
         with self.team.guard(names) as step:
             for s, owner in zip(todo, owners, strict=True):
                 if owner == self.team.rank:
                     step.layer = s.fqn
-                    mine[s.fqn] = self.solve(s, hv, count)
-        del hv
+                    mine[s.fqn] = self.solve(s, stats)
+        del stats
         shared = [(s, *self.team.share(owner, mine.pop(s.fqn, None), s.fqn))
                   for s, owner in zip(todo, owners, strict=True)]
         with self.team.guard(names) as step:
@@ -552,7 +549,7 @@ def calibrate(
     chunks: Sequence[tuple[tuple, dict]],
     *,
     progress: bool = True,
-    on_hessian: Callable[[str, Tensor], None] | None = None,
+    on_statistics: Callable[[str, Statistics], None] | None = None,
     weights: WeightSource | None = None,
     team: Team | None = None,
     offload: str | None = None,
@@ -580,21 +577,25 @@ def calibrate(
     if offload is not None and device is None:  # bring values back where the weights are
         device = next((v.device for v in params.static.values() if isinstance(v, Tensor)),
                       None)
+    needs = frozenset().union(*(m.needs() for m in plan.values()))
     kept = Frontier(len(chunks), offload, device)
+    dense = Frontier(len(chunks), offload, device) if CROSS in needs else None
     for i, p in enumerate(placeholders):
         if p.name in user:
             for c, f in enumerate(flat):
-                kept.put(p, c, f[i])
+                for frontier in (kept, dense):
+                    if frontier is not None:
+                        frontier.put(p, c, f[i])
     del flat
 
     sched = schedule(gm, sites, plan)
     todo = sum(len(g) for g in sched.groups.values())
     bar = tqdm(total=todo, disable=not progress, desc="fxcompress", unit="layer")
-    run = _Run(sched, plan, params, kept, _Interpreter(gm), team, done or {}, sink,
-               on_hessian, bar)
+    run = _Run(sched, plan, params, kept, dense, _Interpreter(gm), team, done or {}, sink,
+               on_statistics, bar)
     bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
     # RTN and magnitude pruning look at the weights only: no forward pass is needed
-    data_free = run.data_free = not any(needs_hessian(m) for m in plan.values())
+    data_free = run.data_free = not needs
     try:
         with torch.no_grad():
             for start, end, x in sched.segments():
@@ -609,4 +610,6 @@ def calibrate(
     finally:
         bar.close()
         kept.close()
+        if dense is not None:
+            dense.close()
     return run.results, run.reports

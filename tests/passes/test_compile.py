@@ -55,6 +55,40 @@ def test_other_architectures(arch, name):
     _check(arch, METHODS[name])
 
 
+def _dense_error(model, dense, ids):
+    with torch.no_grad():
+        ref = output(dense, ids)
+        return ((output(model, ids) - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED_LINEARS))
+@pytest.mark.parametrize("ours, baseline, ratio, bound", [
+    (GPTQ(3, 32), fxcompress.RTN(3, 32), 0.9, 0.5),
+    (SparseGPT(0.5), fxcompress.Magnitude(0.5), 0.6, 0.45),
+], ids=["gptq-vs-rtn", "sparsegpt-vs-magnitude"])
+def test_compressed_model_is_close_to_the_dense_model_and_beats_the_baseline(
+        arch, ours, baseline, ratio, bound):
+    """Against the *dense* model on held-out inputs (not the layers' own dequantized
+    weights): a wrong Hessian or a transposed Conv1D weight would fail here. The norms'
+    weights get log-normal scales, so that the linears' inputs have the uneven feature
+    scales of trained models (on isotropic inputs every method is close to magnitude)."""
+    dense = build(arch)
+    g = torch.Generator().manual_seed(3)
+    for m in dense.modules():
+        w = getattr(m, "weight", None)
+        if "norm" in type(m).__name__.lower() and isinstance(w, nn.Parameter) and w.dim() == 1:
+            w.data *= torch.exp(torch.randn(w.shape, generator=g))
+    calib = _calibration(n=64, seq=32, seed=1)
+    held_out = _calibration(n=4, seq=16, seed=2)
+    errors = {}
+    for name, method in {"ours": ours, "baseline": baseline}.items():
+        model = copy.deepcopy(dense)
+        fxcompress.compile(model, calib, method, progress=False)
+        errors[name] = _dense_error(model, dense, held_out)
+    assert 0 < errors["ours"] < ratio * errors["baseline"], errors
+    assert errors["ours"] < bound, errors
+
+
 def test_sparse_layers_have_the_requested_pattern():
     model = _check("llama", METHODS["sparsegpt-2:4"])
     for m in model.modules():

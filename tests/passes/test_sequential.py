@@ -32,8 +32,8 @@ def test_later_hessians_see_the_compressed_earlier_layers():
     ep = capture(model, *calls[0])
     sites, _ = find_sites(ep, model)
     seen = {}
-    results, _ = calibrate(ep, sites, {s.fqn: GPTQ(2, 32) for s in sites}, calls,
-                           progress=False, on_hessian=lambda name, h: seen.setdefault(name, h))
+    results, _ = calibrate(ep, sites, {s.fqn: GPTQ(2, 32) for s in sites}, calls, progress=False,
+                           on_statistics=lambda name, st: seen.setdefault(name, st.hessian))
 
     def with_compressed(prefixes):
         ref = copy.deepcopy(dense)
@@ -65,7 +65,50 @@ def test_linears_reading_the_same_input_share_one_hessian():
     sites, _ = find_sites(ep, model)
     seen = {}
     calibrate(ep, sites, {s.fqn: GPTQ(4, 32) for s in sites}, calls, progress=False,
-              on_hessian=lambda name, h: seen.setdefault(name, h))
+              on_statistics=lambda name, st: seen.setdefault(name, st.hessian))
     q, k, v = (seen[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
     assert q is k is v
     assert seen["model.layers.0.mlp.gate_proj"] is seen["model.layers.0.mlp.up_proj"]
+
+
+def _inputs_of(model, module_name, calls):
+    rows = []
+    handle = model.get_submodule(module_name).register_forward_pre_hook(
+        lambda m, args: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for args, kwargs in calls:
+            model(*args, **kwargs)
+    handle.remove()
+    return torch.cat(rows)
+
+
+def test_dense_output_sees_the_dense_models_inputs():
+    """With dense_output, the cross moment at a layer is 2(X − X̃)ᵀX̃/n with X the *dense*
+    model's input and X̃ the input of the model compressed so far, both computed by hooks."""
+    model = build("llama", layers=2)
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
+    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
+    ep = capture(model, *calls[0])
+    sites, _ = find_sites(ep, model)
+    seen = {}
+    plan = {s.fqn: GPTQ(2, 32, dense_output=True) for s in sites if s.fqn != "lm_head"}
+    results, _ = calibrate(ep, sites, plan, calls, progress=False,
+                           on_statistics=lambda name, st: seen.setdefault(name, st))
+    compressed = copy.deepcopy(dense)
+    for name, c in results.items():
+        compressed.get_submodule(name).weight.data = c.dense()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+                 "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.gate_proj"):
+        x, x_tilde = _inputs_of(dense, name, calls), _inputs_of(compressed, name, calls)
+        n = x.shape[0]
+        h = 2 * x_tilde.t() @ x_tilde / n
+        cross = 2 * (x - x_tilde).t() @ x_tilde / n
+        st = seen[name]
+        assert st.count == n
+        torch.testing.assert_close(st.hessian, h, rtol=1e-4, atol=1e-5 * h.abs().max())
+        if name.endswith("q_proj"):  # nothing compressed before it: no drift at all
+            assert torch.count_nonzero(st.cross) == 0
+            continue
+        torch.testing.assert_close(st.cross, cross, rtol=1e-3, atol=1e-4 * cross.abs().max())
+        assert cross.abs().max() > 1e-3 * h.abs().max()  # a real drift was measured

@@ -1,0 +1,101 @@
+"""ADMM pruning: choose the mask and the exact least-squares weights of a pruned layer together.
+
+SparseGPT fixes each column's mask once and compensates greedily, column by column. The ADMM
+update of Boža ("Fast and Effective Weight Update for Pruned Large Language Models", TMLR
+2024) instead solves ``min ‖X (Ŵ - W)ᵀ‖²`` subject to ``Ŵ`` being zero off the mask by the
+alternating direction method of multipliers, re-selecting the mask from the current iterate
+during the first iterations (gradually, towards the target sparsity):
+
+==========  ===========================================================================
+paper       here
+==========  ===========================================================================
+``W``       ``wn``: the weight with each input column scaled by ``s_j = sqrt(H_jj)``, so
+            that ``|wn|`` is the activation-aware (Wanda) importance of a weight
+``XᵀX``     ``hn = H / (s sᵀ) + λI`` (damped like the sweeps, ``λ = damp · mean diag``)
+``ρ``       ``rho``: the penalty of the splitting ``Ŵ = Z`` (``hn`` has unit diagonal)
+``Z, U``    ``z`` (the sparse iterate, the result) and ``u`` (the scaled dual)
+==========  ===========================================================================
+
+One iteration is ``Z = (W + U) ⊙ M``, ``U += W - Z``, ``W = (Hn W₀ + ρ (Z - U)) (Hn + ρI)⁻¹``:
+two matrix products with one inverse computed once, i.e. about ``2·iters`` times the flops of
+one sweep; the fixed point is the exact optimum for the final mask. With N:M sparsity the
+mask always keeps the N largest of every M inputs among the current candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .compressed import Compressed
+from .hessian import factor
+
+
+def _keep_largest(score: Tensor, drop: int) -> Tensor:
+    """Keep-mask of all but the ``drop`` smallest entries of ``score``."""
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if drop > 0:
+        keep[torch.topk(score.flatten(), drop, largest=False, sorted=False).indices] = False
+    return keep.view_as(score)
+
+
+def _n_m_keep(score: Tensor, n: int, m: int) -> Tensor:
+    """Keep-mask of the ``n`` largest of every ``m`` consecutive inputs of each row."""
+    rows, cols = score.shape
+    top = torch.topk(score.reshape(rows, cols // m, m), n, dim=2).indices
+    keep = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=score.device)
+    return keep.scatter_(2, top, True).reshape(rows, cols)
+
+
+def select_mask(score: Tensor, sparsity: float, n_m: tuple[int, int] | None,
+                fraction: float = 1.0) -> Tensor:
+    """The mask for importance ``score`` at ``fraction`` of the way to the target: exactly
+    ``round(fraction · sparsity · numel)`` weights dropped (unstructured), or, with N:M, the
+    weights outside the N:M pattern dropped smallest-first up to that count."""
+    total = round(fraction * sparsity * score.numel()) if n_m is None else \
+        round(fraction * (1 - n_m[0] / n_m[1]) * score.numel())
+    if n_m is None:
+        return _keep_largest(score, total)
+    candidates = score.masked_fill(_n_m_keep(score, *n_m), float("inf"))
+    return _keep_largest(candidates, total)
+
+
+def admm_prune(w: Tensor, h: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
+               *, damp: float = 0.1, rho: float = 1.0, iters: int = 20, reselect: int = 15,
+               keep: Tensor | None = None, name: str | None = None,
+               cross: Tensor | None = None) -> Compressed:
+    """Prune ``w`` (out, in) given ``h`` (in, in) to kept ``values`` and their ``mask``.
+    ``reselect`` iterations choose the mask from ``|W + U|`` with the dropped fraction rising
+    cubically to the target (unless a ``keep`` mask is given: then it is fixed); the
+    remaining iterations refine the weights. The loss is measured on the undamped H."""
+    f = factor(w, h, damp, name, cross)  # dead columns, the dense-output target
+    wt, dead, used = f.w, f.dead, f.damp
+    del f
+    s = torch.diag(h).to(wt.dtype).clamp_min(0).sqrt()
+    s = torch.where(dead, torch.ones_like(s), s + 1e-8 * s.max())
+    hn = h.to(wt.dtype) / s[:, None] / s[None, :]
+    hn[dead, dead] = 1.0
+    hn.diagonal().add_(used * hn.diagonal().mean())
+    w0 = wt * s
+    target = w0 @ hn  # Hn W₀ in row form (hn is symmetric)
+    hn.diagonal().add_(rho)
+    inv = torch.linalg.inv(hn)
+    del hn
+    base = target @ inv  # the update is base + ρ (Z - U) (Hn + ρI)⁻¹
+    del target
+    w_ = w0.clone()
+    u = torch.zeros_like(w0)
+    fixed = keep is not None
+    if not fixed:
+        keep = select_mask(w0.abs(), sparsity, n_m)
+    for it in range(iters):
+        if it < reselect and not fixed:
+            keep = select_mask((w_ + u).abs(), sparsity, n_m, 1 - (1 - (it + 1) / reselect) ** 3)
+        z = (w_ + u) * keep
+        u += w_ - z
+        w_ = torch.addmm(base, z - u, inv, alpha=rho)
+    values = (w_ + u) * keep / s
+    delta = wt - values
+    row_loss = 0.5 * ((delta @ h.to(delta.dtype)) * delta).sum(1)
+    return Compressed(shape=tuple(w.shape), loss=float(row_loss.sum()), row_loss=row_loss,
+                      mask=keep, values=values.float(), damp=used)
