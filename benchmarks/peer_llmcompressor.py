@@ -157,11 +157,14 @@ def _rtn(bits: int, group_size: int | None) -> tuple[Callable[[], list[Any]], di
     return build, settings
 
 
+DEFAULT = "default"  # leave GPTQModifier's own actorder default (static in 0.14.0.1)
+
+
 def _gptq_settings(bits: int, group_size: int | None, actorder: str | None) -> dict[str, Any]:
     return {
         "modifier": "GPTQModifier",
         "config_groups": _config_groups(bits, group_size),
-        "actorder": actorder,
+        "actorder": "GPTQModifier default (static)" if actorder == DEFAULT else actorder,
         "block_size": BLOCK,
         "dampening_frac": DAMP,
     }
@@ -170,16 +173,17 @@ def _gptq_settings(bits: int, group_size: int | None, actorder: str | None) -> d
 def _gptq_modifier(bits: int, group_size: int | None, actorder: str | None) -> Any:
     from llmcompressor.modifiers.gptq import GPTQModifier
 
+    order = {} if actorder == DEFAULT else {"actorder": actorder}
     return GPTQModifier(
         config_groups=_config_groups(bits, group_size),
-        actorder=actorder,
         block_size=BLOCK,
         dampening_frac=DAMP,
+        **order,
     )
 
 
 def _gptq(
-    bits: int, group_size: int | None, actorder: str | None = None
+    bits: int, group_size: int | None, actorder: str | None = DEFAULT
 ) -> tuple[Callable[[], list[Any]], dict[str, Any]]:
     return (
         lambda: [_gptq_modifier(bits, group_size, actorder)],
@@ -249,12 +253,12 @@ def _row(name: str, spec: tuple[Callable[[], list[Any]], dict[str, Any]], **kw: 
 
 def _sparse_w4g64() -> Row:
     def build() -> list[Any]:
-        return [_sgpt_modifier(0.5, "2:4"), _gptq_modifier(4, 64, None)]
+        return [_sgpt_modifier(0.5, "2:4"), _gptq_modifier(4, 64, DEFAULT)]
 
     return Row(
         name="sparsegpt-2:4+w4g64",
         build=build,
-        settings=[_sgpt_settings(0.5, "2:4"), _gptq_settings(4, 64, None)],
+        settings=[_sgpt_settings(0.5, "2:4"), _gptq_settings(4, 64, DEFAULT)],
         notes=(
             "one recipe [SparseGPTModifier, GPTQModifier]; oneshot's independent pipeline "
             "runs a full sequential calibration pass per modifier. GPTQModifier has no "
@@ -272,7 +276,10 @@ ROWS: dict[str, Row] = {
     for r in [
         Row(name="dense", build=None, settings=[], notes="uncompressed fp32 baseline"),
         _row("rtn-w4g64", _rtn(4, 64), bits=4, group_size=64, notes="RTN: QuantizationModifier"),
-        _row("gptq-w4g64", _gptq(4, 64), bits=4, group_size=64, notes="actorder=None"),
+        _row("gptq-w4g64", _gptq(4, 64), bits=4, group_size=64,
+             notes="the GPTQModifier defaults (actorder static)"),
+        _row("gptq-w4g64-noact", _gptq(4, 64, None), bits=4, group_size=64,
+             notes="actorder=None"),
         _row(
             "gptq-w4g64-act",
             _gptq(4, 64, "weight"),
@@ -286,9 +293,10 @@ ROWS: dict[str, Row] = {
             ),
         ),
         _row("rtn-w4", _rtn(4, None), bits=4, notes="RTN per-channel"),
-        _row("gptq-w4", _gptq(4, None), bits=4, notes="per-channel, actorder=None"),
+        _row("gptq-w4", _gptq(4, None), bits=4, notes="per-channel, GPTQModifier defaults"),
         _row("rtn-w3g64", _rtn(3, 64), bits=3, group_size=64, notes="RTN"),
-        _row("gptq-w3g64", _gptq(3, 64), bits=3, group_size=64, notes="actorder=None"),
+        _row("gptq-w3g64", _gptq(3, 64), bits=3, group_size=64,
+             notes="the GPTQModifier defaults (actorder static)"),
         _row("sparsegpt-50", _sgpt(0.5, "0:0"), sparsity=0.5, notes="unstructured"),
         _row("sparsegpt-60", _sgpt(0.6, "0:0"), sparsity=0.6, notes="unstructured"),
         _row("sparsegpt-2:4", _sgpt(0.5, "2:4"), sparsity=0.5, notes="2:4"),
@@ -414,7 +422,8 @@ def _calibration_dataset(calib: torch.Tensor) -> Any:
     )
 
 
-def run_row(row: Row, model_dir: str, calib: torch.Tensor, windows: torch.Tensor) -> dict:
+def run_row(row: Row, model_dir: str, calib: torch.Tensor, windows: torch.Tensor,
+            extra: dict[str, torch.Tensor] | None = None) -> dict:
     """Compress a fresh dense model with `row` and evaluate it (one row, this process)."""
     from transformers import AutoModelForCausalLM
 
@@ -483,6 +492,8 @@ def run_row(row: Row, model_dir: str, calib: torch.Tensor, windows: torch.Tensor
                 "after quantization: the mask was not kept"
             )
     result["ppl"] = ppl
+    for name, ids in (extra or {}).items():  # held-out texts of other domains
+        result[f"ppl_{name}"] = perplexity(model, ids)
     result["peak_rss_with_eval_mib"] = _peak_rss_mib()
     return result
 
@@ -494,7 +505,9 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         calib = torch.load(args.calib, weights_only=True).long()
         windows = torch.load(args.eval, weights_only=True).long()
-        result = run_row(row, args.model, calib, windows)
+        extra = {name: torch.load(path, weights_only=True).long()
+                 for name, path in (e.split("=", 1) for e in args.extra_eval)}
+        result = run_row(row, args.model, calib, windows, extra)
         code = 0
     except Exception:
         traceback.print_exc()
@@ -518,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ROW",
         help=f"rows to run (default all): {' '.join(ROWS)}",
     )
+    p.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
+                   help="another LongTensor of evaluation windows (e.g. a text of another "
+                        "domain); its perplexity is recorded as ppl_NAME")
     p.add_argument("--out", default="peer_results.json")
     p.add_argument(
         "--threads",
@@ -552,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.eval,
                 "--threads",
                 str(args.threads),
+                *(f"--extra-eval={e}" for e in args.extra_eval),
             ]
             print(f"== {name}", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd)

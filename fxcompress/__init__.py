@@ -7,7 +7,7 @@ from .algorithms import HessianNotPositiveDefinite
 from .api import Report, compile
 from .export import export
 from .format import load, save
-from .modules import QuantLinear, SparseLinear, set_precision
+from .modules import QuantExperts, QuantLinear, SparseExperts, SparseLinear, set_precision
 from .passes import CaptureError
 from .recipe import GPTQ, RTN, Magnitude, Recipe, RecipeError, SparseGPT
 from .training import LoRALinear, add_lora, densify, enforce_masks, keep_masks
@@ -15,7 +15,8 @@ from .training import LoRALinear, add_lora, densify, enforce_masks, keep_masks
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPTQ", "RTN", "CaptureError", "HessianNotPositiveDefinite", "Magnitude", "QuantLinear",
+    "GPTQ", "RTN", "CaptureError", "HessianNotPositiveDefinite", "Magnitude", "QuantExperts",
+    "QuantLinear", "SparseExperts",
     "Recipe", "RecipeError", "Report", "SparseGPT", "SparseLinear", "compile", "export", "load",
     "save", "set_precision",
     "LoRALinear", "add_lora", "densify", "enforce_masks", "keep_masks",

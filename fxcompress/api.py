@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
+from .modules import experts_unsupported
 from .passes import calibrate, capture, find_sites, rewrite
 from .passes.calibrate import LayerReport, release_freed_memory
 from .passes.capture import as_call, call_kwargs, evaluating
@@ -36,6 +37,10 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)  # linear -> reason
     seconds: float = 0.0
     samples: int = 0
+
+    def expert_tokens(self) -> dict[str, int]:
+        """Calibration tokens routed to each compressed expert, by site name."""
+        return {r.fqn: r.routed for r in self.layers if r.routed is not None}
 
     def table(self) -> str:
         """The per-layer table as Markdown."""
@@ -115,13 +120,44 @@ def _explicit(pattern: str, name: str) -> bool:
     return pattern in (name, re.escape(name))
 
 
-def plan_sites(recipe: Recipe, sites: list[Site], others: list[str], model: nn.Module
-               ) -> tuple[dict[str, Method], dict[str, str]]:
-    """Which method each linear gets; why the others are left dense. Raises or warns on
-    recipes that cannot be what the user meant."""
-    plan, skipped = {}, {}
+def _rule(recipe: Recipe, site: Site) -> tuple[str, Method | None] | None:
+    """The first rule matching a site: by its name, or for an expert also by the name of its
+    experts module (``model.layers.0.mlp.experts`` covers all of that block's experts)."""
+    names = (site.fqn,) if site.index is None else (site.fqn, site.module_name)
+    for pattern, method in recipe.rules:
+        if any(re.fullmatch(pattern, n) for n in names):
+            return pattern, method
+    return None
+
+
+def _unsupported_experts(sites: list[Site]) -> dict[str, str]:
+    """Experts modules whose computation the compressed experts module cannot reproduce."""
+    reasons = {}
     for s in sites:
-        match = recipe.match(s.fqn)
+        if s.index is not None and s.module_name not in reasons:
+            reasons[s.module_name] = experts_unsupported(s.module)
+    return {name: why for name, why in reasons.items() if why}
+
+
+def plan_sites(recipe: Recipe, sites: list[Site], others: dict[str, str], model: nn.Module
+               ) -> tuple[dict[str, Method], dict[str, str]]:
+    """Which method each site gets; why the others are left dense. What fxcompress cannot
+    compress (routers, unsupported experts) is skipped with its reason, and is an error only
+    when a rule names it explicitly. Raises or warns on recipes that cannot be what the user
+    meant."""
+    plan, skipped = {}, {}
+    others = {**others, **_unsupported_experts(sites)}
+    for name, reason in others.items():
+        match = recipe.match(name)
+        if match is not None and match[1] is not None and _explicit(match[0], name):
+            raise RecipeError(f"rule {match[0]!r} names {name!r} "
+                              f"({type(model.get_submodule(name)).__name__}), which fxcompress "
+                              f"cannot compress: {reason}. Exclude it with a None rule.")
+        skipped[name] = f"cannot be compressed: {reason}"
+    for s in sites:
+        if s.index is not None and s.module_name in others:
+            continue  # its experts module is listed with the reason
+        match = _rule(recipe, s)
         if match is None:
             skipped[s.fqn] = "no rule matches"
         elif match[1] is None:
@@ -130,14 +166,8 @@ def plan_sites(recipe: Recipe, sites: list[Site], others: list[str], model: nn.M
             skipped[s.fqn] = "weight tied to another parameter (name it in a rule to compress)"
         else:
             plan[s.fqn] = match[1]
-    for name in others:
-        match = recipe.match(name)
-        if match is not None and match[1] is not None:
-            raise RecipeError(
-                f"rule {match[0]!r} targets {name!r} ({type(model.get_submodule(name)).__name__}"
-                f"), which calls a linear op but is not an nn.Linear/Conv1D with its own weight "
-                f"parameter: fxcompress cannot compress it. Exclude it with a None rule.")
-    site_names = [s.fqn for s in sites]
+    _check_experts_uniform(sites, plan)
+    site_names = [s.fqn for s in sites] + [s.module_name for s in sites if s.index is not None]
     for pattern, method in recipe.rules:
         if any(re.fullmatch(pattern, n) for n in site_names):
             continue
@@ -152,6 +182,21 @@ def plan_sites(recipe: Recipe, sites: list[Site], others: list[str], model: nn.M
             warnings.warn(f"recipe pattern {pattern!r} matches no module; the linear layers "
                           f"are: {shown}", stacklevel=3)
     return plan, skipped
+
+
+def _check_experts_uniform(sites: list[Site], plan: dict[str, Method]) -> None:
+    """One compressed experts module holds one format: all its experts share one method."""
+    methods: dict[str, dict[Method | None, list[str]]] = {}
+    for s in sites:
+        if s.index is not None:
+            methods.setdefault(s.module_name, {}).setdefault(plan.get(s.fqn), []).append(s.fqn)
+    for module, by_method in methods.items():
+        if len(by_method) > 1:
+            parts = "; ".join(f"{len(names)} ({names[0]}, ...) get {m}"
+                              for m, names in by_method.items())
+            raise RecipeError(f"the experts of {module!r} get different methods ({parts}): a "
+                              f"compressed experts module holds one format, so give all its "
+                              f"experts one method, or None")
 
 
 def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,

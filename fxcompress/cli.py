@@ -132,6 +132,13 @@ def _text(path: str | None, which: str, progress: bool) -> str:
     return assets.load_text(path)
 
 
+def _other_text(path: str | None, progress: bool) -> str:
+    """A held-out text of another domain than the calibration text (default: Moby-Dick)."""
+    from . import assets
+
+    return assets.load_text(path if path is not None else assets.moby_dick(progress=progress))
+
+
 def _calibration(tokenizer: Any, args: argparse.Namespace) -> torch.Tensor:
     from .evaluate import calibration_samples
 
@@ -322,9 +329,11 @@ def cmd_row(args: argparse.Namespace) -> int:
     decompress(model)
     from .evaluate import perplexity
 
-    ids = torch.load(args.eval_ids)
-    row["ppl"] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
-                            progress=False).ppl
+    for key, path in (("ppl", args.eval_ids), ("ppl_other", args.other_ids)):
+        if path is not None:
+            ids = torch.load(path)
+            row[key] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
+                                  progress=False).ppl
     Path(args.json).write_text(json.dumps(row))
     return 0
 
@@ -357,25 +366,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                 args.samples, args.seqlen, args.seed)
     ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
                              args.eval_seqlen, args.windows)
+    other = None if args.other_text == "none" else evaluation_windows(
+        tokenizer, _other_text(args.other_text, not args.quiet), args.eval_seqlen, args.windows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     # the exact token ids, so that another tool can be run on the same samples
     torch.save(calib, out / "calib_ids.pt")
     torch.save(ids, out / "eval_ids.pt")
+    extra = []
+    if other is not None:
+        torch.save(other, out / "other_ids.pt")
+        extra = ["--other-ids", str(out / "other_ids.pt")]
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in ["dense", *args.recipes.split(",")]:
             _echo(f"[compare] {recipe} ...")
             cmd = [sys.executable, "-m", "fxcompress", "_row", "--model", args.model,
                    "--recipe", recipe, "--calib-ids", str(out / "calib_ids.pt"),
-                   "--eval-ids", str(out / "eval_ids.pt"), "--json", f"{tmp}/row.json",
+                   "--eval-ids", str(out / "eval_ids.pt"), *extra, "--json", f"{tmp}/row.json",
                    "--quiet"]
             subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
             rows.append(json.loads(Path(f"{tmp}/row.json").read_text()))
             _echo(f"[compare] {recipe}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds']:.0f}s")
     settings = (f"calibration {calib.shape[0]} x {calib.shape[1]} tokens (seed {args.seed}); "
-                f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens; perplexity with "
-                f"dequantized float32 weights")
+                f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens"
+                + ("" if other is None else " of the evaluation text and of the other-domain "
+                   "text") + "; perplexity with dequantized float32 weights")
     table = compare_table(rows, settings)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "table.md").write_text(table + "\n")
@@ -385,14 +401,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def compare_table(rows: list[dict[str, Any]], settings: str) -> str:
+    other = any("ppl_other" in r for r in rows)
     lines = [f"_{settings}_", "",
-             "| recipe | perplexity | bits/weight | sparsity | time (s) | CPU time (s) "
-             "| peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| recipe | perplexity |" + (" other domain |" if other else "")
+             + " bits/weight | sparsity | time (s) | CPU time (s) | peak RSS (MiB) |",
+             "|---|---:|" + ("---:|" if other else "") + "---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {r['bits_per_weight']:.2f} | "
-                     f"{r['sparsity']:.0%} | {r['seconds']:.0f} | {r.get('cpu_seconds', 0):.0f} "
-                     f"| {r['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | "
+                     + (f"{r['ppl_other']:.2f} | " if other else "")
+                     + f"{r['bits_per_weight']:.2f} | {r['sparsity']:.0%} | {r['seconds']:.0f} | "
+                     f"{r.get('cpu_seconds', 0):.0f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -496,6 +514,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     k.add_argument("--recipes", required=True, help="comma-separated named recipes or files")
     k.add_argument("--out", default="compare", help="folder for table.md, plot.png, results.json")
+    k.add_argument("--other-text", help="a held-out text of another domain, also evaluated "
+                                        "(default: Moby-Dick, from npm; 'none' to skip)")
     _data(k)
     _evaluation(k)
     _common(k)
@@ -506,6 +526,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--recipe", required=True)
     w.add_argument("--calib-ids", required=True)
     w.add_argument("--eval-ids", required=True)
+    w.add_argument("--other-ids")
     w.add_argument("--json", required=True)
     _common(w)
     w.set_defaults(fn=cmd_row)

@@ -460,6 +460,12 @@ def compress_checkpoint(
         retarget(ep, device)
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
+        experts = [s.fqn for s in sites if s.index is not None and s.fqn in plan]
+        if experts:
+            raise NotImplementedError(
+                f"streamed compression of experts ({experts[0]}, ...) is not supported yet: "
+                f"their checkpoint layout is still to be written. Leave them dense with a "
+                f"None rule, or compress the model in memory with fxcompress.compile")
         if budget is not None:
             check_memory(estimate_memory(ep, schedule(ep.graph_module, sites, plan), plan,
                                          mine, source, offload), budget)

@@ -11,7 +11,8 @@ from torch import nn
 VOCAB = 128
 
 
-def build(arch: str, hidden: int = 128, layers: int = 2, seed: int = 0) -> nn.Module:
+def build(arch: str, hidden: int = 128, layers: int = 2, seed: int = 0,
+          experts: str = "grouped_mm") -> nn.Module:
     import transformers as T
 
     torch.manual_seed(seed)
@@ -40,9 +41,36 @@ def build(arch: str, hidden: int = 128, layers: int = 2, seed: int = 0) -> nn.Mo
             cfg = T.BertConfig(hidden_size=hidden, intermediate_size=2 * hidden,
                                num_attention_heads=4, max_position_embeddings=64, **common)
             model = T.BertModel(cfg)
+        elif arch in MOE:
+            model = _moe(arch, hidden, experts, common)
         else:
             raise ValueError(arch)
     return model.eval()
+
+
+MOE = ("mixtral", "qwen3moe", "qwen2moe")
+EXPERTS = 4
+
+
+def _moe(arch: str, hidden: int, experts: str, common: dict) -> nn.Module:
+    """Tiny mixture-of-experts decoders: 4 experts, 2 per token; Qwen2-MoE with its shared
+    expert (an ordinary MLP) and shared-expert gate. ``experts`` is the experts
+    implementation (transformers' default is grouped_mm)."""
+    import transformers as T
+
+    attn = dict(hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
+                experts_implementation=experts, **common)
+    if arch == "mixtral":
+        return T.MixtralForCausalLM(T.MixtralConfig(
+            intermediate_size=hidden, num_local_experts=EXPERTS, num_experts_per_tok=2, **attn))
+    if arch == "qwen3moe":
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
+            intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_experts=EXPERTS,
+            num_experts_per_tok=2, head_dim=hidden // 4, **attn))
+    return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+        intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_experts=EXPERTS,
+        num_experts_per_tok=2, shared_expert_intermediate_size=hidden, **attn))
+
 
 
 def output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -53,10 +81,17 @@ def output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def substituted(dense: nn.Module, compressed: nn.Module) -> nn.Module:
     """``dense`` with every compressed layer's weight replaced by its dequantized/masked
     value: the reference the compressed model must reproduce."""
-    from fxcompress import QuantLinear, SparseLinear
+    from fxcompress import QuantExperts, QuantLinear, SparseExperts, SparseLinear
 
     ref = copy.deepcopy(dense)
     for name, m in compressed.named_modules():
+        if isinstance(m, (QuantExperts, SparseExperts)):
+            experts = ref.get_submodule(name)
+            for bank in ("gate_up_proj", "down_proj"):
+                w = m.dequantize(bank) if isinstance(m, QuantExperts) else \
+                    torch.where(getattr(m, f"{bank}_mask"), getattr(m, bank), 0)
+                getattr(experts, bank).data = w.to(getattr(experts, bank).dtype).contiguous()
+            continue
         if isinstance(m, QuantLinear):
             w = m.dequantize()
         elif isinstance(m, SparseLinear):

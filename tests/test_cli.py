@@ -142,11 +142,13 @@ def test_compare_writes_table_plot_and_token_ids(folder, tmp_path, capsys):
     rc = main(["compare", str(folder / "model"), "--recipes", "rtn-w4g64,gptq-w4g64",
                "--calib", str(folder / "calib.txt"), "--samples", "4", "--seqlen", "32",
                "--text", str(folder / "eval.txt"), "--eval-seqlen", "32", "--windows", "2",
-               "--out", str(out), "--quiet"])
+               "--other-text", str(folder / "calib.txt"), "--out", str(out), "--quiet"])
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["recipe"] for r in rows] == ["dense", "rtn-w4g64", "gptq-w4g64"]
-    assert all(r["ppl"] > 1 and r["peak_rss_mib"] > 0 for r in rows)
+    assert all(r["ppl"] > 1 and r["ppl_other"] > 1 and r["peak_rss_mib"] > 0 for r in rows)
+    assert all(r["ppl"] != r["ppl_other"] for r in rows)
+    assert torch.load(out / "other_ids.pt").shape == (2, 32)
     assert rows[0]["bits_per_weight"] == 16 and 4 < rows[2]["bits_per_weight"] < 5
     assert "| gptq-w4g64 |" in (out / "table.md").read_text()
     assert (out / "plot.png").stat().st_size > 0
@@ -161,8 +163,8 @@ def _model_args(command: str, model: str, tmp_path) -> list[str]:
     return {"compress": ["compress", model, "--out", str(tmp_path / "o"), "--quiet"],
             "stream": ["compress", model, "--out", str(tmp_path / "o"), "--stream", "--quiet"],
             "eval": ["eval", model, "--quiet"],
-            "compare": ["compare", model, "--recipes", "rtn-w4g64", "--out",
-                        str(tmp_path / "c"), "--quiet"]}[command]
+            "compare": ["compare", model, "--recipes", "rtn-w4g64", "--other-text", "none",
+                        "--out", str(tmp_path / "c"), "--quiet"]}[command]
 
 
 @pytest.mark.parametrize("command", ["compress", "stream", "eval", "compare"])

@@ -68,34 +68,38 @@ def admm_prune(w: Tensor, h: Tensor, sparsity: float = 0.5, n_m: tuple[int, int]
     ``reselect`` iterations choose the mask from ``|W + U|`` with the dropped fraction rising
     cubically to the target (unless a ``keep`` mask is given: then it is fixed); the
     remaining iterations refine the weights. The loss is measured on the undamped H."""
-    f = factor(w, h, damp, name, cross)  # dead columns, the dense-output target
-    wt, dead, used = f.w, f.dead, f.damp
-    del f
+    if cross is not None:  # the dense-output target W* (and the dead columns)
+        f = factor(w, h, damp, name, cross)
+        wt, dead, damp = f.w, f.dead, f.damp
+        del f
+    else:  # inputs that never fire: their weights cannot matter, drop them first
+        dead = torch.diag(h) == 0
+        wt = w.to(torch.float64 if h.dtype == torch.float64 else torch.float32, copy=True)
+        wt[:, dead] = 0.0
     s = torch.diag(h).to(wt.dtype).clamp_min(0).sqrt()
     s = torch.where(dead, torch.ones_like(s), s + 1e-8 * s.max())
     hn = h.to(wt.dtype) / s[:, None] / s[None, :]
     hn[dead, dead] = 1.0
-    hn.diagonal().add_(used * hn.diagonal().mean())
+    hn.diagonal().add_(damp * hn.diagonal().mean())
     w0 = wt * s
     target = w0 @ hn  # Hn W₀ in row form (hn is symmetric)
-    hn.diagonal().add_(rho)
-    inv = torch.linalg.inv(hn)
+    hn.diagonal().add_(rho)  # Hn + ρI: positive definite whatever H is
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(hn))
     del hn
     base = target @ inv  # the update is base + ρ (Z - U) (Hn + ρI)⁻¹
     del target
-    w_ = w0.clone()
-    u = torch.zeros_like(w0)
     fixed = keep is not None
     if not fixed:
         keep = select_mask(w0.abs(), sparsity, n_m)
+    v = w0  # W + U (U = 0 at the start)
     for it in range(iters):
         if it < reselect and not fixed:
-            keep = select_mask((w_ + u).abs(), sparsity, n_m, 1 - (1 - (it + 1) / reselect) ** 3)
-        z = (w_ + u) * keep
-        u += w_ - z
-        w_ = torch.addmm(base, z - u, inv, alpha=rho)
-    values = (w_ + u) * keep / s
+            keep = select_mask(v.abs(), sparsity, n_m, 1 - (1 - (it + 1) / reselect) ** 3)
+        z = v * keep
+        u = v - z  # U + W - Z
+        v = torch.addmm(base, z - u, inv, alpha=rho).add_(u)  # W (next) + U
+    values = v * keep / s
     delta = wt - values
     row_loss = 0.5 * ((delta @ h.to(delta.dtype)) * delta).sum(1)
     return Compressed(shape=tuple(w.shape), loss=float(row_loss.sum()), row_loss=row_loss,
-                      mask=keep, values=values.float(), damp=used)
+                      mask=keep, values=values.float(), damp=damp)

@@ -19,6 +19,11 @@ op                        weight format
                           sorted by group with ``perm``): the CUDA path of any grid
 ``sparse24_quant_linear`` 2:4 kept half of the codes + 2-bit positions: CUDA 2:4 + int
 ``masked_linear``         dense weight and a keep-mask (pruned, not quantized; trainable)
+``moe_quant``             a mixture-of-experts block, every expert's two weights in the
+                          canonical layout stacked (E, ...): CPU dequantizes per expert, CUDA
+                          runs the grouped Triton kernel over the routed tokens
+``moe_int4pack``          the same in aten's CPU int4 layout per expert: the fast CPU path
+``moe_pruned``            the same, pruned (not quantized) experts stored dense with zeros
 ========================  =================================================================
 """
 
@@ -296,3 +301,109 @@ def _masked_backward(ctx, grad: Tensor):
 
 
 masked_linear.register_autograd(_masked_backward, setup_context=_masked_setup)
+
+
+# --- mixture-of-experts blocks -----------------------------------------------------------
+#
+# One op computes a whole experts block, ``y_t = Σ_j p_tj · down_e(act(gate_e(x_t)) · up_e(x_t))``
+# with ``e = ids[t, j]``, from ``x`` (T, H), the router's ``ids``/``p`` (T, k) and every expert's
+# two weights: ``gate_up`` (E, 2I, H) (gate rows first) and ``down`` (E, H, I). The CPU body
+# loops over the experts and multiplies each one's routed rows only; on CUDA one grouped Triton
+# kernel per projection reads the packed codes of the experts the rows are routed to.
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    """The experts' activation by name (an op cannot take a Python callable)."""
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown experts activation {name!r}; supported: {ACTIVATIONS}")
+
+
+def experts_loop(x: Tensor, ids: Tensor, weights: Tensor, experts: int, up, down,
+                  act: str) -> Tensor:
+    """Run each expert on the rows routed to it (``up(e, rows)`` → (n, 2I), ``down(e, h)`` →
+    (n, H)) and sum the outputs weighted by the router, in float32."""
+    k = ids.shape[-1]
+    flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    for e in range(experts):
+        slots = (flat_ids == e).nonzero().squeeze(-1)
+        tokens = slots // k
+        gate, up_ = up(e, x.index_select(0, tokens)).chunk(2, dim=-1)
+        y = down(e, activation(act, gate) * up_)
+        out.index_add_(0, tokens, y.float() * flat_w.index_select(0, slots).float()[:, None])
+    return out.to(x.dtype)
+
+
+@triton_op("fxcompress::moe_quant", mutates_args=())
+def moe_quant(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, s1: Tensor, z1: Tensor,
+              w2: Tensor, s2: Tensor, z2: Tensor, bits: int, group1: int, group2: int,
+              act: str) -> Tensor:
+    """An experts block whose weights are in the canonical layout, stacked per expert:
+    ``w1`` (E, 2I, ⌈H·bits/32⌉), ``s1``/``z1`` (E, 2I, H/group1), ``w2`` and ``s2``/``z2``
+    likewise for ``down`` (E, H, I). Any bit width; the CPU body dequantizes each expert."""
+    if x.device.type == "cuda":
+        from . import cuda
+
+        return cuda.moe_quant(x, ids, weights, w1, s1, z1, w2, s2, z2, bits, group1, group2, act)
+    hidden, inter = x.shape[-1], s2.shape[-1] * group2
+
+    def up(e: int, rows: Tensor) -> Tensor:
+        w = dequantize(w1[e], s1[e], z1[e], None, bits, group1, hidden)
+        return F.linear(rows, w.to(rows.dtype))
+
+    def down(e: int, h: Tensor) -> Tensor:
+        w = dequantize(w2[e], s2[e], z2[e], None, bits, group2, inter)
+        return F.linear(h, w.to(h.dtype))
+
+    return experts_loop(x, ids, weights, w1.shape[0], up, down, act)
+
+
+@triton_op("fxcompress::moe_int4pack", mutates_args=())
+def moe_int4pack(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, sz1: Tensor, w2: Tensor,
+                 sz2: Tensor, group1: int, group2: int, act: str) -> Tensor:
+    """An experts block in aten's CPU int4 layout, stacked per expert (``w1[e]`` is what
+    ``_convert_weight_to_int4pack_for_cpu`` makes of expert e's gate_up codes, ``sz1[e]`` its
+    ``(groups, N, 2)`` scale and offset): the fast CPU path, bf16 activations."""
+    if x.device.type != "cpu":
+        raise RuntimeError("moe_int4pack holds a CPU weight layout; move the module with "
+                           ".to(device) so that it repacks for that device")
+
+    def up(e: int, rows: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), w1[e], group1, sz1[e])
+
+    def down(e: int, h: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), w2[e], group2, sz2[e])
+
+    return experts_loop(x, ids, weights, w1.shape[0], up, down, act)
+
+
+@triton_op("fxcompress::moe_pruned", mutates_args=())
+def moe_pruned(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, act: str
+               ) -> Tensor:
+    """An experts block of pruned (not quantized) experts: dense ``w1`` (E, 2I, H) and ``w2``
+    (E, H, I) whose pruned weights are exactly 0 (``SparseExperts`` keeps that invariant and
+    records the pattern in its masks; re-masking every expert on every call cost 30× the
+    dense block at decode)."""
+    return experts_loop(x, ids, weights, w1.shape[0],
+                        lambda e, rows: F.linear(rows, w1[e].to(rows.dtype)),
+                        lambda e, h: F.linear(h, w2[e].to(h.dtype)), act)
+
+
+def _moe_fake(x: Tensor, *args, **kwargs) -> Tensor:
+    """The output of an experts op has the input's shape and dtype; registered explicitly
+    because the CPU bodies' routing (``nonzero``) has data-dependent sizes that must stay
+    inside the op."""
+    return torch.empty_like(x)
+
+
+for _op in (moe_quant, moe_int4pack, moe_pruned):
+    _op.register_fake(_moe_fake)

@@ -60,11 +60,14 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Cross, Hessian, Statistics
+from ..kernels.ops import activation
+from ..modules import EXPERT_BANKS, experts_activation
 from ..recipe import CROSS, HESSIAN, Method
-from .sites import Site
+from .sites import Site, weight_path
 
 log = logging.getLogger(__name__)
 OFFLOAD = (None, "cpu", "disk")
+FIRST, SECOND = EXPERT_BANKS  # an experts block's projections: gate_up, then down
 
 
 @dataclass
@@ -78,6 +81,8 @@ class LayerReport:
     seconds: float
     samples: int  # rows of X (tokens) in its Hessian, 0 without one
     rank: int = 0  # the process that solved it (0 unless calibration is distributed)
+    routed: int | None = None  # an expert: the calibration rows routed to it (``samples``
+    # counts every row of the block instead when fewer than its input features were routed)
 
 
 # ============================================================================ the seams
@@ -175,6 +180,11 @@ class Schedule:
     barriers: list[tuple[int, fx.Node]]  # (position, input): compress before that node
     groups: dict[fx.Node, list[Site]]  # input -> the sites reading it
 
+    def groups_of(self, module: str, index: int) -> list[Site]:
+        """The scheduled sites of one expert of one experts module."""
+        return [s for g in self.groups.values() for s in g
+                if s.index == index and s.module_name == module]
+
     def segments(self) -> list[tuple[int, int, fx.Node | None]]:
         """``(start, end, input compressed at end)``; the last segment ends with no barrier."""
         out, start = [], 0
@@ -196,14 +206,32 @@ def _ancestors(targets: set[fx.Node]) -> set[fx.Node]:
 
 
 def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Method]) -> Schedule:
-    """The interpretation schedule of ``gm`` for the sites named in ``plan``."""
+    """The interpretation schedule of ``gm`` for the sites named in ``plan``.
+
+    The nodes that read an expert parameter on its way to the matmul (a transpose, an index by
+    expert id) are moved to just before the matmul, so that they run after the experts are
+    compressed and read the compressed weights."""
     nodes = list(gm.graph.nodes)
     groups: dict[fx.Node, list[Site]] = {}
+    late: dict[fx.Node, fx.Node] = {}  # weight-path node -> the matmul it feeds
     for s in sites:
         if s.fqn in plan:
             groups.setdefault(s.input, []).append(s)
-    needed = _ancestors(set(groups))
-    order = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
+            late.update({n: s.matmul for n in weight_path(s)})
+    routing = {s.routing for g in groups.values() for s in g if s.routing is not None}
+    feeders = {(s.module_name, s.index): s.input for g in groups.values() for s in g
+               if s.index is not None and s.attr == FIRST}
+    needed = _ancestors(set(groups) | routing)
+    base = [n for n in nodes if n in needed and n.op not in ("placeholder", "output")]
+    pending: dict[fx.Node, list[fx.Node]] = {}
+    for n in base:
+        if n in late:
+            pending.setdefault(late[n], []).append(n)
+    order = []
+    for n in base:
+        if n not in late:
+            order += pending.pop(n, []) + [n]
+    order += [n for ns in pending.values() for n in ns]
     position = {n: i for i, n in enumerate(order)}
     placeholders = [n for n in nodes if n.op == "placeholder"]
     last_use = {n: max((position.get(u, -1) for u in n.users), default=-1)
@@ -214,6 +242,12 @@ def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Metho
                   default=position.get(x, -1) + 1)
         barriers.append((pos, x))
         last_use[x] = max(last_use[x], pos)
+        for r in {s.routing for s in group if s.routing is not None}:
+            last_use[r] = max(last_use[r], pos)
+        for s in group:  # the all-token rows of a second projection start from the first's
+            first = feeders.get((s.module_name, s.index)) if s.attr == SECOND else None
+            if first is not None:
+                last_use[first] = max(last_use[first], pos)
     barriers.sort(key=lambda b: b[0])
     return Schedule(order, position, last_use, barriers, groups)
 
@@ -407,6 +441,8 @@ class _Run:
     on_statistics: Callable[[str, Statistics], None] | None
     bar: Any
     results: dict[str, Compressed] = field(default_factory=dict)
+    routed: dict[tuple[fx.Node, int], int] = field(default_factory=dict)  # rows per expert
+    firsts: dict[str, Tensor] = field(default_factory=dict)  # compressed gate_up per block
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
@@ -449,41 +485,73 @@ class _Run:
         return node in self.interp.replaced and \
             node.args[self.interp.replaced[node][0]] is arg
 
-    def statistics(self, x: fx.Node, todo: list[Site]) -> dict[str, Hessian]:
-        """This process's partial sums of what the sites still to solve need of ``x``."""
-        needs = frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
-        if not needs:
+    def statistics(self, x: fx.Node, todo: list[Site]) -> dict[int | None, dict[str, Hessian]]:
+        """This process's partial sums of what the sites still to solve need of ``x``: one set
+        for the linears reading it (key None), one per expert of an experts matmul (key: the
+        expert), from the rows routed to that expert."""
+        todo = [s for s in todo if self.plan[s.fqn].needs()]
+        if not todo:
             return {}
+        needs = frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
+        if CROSS in needs and any(s.index is not None for s in todo):
+            raise ValueError(f"{todo[0].fqn}: dense-output calibration of experts is not "
+                             f"supported (the dense model routes tokens differently)")
         device = self.kept.device or self.kept.get(x, 0).device
-        features = todo[0].shape[1]
-        sums: dict[str, Hessian] = {HESSIAN: Hessian.zeros(features, device)}
+        keys = {s.index: s for s in todo}
+        sums = {k: {HESSIAN: Hessian.zeros(s.shape[1], device)} for k, s in keys.items()}
         if CROSS in needs:
-            sums[CROSS] = Cross.zeros(features, device)
+            sums[None][CROSS] = Cross.zeros(keys[None].shape[1], device)
         for c in range(self.kept.chunks):
             x_tilde = self.kept.get(x, c)
-            sums[HESSIAN].add(x_tilde)
-            if CROSS in sums:
-                sums[CROSS].add(x_tilde, self.dense.get(x, c))
+            for k, s in keys.items():
+                routing = None if s.routing is None else self.kept.get(s.routing, c)
+                sums[k][HESSIAN].add(s.rows(x_tilde, routing))
+                if CROSS in sums[k]:
+                    sums[k][CROSS].add(x_tilde, self.dense.get(x, c))
         return sums
 
     def device(self, s: Site) -> torch.device:
         """Where ``s``'s weight (and so its compressed replacement) lives."""
-        w = s.module.weight
+        w = s.param
         return self.params.source.device if w.is_meta else w.device
 
     def weight(self, s: Site) -> Tensor:
         """``s``'s weight as ``(out, in)`` float32."""
-        weight = s.module.weight
-        weight = (self.params.load(s.weight) if weight.is_meta else weight).detach()
-        return (weight.t() if s.transposed else weight).float()
+        param = s.param
+        param = (self.params.load(s.weight) if param.is_meta else param).detach()
+        return s.matrix(param).float()
+
+    def all_tokens(self, x: fx.Node, s: Site, names: str) -> Hessian:
+        """The Hessian of expert ``s`` over *every* token of its block: the rule for an expert
+        routed fewer rows than it has input features, whose routed Hessian is rank-deficient
+        (measured better than the routed rows alone: benchmarks/RESULTS.md). The first
+        projection reads all rows of its input; the second, the gated activation of the
+        compressed first projection of the same expert on all of them."""
+        h = Hessian.zeros(s.shape[1], self.kept.device or self.kept.get(x, 0).device)
+        for c in range(self.kept.chunks):
+            if s.attr == FIRST:
+                h.add(self.kept.get(x, c).reshape(-1, s.shape[1]))
+                continue
+            first = next(f for f in self.sched.groups_of(s.module_name, s.index) if
+                         f.attr == FIRST)
+            rows = self.kept.get(first.input, c).reshape(-1, first.shape[1])
+            w = first.matrix(self.firsts[first.module_name])
+            gate, up = torch.nn.functional.linear(rows, w.to(rows.dtype)).chunk(2, dim=-1)
+            h.add(activation(experts_activation(s.module), gate) * up)
+        self.team.reduce(h, names)
+        log.info("%s: %d routed rows < %d input features, Hessian from all %d rows of the "
+                 "block", s.fqn, self.routed[(x, s.index)], s.shape[1], h.count)
+        return h
 
     def solve(self, s: Site, stats: Statistics | None) -> tuple[Compressed, LayerReport]:
         t = time.perf_counter()
         method = self.plan[s.fqn]
         c = method.solve(self.weight(s), stats, s.fqn)
         seconds = time.perf_counter() - t
-        report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds,
-                             stats.count if stats is not None else 0, self.team.rank)
+        count = stats.count if stats is not None else 0
+        routed = self.routed.get((s.input, s.index), count) if s.index is not None else None
+        report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds, count,
+                             self.team.rank, routed)
         log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
         return c, report
 
@@ -495,23 +563,30 @@ class _Run:
         names = ", ".join(s.fqn for s in group)
         with self.team.guard(names):
             sums = self.statistics(x, todo)
-        stats = None
-        if sums:
-            for partial in sums.values():
+        stats: dict[int | None, Statistics] = {}
+        for key, parts in sums.items():
+            for partial in parts.values():
                 self.team.reduce(partial, names)
-            h = sums[HESSIAN]
-            stats = Statistics(h.value(), h.count, sums[CROSS].value() if CROSS in sums else None)
-            del sums, h
-            if self.on_statistics is not None:
-                for s in group:
-                    self.on_statistics(s.fqn, stats)
+            h = parts[HESSIAN]
+            if key is not None:
+                check_routed(h, f"{names} (expert {key})")
+                self.routed[(x, key)] = h.count
+                if h.count < h.sum.shape[0]:
+                    h = self.all_tokens(x, next(s for s in todo if s.index == key), names)
+            stats[key] = Statistics(h.value(), h.count,
+                                    parts[CROSS].value() if CROSS in parts else None)
+        del sums
+        if self.on_statistics is not None:
+            for s in group:
+                if s.index in stats:
+                    self.on_statistics(s.fqn, stats[s.index])
         owners = self.team.owners([self.plan[s.fqn].cost(s.shape) for s in todo])
         mine: dict[str, tuple[Compressed, LayerReport]] = {}
         with self.team.guard(names) as step:
             for s, owner in zip(todo, owners, strict=True):
                 if owner == self.team.rank:
                     step.layer = s.fqn
-                    mine[s.fqn] = self.solve(s, stats)
+                    mine[s.fqn] = self.solve(s, stats.get(s.index))
         del stats
         shared = [(s, *self.team.share(owner, mine.pop(s.fqn, None), s.fqn))
                   for s, owner in zip(todo, owners, strict=True)]
@@ -523,6 +598,9 @@ class _Run:
                 if s.fqn in self.done and not self.data_free:
                     step.layer = s.fqn
                     self.replace(s, self.done[s.fqn])
+        for s in group:
+            if s.attr == SECOND:
+                self.firsts.pop(s.module_name, None)
 
     def finish(self, s: Site, c: Compressed, report: LayerReport) -> None:
         if not self.data_free:
@@ -536,10 +614,29 @@ class _Run:
         self.bar.update()
 
     def replace(self, s: Site, c: Compressed) -> None:
-        """Compute ``s`` with ``c``'s weight from now on."""
-        w_hat = c.dense().to(self.device(s), s.module.weight.dtype)
-        self.interp.replaced[s.node] = (2 if s.transposed else 1,
-                                        w_hat.t().contiguous() if s.transposed else w_hat)
+        """Compute ``s`` with ``c``'s weight from now on (an expert: its slice of the
+        parameter, the others keeping theirs until they are replaced in turn)."""
+        param = s.param
+        w_hat = s.stored(c.dense().to(self.device(s), param.dtype))
+        if s.index is None:
+            self.interp.replaced[s.node] = (s.operand, w_hat)
+            return
+        if s.node not in self.interp.replaced:
+            value = (self.params.load(s.weight) if param.is_meta else param).detach().clone()
+            self.interp.replaced[s.node] = (s.operand, value)
+            if s.attr == FIRST:  # the all-token rule of the second projection reads it
+                self.firsts[s.module_name] = value
+        self.interp.replaced[s.node][1][s.index] = w_hat
+
+
+def check_routed(h: Hessian, name: str) -> None:
+    """An expert that no calibration token was routed to has no Hessian: that is an error
+    naming it (use more or more varied calibration data, or leave its block dense), never a
+    silent fallback to rounding."""
+    if h.count == 0:
+        raise ValueError(f"{name}: no calibration token was routed to this expert, so it has "
+                         f"no Hessian. Calibrate with more (or more varied) samples, or leave "
+                         f"its experts dense with a None rule")
 
 
 def calibrate(

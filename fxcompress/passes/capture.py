@@ -108,4 +108,18 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> E
             f"torch.export could not capture {type(model).__name__}{place}: "
             f"{type(e).__name__}: {first}. fxcompress compresses models that "
             f"torch.export.export(model, args, kwargs, strict=False) can capture."
+            + _experts_hint(model, where)
         ) from e
+
+
+def _experts_hint(model: nn.Module, where: str | None) -> str:
+    """What to do when the failing module is a transformers experts module whose
+    implementation cannot be exported (the eager loop over the experts hit)."""
+    module = model.get_submodule(where) if where and where != type(model).__name__ else None
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if impl is None or not hasattr(module, "gate_up_proj"):
+        return ""
+    return (f" Its experts run with experts_implementation={impl!r}, which torch.export cannot "
+            f"capture when it loops over the experts hit: load the model with "
+            f"experts_implementation='grouped_mm' (the default) or 'batched_mm', or call "
+            f"model.set_experts_implementation('grouped_mm').")
