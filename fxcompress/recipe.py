@@ -290,7 +290,7 @@ def _field_value(where: str, value: Any, hint: Any) -> Any:
         if t in (int, float) and isinstance(value, (int, float)) \
                 and not isinstance(value, bool) and (t is float or isinstance(value, int)):
             return value
-        if t is bool and isinstance(value, bool):
+        if t in (bool, str) and isinstance(value, t):
             return value
         if typing.get_origin(t) is tuple and isinstance(value, (list, tuple)) \
                 and len(value) == len(typing.get_args(t)) \
@@ -304,7 +304,7 @@ def _field_value(where: str, value: Any, hint: Any) -> Any:
     raise RecipeError(f"{where} must be {expected}, got {_kind(value)}")
 
 
-_EXPECTED = {int: "an integer", float: "a number", bool: "true or false",
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
              tuple: "a pair of integers like [2, 4]", type(None): "null"}
 
 EXAMPLE = """\

@@ -107,6 +107,12 @@ def test_named_recipes_round_trip(name):
 def test_file_values_keep_their_types():
     recipe = Recipe.from_yaml("rules:\n  - {pattern: a, method: SparseGPT, sparsity: 0,"
                               " n_m: [2, 4], quant: {method: GPTQ, group_size: -1}}\n"
-                              "  - {pattern: b, method: GPTQ, dense_output: true}\n")
+                              "  - {pattern: b, method: GPTQ, dense_output: true}\n"
+                              "  - {pattern: c, method: SparseGPT, solver: admm}\n")
     assert recipe.rules[0][1] == SparseGPT(0, n_m=(2, 4), quant=GPTQ(group_size=-1))
     assert recipe.rules[1][1] == GPTQ(dense_output=True)
+    assert recipe.rules[2][1] == SparseGPT(solver="admm")
+    with pytest.raises(RecipeError, match="SparseGPT.solver must be a string, got a list"):
+        Recipe.from_yaml("rules:\n  - {pattern: c, method: SparseGPT, solver: [admm]}\n")
+    with pytest.raises(RecipeError, match="solver must be one of"):
+        Recipe.from_yaml("rules:\n  - {pattern: c, method: SparseGPT, solver: adam}\n")
