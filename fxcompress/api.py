@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 import warnings
@@ -25,12 +26,11 @@ from .passes.liveness import (
     PRICE,
     SegmentMemory,
     check_memory,
-    human,
     over_budget,
-    parse_size,
 )
 from .passes.sites import Site
 from .recipe import Method, Recipe, RecipeError
+from .sizes import human, parse_size
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 4096
@@ -113,6 +113,17 @@ def _batch(calls: list[tuple[tuple, dict]], batch_size: int) -> list[tuple[tuple
 def _tokens(call: tuple[tuple, dict]) -> int:
     leaves = [x for x in pytree.tree_flatten(call)[0] if isinstance(x, torch.Tensor)]
     return max(1, leaves[0][:1].numel()) if leaves else 1
+
+
+def calibration_batches(model: nn.Module, calibration: Any, batch_size: int | None = None, *,
+                        ranks: int = 1) -> tuple[list[tuple[tuple, dict]], int]:
+    """The calibration samples as keyword calls of ``model``, runs of same-shaped samples
+    concatenated ``batch_size`` at a time (default: about ``DEFAULT_BATCH_TOKENS`` tokens a
+    batch, and no more than an equal share of the samples per rank, so every rank gets a
+    batch); and the number of samples."""
+    calls = [((), call_kwargs(model, *as_call(s))) for s in _samples(calibration)]
+    size = batch_size or max(1, DEFAULT_BATCH_TOKENS // _tokens(calls[0]))
+    return _batch(calls, min(size, math.ceil(len(calls) / ranks))), len(calls)
 
 
 def _explicit(pattern: str, name: str) -> bool:
@@ -217,10 +228,7 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
     """
     t0 = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
-    calls = [as_call(s) for s in _samples(calibration)]
-    calls = [((), call_kwargs(model, a, k)) for a, k in calls]
-    batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // _tokens(calls[0]))
-    chunks = _batch(calls, batch_size)
+    chunks, samples = calibration_batches(model, calibration, batch_size)
     with evaluating(model), numerics(), torch.no_grad():
         ep = capture(model, *chunks[0])
         sites, others = find_sites(ep, model)
@@ -233,7 +241,7 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
         count = rewrite(model, sites, results)
         del results
         release_freed_memory()
-    report = Report(recipe, layers, skipped, time.perf_counter() - t0, len(calls), estimate,
+    report = Report(recipe, layers, skipped, time.perf_counter() - t0, samples, estimate,
                     offload)
     model.fxcompress_report = report
     log.info("fxcompress: compressed %d linear layers in %.1fs", count, report.seconds)
@@ -253,7 +261,7 @@ def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list
     ``(offload, price, estimated peak bytes)``, the peak including the final rewrite."""
     offloaded = "cpu" if device.type == "cuda" else "disk"
     tries = [(None, PRICE), (None, EAGER), (offloaded, PRICE), (offloaded, EAGER)]
-    budget = None if max_memory is None else parse_size(max_memory)
+    budget = None if max_memory is None else parse_size(max_memory, "max_memory")
     for offload, price in tries:
         segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price)
         held = [plan[s.fqn].held(s.shape) for s in sites if s.fqn in plan]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
-from .passes.capture import _dynamic, as_call, call_kwargs, evaluating
+from .passes.capture import as_call, call_kwargs, dynamic_shapes, evaluating
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, *, aot: bool
     if dynamic and any(d == 1 for t in tensors for d in t.shape[:2]):
         log.warning("fxcompress.export: an example dimension of size 1 will be specialised "
                     "(static) by torch.export; use batch and sequence >= 2 to keep them dynamic")
-    shapes = (tuple(_dynamic(t) for t in tensors),) if dynamic else None
+    shapes = (tuple(dynamic_shapes(t) for t in tensors),) if dynamic else None
     with evaluating(model), torch.no_grad():
         ep = torch.export.export(wrapped, tensors, dynamic_shapes=shapes, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Checkpoints: ``fxcompress.save(model, dir)`` and ``fxcompress.load(dir)``.
+"""Checkpoints: ``fxcompress.save(model, dir)``, ``fxcompress.load(dir)``, and the one writer
+both ``save`` and the streamed ``compress_checkpoint`` use.
 
 A checkpoint is a Hugging Face–style folder, so the tools that read compressed-tensors
 checkpoints (transformers, vLLM) can read ours:
@@ -12,24 +13,37 @@ checkpoints (transformers, vLLM) can read ours:
   CRC-32 of every tensor so corruption is caught and named;
 * tokenizer and generation-config files, copied when present.
 
-Quantized layers use compressed-tensors' names and ``pack-quantized`` layout; pruned layers
-use fxcompress's own bitmask layout (compressed-tensors no longer ships a sparse compressor).
+How each kind of compressed layer is stored is its codec's business (:mod:`fxcompress.codecs`);
 ``docs/FORMAT.md`` documents every tensor.
 
-``load`` reads headers and config first and checks every tensor's presence, dtype, shape and
-checksum against the model rebuilt from ``config.json`` on the meta device, so a bad
-checkpoint fails with the file and tensor named before anything is returned. Packed tensors
-are assigned as they are, without materialising dense float weights.
+**Writing** (:class:`CheckpointWriter`) appends tensors to raw shard parts in a partial folder
+beside the target as they are made, then turns the parts into safetensors files, writes the
+index, side files and ``config.json``, and swaps the folder into place — one atomic exchange
+of the two folders where the OS has one (Linux) — so a crash at any point leaves the old
+checkpoint or the new one. The streamed path commits a progress record as it goes, so an
+interrupted run can be resumed.
+
+**Loading** reads ``config.json`` and every safetensors header first and checks every tensor's
+presence, dtype and shape against the model rebuilt from ``config.json`` on the meta device;
+then it reads every tensor, checking its CRC-32, and decodes every compressed layer; only then
+is anything assigned to the model. A bad checkpoint fails with the file and tensor named and
+leaves no half-loaded model. Packed tensors are assigned as they are, without materialising
+dense float weights.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fnmatch
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,9 +53,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels import pack
-from .modules import QuantExperts, QuantLinear, SparseExperts, SparseLinear
+from .codecs import (
+    CheckpointError,
+    Entry,
+    codec_for,
+    codec_of,
+    compressed_layers,
+    dense_tensors,
+    get_tensor,
+    inside,
+    set_module,
+    set_tensor,
+)
+from .modules import QuantExperts, SparseExperts
+from .passes.calibrate import release_freed_memory
 from .recipe import Recipe, RecipeError
+from .sizes import parse_size
+
+__all__ = ["CheckpointError", "CheckpointWriter", "PartialCheckpoint", "ResumeError", "load",
+           "partial_dir", "read_header", "save"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +79,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+PROGRESS = "progress.json"
 CRC_KEY = "fxcompress.crc32"
 DEFAULT_SHARD_SIZE = "5GB"
 COPIED_FILES = (
@@ -62,189 +93,280 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
+CODES = {dtype: code for code, dtype in DTYPES.items()}
 HEADER_KEYS = {"__metadata__", "dtype", "shape", "data_offsets", "format", CRC_KEY}
-QUANTIZED, SPARSE_QUANTIZED, SPARSE = "quantized", "sparse-quantized", "sparse"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded: the message names the file and tensor."""
+class ResumeError(ValueError):
+    """The partial output cannot be resumed (made by another job, or corrupted)."""
 
 
-# ============================================================================ layer codecs
-#
-# Each compressed layer is stored under its module name with the local names below; the
-# layer's entry in config.json ("kind", shapes, grid) says which ones and with what shapes.
+# ============================================================================ writing
 
 
-def _layer_meta(m: nn.Module) -> dict[str, Any]:
-    """The config.json entry describing one compressed layer."""
-    meta: dict[str, Any] = {"in_features": m.in_features, "out_features": m.out_features,
-                            "bias": m.bias is not None}
-    if m.bias is not None:
-        meta["dtype"] = str(m.bias.dtype).removeprefix("torch.")
-    if isinstance(m, SparseLinear):
-        meta["dtype"] = str(m.weight.dtype).removeprefix("torch.")
-        return {"kind": SPARSE, **meta, "nnz": int(m.mask.sum())}
-    mid = 2 ** (m.bits - 1)
-    symmetric = m.sym and bool((m.weight_zero_point == mid).all())
-    meta.update(bits=m.bits, group_size=m.group_size, symmetric=symmetric,
-                g_idx=m.weight_g_idx is not None)
-    if m.weight_bitmask is None:
-        return {"kind": QUANTIZED, **meta}
-    mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
-    return {"kind": SPARSE_QUANTIZED, **meta, "nnz": int(mask.sum())}
+def partial_dir(out_dir: str | Path) -> Path:
+    """Where a checkpoint for ``out_dir`` is written until it is complete: a hidden folder
+    beside it (same file system, so that it can be renamed into place)."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.with_name(f".{out_dir.name}.partial")
 
 
-def _encode(m: nn.Module, meta: dict[str, Any]) -> dict[str, Tensor]:
-    """The stored tensors of one compressed layer (local names)."""
-    n, k = m.out_features, m.in_features
-    out = {"weight_shape": torch.tensor([n, k], dtype=torch.int64)}
-    if meta["kind"] == SPARSE:
-        out["weight_bitmask"] = pack.pack_bitmask(m.mask)
-        out["weight_values"] = m.weight.detach()[m.mask]
-    else:
-        out["weight_scale"] = m.weight_scale
-        if not meta["symmetric"]:
-            out["weight_zero_point"] = pack.pack_rows(m.weight_zero_point, m.bits)
-        if m.weight_g_idx is not None:
-            out["weight_g_idx"] = m.weight_g_idx
-        if meta["kind"] == QUANTIZED:
-            out["weight_packed"] = m.weight_packed
-        else:
-            out.update(_encode_sparse_codes(m))
-    if m.bias is not None:
-        out["bias"] = m.bias.detach()
-    return out
+def _read_progress(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / PROGRESS).read_text())
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{folder / PROGRESS} cannot be read: {e}") from e
+    if not isinstance(state, dict) or not {"fingerprint", "shards", "layers",
+                                           "reports"} <= set(state):
+        raise ResumeError(f"{folder / PROGRESS} is not a progress record of fxcompress")
+    return state
 
 
-def _encode_sparse_codes(m: QuantLinear) -> dict[str, Tensor]:
-    """Bitmask plus the kept codes as one bit stream; pruned codes must equal the zero point
-    of their group (the layer computes with them, so they are rebuilt from it on load)."""
-    mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
-    codes = m.codes()
-    if not torch.equal(codes[~mask], _zero_codes(m.weight_zero_point, m.weight_g_idx,
-                                                 m.group_size, m.in_features)[~mask]):
-        raise ValueError("a pruned QuantLinear holds codes other than its zero point at pruned "
-                         "positions; it cannot be stored in the sparse layout")
-    return {"weight_bitmask": m.weight_bitmask,
-            "weight_kept_packed": pack.pack(codes[mask][None], m.bits)[0]}
+def _fresh_state(fingerprint: str | None) -> dict:
+    return {"fingerprint": fingerprint, "shards": [], "layers": {}, "reports": {}}
 
 
-def _zero_codes(zero: Tensor, g_idx: Tensor | None, group_size: int, k: int) -> Tensor:
-    """The zero-point code of every weight position, ``(N, K)`` uint8."""
-    g = torch.arange(k) // group_size if g_idx is None else g_idx.long()
-    return zero[:, g]
+class PartialCheckpoint:
+    """A checkpoint being written, as far as its progress record goes: the tensors and layers
+    committed so far (what a resumed run reads back). Read-only: ranks other than the writer
+    open the partial folder with this."""
+
+    def __init__(self, out_dir: str | Path, state: dict | None = None):
+        self.out_dir, self.folder = Path(out_dir).resolve(), partial_dir(out_dir)
+        if state is None:
+            state = _read_progress(self.folder) if (self.folder / PROGRESS).is_file() \
+                else _fresh_state(None)
+        self.state = state
+
+    @property
+    def layers(self) -> dict[str, Entry]:
+        """The ``config.json`` entry of every compressed layer written, by name."""
+        return self.state["layers"]
+
+    @property
+    def reports(self) -> dict[str, dict]:
+        """What the caller recorded with each layer (:meth:`CheckpointWriter.add_layer`)."""
+        return self.state["reports"]
+
+    @property
+    def written(self) -> set[str]:
+        return {name for shard in self.state["shards"] for name in shard["tensors"]}
+
+    def read(self, name: str) -> Tensor:
+        """A committed tensor, read back from its part file."""
+        for shard in self.state["shards"]:
+            if name in shard["tensors"]:
+                code, shape, begin, end, _ = shard["tensors"][name]
+                with open(self.folder / shard["part"], "rb") as f:
+                    f.seek(begin)
+                    data = bytearray(f.read(end - begin))
+                dtype = DTYPES[code]
+                if not data:
+                    return torch.empty(shape, dtype=dtype)
+                return torch.frombuffer(data, dtype=dtype).reshape(shape)
+        raise KeyError(name)
+
+    def read_layer(self, name: str) -> nn.Module:
+        """A committed compressed layer, decoded by its codec."""
+        entry = self.layers[name]
+        codec = codec_of(entry)
+        tensors = {local: self.read(f"{name}.{local}") for local in codec.expected(entry)}
+        return codec.decode(entry, tensors, f"{self.folder}: {name}.")
 
 
-def _expected(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every stored tensor of one compressed layer."""
-    n, k, kind = meta["out_features"], meta["in_features"], meta["kind"]
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"weight_shape": ((2,), torch.int64)}
-    if kind == SPARSE:
-        out["weight_bitmask"] = ((n, math.ceil(k / 8)), torch.uint8)
-        out["weight_values"] = ((meta["nnz"],), _dtype(meta["dtype"]))
-    else:
-        bits, groups = meta["bits"], k // meta["group_size"]
-        out["weight_scale"] = ((n, groups), torch.float16)
-        if not meta["symmetric"]:
-            out["weight_zero_point"] = ((pack.packed_width(n, bits), groups), torch.int32)
-        if meta["g_idx"]:
-            out["weight_g_idx"] = ((k,), torch.int32)
-        if kind == QUANTIZED:
-            out["weight_packed"] = ((n, pack.packed_width(k, bits)), torch.int32)
-        else:
-            out["weight_bitmask"] = ((n, math.ceil(k / 8)), torch.uint8)
-            out["weight_kept_packed"] = ((pack.packed_width(meta["nnz"], bits),), torch.int32)
-    if meta["bias"]:
-        out["bias"] = ((n,), _dtype(meta["dtype"]))
-    return out
+class CheckpointWriter(PartialCheckpoint):
+    """Writes the checkpoint folder ``out_dir``, for ``save`` and the streamed path alike.
+
+    Tensors are appended, as they are made, to raw ``.part`` files of at most ``shard_size``
+    bytes in :func:`partial_dir`; compressed layers go through their codec
+    (:meth:`add_layer`). :meth:`commit` makes everything added so far durable and records it
+    in ``progress.json`` (tensor offsets and CRC-32s, finished layers), which is what
+    ``resume`` trusts: bytes after the last commit are cut off. :meth:`finish` turns each part
+    into a safetensors file — header first, tensors ordered by alignment (the file order
+    safetensors itself uses) — writes the index, side files and ``config.json``, and swaps the
+    folder into place (:func:`_swap_into_place`). :meth:`discard` removes the partial folder.
+    """
+
+    def __init__(self, out_dir: str | Path, shard_size: int | str = DEFAULT_SHARD_SIZE, *,
+                 fingerprint: str | None = None, resume: bool = False):
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"{out} exists and is not a folder: a checkpoint is a "
+                                     f"folder")
+        cwd = Path.cwd().resolve()
+        if out.resolve() in (cwd, *cwd.parents):
+            raise ValueError(f"{out} is the working directory or holds it: a checkpoint "
+                             f"replaces its folder when complete, so write it to another one")
+        self.shard_size = parse_size(shard_size, "max_shard_size")
+        self.folder = partial_dir(out)
+        state = self._resume(fingerprint) if resume else None
+        if state is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            state = _fresh_state(fingerprint)
+        super().__init__(out, state)
+        self._file: Any = None
+
+    def _resume(self, fingerprint: str | None) -> dict | None:
+        if not (self.folder / PROGRESS).is_file():
+            log.info("fxcompress: nothing to resume in %s, starting afresh", self.folder)
+            return None
+        state = _read_progress(self.folder)
+        if state["fingerprint"] != fingerprint:
+            raise ResumeError(f"{self.folder} holds a partial compression of another model, "
+                              f"recipe or calibration set; remove it or run without resume")
+        for shard in state["shards"]:  # cut off what was written after the last commit
+            os.truncate(self.folder / shard["part"], shard["size"])
+        return state
+
+    def add(self, name: str, t: Tensor) -> None:
+        """Append one tensor, stored as it is under ``name``."""
+        t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        shards = self.state["shards"]
+        if not shards or shards[-1]["size"] and shards[-1]["size"] + nbytes > self.shard_size:
+            self._close()
+            shards.append({"part": f"shard-{len(shards) + 1:05d}.part", "size": 0,
+                           "tensors": {}})
+        shard = shards[-1]
+        if self._file is None:
+            self._file = open(self.folder / shard["part"], "ab")  # noqa: SIM115
+        data = t.reshape(-1).view(torch.uint8).numpy() if nbytes else b""
+        self._file.write(data)
+        begin = shard["size"]
+        shard["tensors"][name] = [CODES[t.dtype], list(t.shape), begin, begin + nbytes,
+                                  zlib.crc32(data) if nbytes else 0]
+        shard["size"] += nbytes
+
+    def add_layer(self, name: str, m: nn.Module, report: dict | None = None) -> None:
+        """Append the compressed module ``m`` (the layer ``name``) as its codec stores it, and
+        record its entry (and ``report``, kept for a resumed run)."""
+        codec = codec_for(m)
+        if codec is None:
+            raise TypeError(f"{name} is a {type(m).__name__}, which no codec stores")
+        entry = codec.describe(m)
+        for local, t in codec.encode(m, entry).items():
+            self.add(f"{name}.{local}", t)
+        self.layers[name] = entry
+        if report is not None:
+            self.reports[name] = report
+
+    def commit(self) -> None:
+        """Make what was added durable and record it in ``progress.json``."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        tmp = self.folder / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.folder / PROGRESS)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def finish(self, model: nn.Module, recipe: Recipe | None = None, tokenizer: Any = None
+               ) -> Path:
+        """Complete the checkpoint of ``model`` (whose compressed layers were added; any
+        module, a meta-device skeleton included) and put it in place of ``out_dir``."""
+        self._close()
+        order = [name for name, _ in model.named_modules() if name in self.layers]
+        if len(order) != len(self.layers):
+            raise ValueError(f"layers {sorted(set(self.layers) - set(order))[:5]} were "
+                             f"written but are not modules of the model")
+        layers = {name: self.layers[name] for name in order}
+        self._write_shards()
+        (self.folder / PROGRESS).unlink(missing_ok=True)
+        _copy_side_files(model, self.folder, tokenizer)
+        _write_config(model, self.folder, quantization_config(model, layers, recipe))
+        _carry_over(self.out_dir, self.folder)
+        _sync(self.folder)
+        _swap_into_place(self.folder, self.out_dir)
+        return self.out_dir
+
+    def _write_shards(self) -> None:
+        shards = self.state["shards"]
+        names = [WEIGHTS_NAME] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards, strict=True):
+            _write_safetensors(self.folder / shard["part"], shard["tensors"], self.folder / name)
+            (self.folder / shard["part"]).unlink()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(s["size"] for s in shards)},
+                     "weight_map": {t: n for n, s in zip(names, shards, strict=True)
+                                    for t in s["tensors"]}}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def discard(self) -> None:
+        """Remove the partial folder (the target is left as it was)."""
+        self._close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _stub(meta: dict[str, Any]) -> nn.Module:
-    """An empty compressed module on the meta device, to be filled by :func:`_fill`."""
-    n, k = meta["out_features"], meta["in_features"]
-    if meta["kind"] == SPARSE:
-        return SparseLinear(k, n, meta["bias"], device="meta", dtype=_dtype(meta["dtype"]))
-    dtype = _dtype(meta["dtype"]) if meta["bias"] else torch.float32
-    return QuantLinear(k, n, meta["bits"], meta["group_size"], meta["symmetric"], meta["bias"],
-                       dynamic_groups=meta["g_idx"], sparse=meta["kind"] == SPARSE_QUANTIZED,
-                       device="meta", dtype=dtype)
+def _write_safetensors(part: Path, tensors: dict[str, list], out: Path) -> None:
+    """A safetensors file holding ``tensors`` (``[dtype code, shape, begin, end, crc]`` in the
+    raw ``part``), their CRC-32s in the metadata."""
+    entries = sorted(tensors.items(), key=lambda kv: -DTYPES[kv[1][0]].itemsize)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (code, shape, begin, end, _) in entries:
+        header[name] = {"dtype": code, "shape": shape,
+                        "data_offsets": [offset, offset + end - begin]}
+        offset += end - begin
+    header["__metadata__"] = {"format": "pt", CRC_KEY: json.dumps(
+        {name: entry[4] for name, entry in entries})}
+    raw = json.dumps(header, separators=(",", ":")).encode()  # compact, as safetensors
+    raw += b" " * (-len(raw) % 8)
+    with open(part, "rb") as src, open(out, "wb") as dst:
+        dst.write(struct.pack("<Q", len(raw)))
+        dst.write(raw)
+        dst.flush()
+        for _, (_, _, begin, end, _) in entries:
+            _copy_range(src, dst, begin, end - begin)
 
 
-def _fill(m: nn.Module, meta: dict[str, Any], t: dict[str, Tensor], where: str) -> None:
-    """Decode the stored tensors ``t`` of one layer into its module ``m``."""
-    n, k = meta["out_features"], meta["in_features"]
-    if t["weight_shape"].tolist() != [n, k]:
-        raise CheckpointError(f"{where}weight_shape holds {t['weight_shape'].tolist()}, "
-                              f"config.json says [{n}, {k}]")
-    mask = None
-    if "weight_bitmask" in t:
-        mask = pack.unpack_bitmask(t["weight_bitmask"], k)
-        if int(mask.sum()) != meta["nnz"]:
-            raise CheckpointError(f"{where}weight_bitmask keeps {int(mask.sum())} weights, "
-                                  f"config.json says nnz={meta['nnz']}")
-    if meta["bias"]:
-        m.bias = nn.Parameter(t["bias"], requires_grad=isinstance(m, SparseLinear))
-    if meta["kind"] == SPARSE:
-        m.weight = nn.Parameter(torch.zeros(n, k, dtype=t["weight_values"].dtype)
-                                .masked_scatter_(mask, t["weight_values"]))
-        m.mask = mask
-        return
-    bits = meta["bits"]
-    m.weight_scale = t["weight_scale"]
-    m.weight_zero_point = (torch.full((n, k // meta["group_size"]), 2 ** (bits - 1),
-                                      dtype=torch.uint8) if meta["symmetric"]
-                           else pack.unpack_rows(t["weight_zero_point"], bits, n))
-    if meta["g_idx"]:
-        g_idx = t["weight_g_idx"]
-        if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= k // meta["group_size"]):
-            raise CheckpointError(f"{where}weight_g_idx holds groups outside "
-                                  f"[0, {k // meta['group_size']})")
-        m.weight_g_idx = g_idx
-    if mask is None:
-        m.weight_packed = t["weight_packed"]
-    else:
-        codes = _zero_codes(m.weight_zero_point, m.weight_g_idx, meta["group_size"], k)
-        kept = pack.unpack(t["weight_kept_packed"][None], bits, meta["nnz"])[0]
-        m.weight_packed = pack.pack(codes.masked_scatter(mask, kept), bits)
-        m.weight_bitmask = t["weight_bitmask"]
-    m.prepare()
+def _copy_range(src: Any, dst: Any, begin: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``begin`` to ``dst``: in the kernel where it can
+    (``copy_file_range``), through a buffer otherwise."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while count:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), count, begin)
+                if n == 0:
+                    raise CheckpointError(f"{src.name} ends before byte {begin + count}")
+                begin, count = begin + n, count - n
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    src.seek(begin)
+    while count:
+        block = src.read(min(count, 64 << 20))
+        if not block:
+            raise CheckpointError(f"{src.name} ends before byte {begin + count}")
+        dst.write(block)
+        count -= len(block)
+    dst.flush()
 
 
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"config.json: unknown dtype {name!r}")
-    return dtype
-
-
-# ============================================================================ config.json
-
-
-def _ct_weights_args(meta: dict[str, Any]) -> dict[str, Any]:
-    """compressed-tensors ``QuantizationArgs`` for one quantized layer."""
-    per_channel = meta["group_size"] == meta["in_features"]
-    args = {"num_bits": meta["bits"], "type": "int", "symmetric": meta["symmetric"],
-            "strategy": "channel" if per_channel else "group",
-            "group_size": None if per_channel else meta["group_size"], "dynamic": False}
-    if meta["g_idx"]:
-        args["actorder"] = "group"
-    return args
-
-
-def _quantization_config(layers: dict[str, dict[str, Any]], dense_linears: list[str],
-                         readable: bool, recipe: Recipe | None) -> dict[str, Any]:
-    """``config.json["quantization_config"]``: compressed-tensors' schema plus our metadata."""
+def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Recipe | None
+                        ) -> dict[str, Any]:
+    """``config.json["quantization_config"]``: compressed-tensors' schema plus our metadata.
+    ``quant_method`` is ``"compressed-tensors"`` only if compressed-tensors can read every
+    layer (its codec says so, and it did not replace a transposed ``Conv1D``)."""
     groups: dict[str, dict[str, Any]] = {}
-    for name, meta in layers.items():
-        if meta["kind"] != QUANTIZED:
+    for name, entry in layers.items():
+        found = codec_of(entry).config_group(name, entry)
+        if found is None:
             continue
-        args = _ct_weights_args(meta)
-        key = json.dumps(args, sort_keys=True)
-        group = groups.setdefault(key, {"targets": [], "weights": args,
-                                        "input_activations": None, "output_activations": None,
-                                        "format": "pack-quantized"})
-        group["targets"].append(f"re:^{re.escape(name)}$")
+        args, targets = found
+        group = groups.setdefault(json.dumps(args, sort_keys=True), {
+            "targets": [], "weights": args, "input_activations": None,
+            "output_activations": None, "format": "pack-quantized"})
+        group["targets"] += targets
+    readable = all(codec_of(e).compressed_tensors for e in layers.values()) \
+        and not _transposed_layers(model, layers)
+    dense = [n for n, m in model.named_modules() if type(m) is nn.Linear and not inside(n, layers)]
     from . import __version__
 
     return {
@@ -252,7 +374,7 @@ def _quantization_config(layers: dict[str, dict[str, Any]], dense_linears: list[
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
-        "ignore": dense_linears,
+        "ignore": dense,
         "kv_cache_scheme": None,
         "sparsity_config": {},
         "fxcompress": {
@@ -260,11 +382,160 @@ def _quantization_config(layers: dict[str, dict[str, Any]], dense_linears: list[
             "version": __version__,
             "recipe": recipe.to_dict() if recipe is not None else None,
             "layers": layers,
+            "tied": dense_tensors(model, layers)[1],
         },
     }
 
 
-# ============================================================================ save
+def _transposed_layers(model: nn.Module, layers: dict[str, Any]) -> list[str]:
+    """Compressed layers that replaced a Hugging Face ``Conv1D`` (weight stored (in, out) in
+    the original model): compressed-tensors cannot read those."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    try:
+        skeleton = _skeleton_from_config(config, type(model))
+        return [name for name in layers
+                if type(skeleton.get_submodule(name)).__name__ == "Conv1D"]
+    except Exception as e:  # a model class we cannot rebuild: do not claim compatibility
+        log.warning("fxcompress: cannot rebuild %s from its config (%s); the checkpoint is "
+                    "marked fxcompress-only", type(model).__name__, e)
+        return list(layers)
+
+
+def _copy_side_files(model: nn.Module, folder: Path, tokenizer: Any) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    source_dir = Path(source) if source else None
+    if source_dir is not None and source_dir.is_dir():
+        for name in COPIED_FILES:
+            if (source_dir / name).is_file() and not (folder / name).exists():
+                shutil.copy2(source_dir / name, folder / name)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(folder)
+
+
+def _write_config(model: nn.Module, folder: Path, qconfig: dict[str, Any]) -> None:
+    config = getattr(model, "config", None)
+    data: dict[str, Any] = {}
+    if config is not None and hasattr(config, "to_dict"):
+        data = config.to_dict()
+        if not data.get("architectures"):
+            data["architectures"] = [type(model).__name__]
+    data["quantization_config"] = qconfig
+    (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True, default=str)
+                                      + "\n")
+
+
+def _owned(name: str) -> bool:
+    """Whether a file name belongs to a checkpoint (replaced as a whole, never carried over)."""
+    return name in (CONFIG_NAME, INDEX_NAME, PROGRESS) or fnmatch.fnmatch(name,
+                                                                          "model*.safetensors")
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Keep what an existing target folder holds besides a checkpoint (a README, weights in
+    another format, files the new checkpoint does not bring), as saving in place would:
+    hard links where possible, copies otherwise."""
+    if not old.is_dir():
+        return
+    for item in old.iterdir():
+        if _owned(item.name) or (new / item.name).exists() or (new / item.name).is_symlink():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, new / item.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, new / item.name)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    if not Path(src).is_symlink():
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _sync(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk, so that the swap never
+    exposes files whose data a power loss could still take."""
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _sync_dir(folder)
+
+
+def _sync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform that cannot open folders (Windows): nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(partial: Path, out: Path) -> None:
+    """Make the complete folder ``partial`` the folder ``out``. A new ``out`` is one rename;
+    an existing one is exchanged with ``partial`` in one atomic step where the OS can
+    (Linux ``renameat2(RENAME_EXCHANGE)``), and the old checkpoint, now in ``partial``,
+    removed. Elsewhere the old folder is first renamed aside to ``.<name>.old``: a crash between
+    the two renames leaves it there (``load`` says so)."""
+    if not out.exists():
+        os.replace(partial, out)
+    elif _exchange(partial, out):
+        _remove(partial)
+    else:
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        try:
+            os.replace(partial, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        _remove(old)
+    _sync_dir(out.parent)
+
+
+def _remove(folder: Path) -> None:
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:  # the new checkpoint is in place: only the old one lingers
+        log.warning("fxcompress: could not remove the previous checkpoint in %s: %s", folder, e)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` atomically; False where the OS or file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) \
+        if sys.platform.startswith("linux") else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _recipe_of(model: nn.Module) -> Recipe | None:
+    return getattr(getattr(model, "fxcompress_report", None), "recipe", None) \
+        or getattr(model, "fxcompress_recipe", None)
 
 
 def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
@@ -274,30 +545,10 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     Hugging Face models get their config, generation config and tokenizer files (from
     ``tokenizer`` or the folder the model was loaded from) so the folder is a complete
     model; any other model gets a ``config.json`` holding only the quantization config and
-    is loaded back with ``load(path, build=...)``. Returns the folder.
+    is loaded back with ``load(path, build=...)``. The checkpoint is written beside ``path``
+    and replaces it only when complete: an existing checkpoint there survives any failure, and
+    the files it holds besides a checkpoint are kept. Returns the folder.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    compressed = _compressed_layers(model)
-    layers = {name: _layer_meta(m) for name, m in compressed.items()}
-    tensors, tied = _tensors(model, compressed, layers)
-    transposed = _transposed_layers(model, compressed)
-    readable = all(meta["kind"] == QUANTIZED for meta in layers.values()) and not transposed
-    dense = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-    recipe = getattr(getattr(model, "fxcompress_report", None), "recipe", None) \
-        or getattr(model, "fxcompress_recipe", None)
-    qconfig = _quantization_config(layers, dense, readable, recipe)
-    qconfig["fxcompress"]["tied"] = tied
-    for stale in [path / CONFIG_NAME, *path.glob("model*.safetensors"), path / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
-    _write_shards(tensors, path, _parse_size(max_shard_size))
-    _copy_side_files(model, path, tokenizer)
-    _write_config(model, path, qconfig)  # last: a folder without it is not a checkpoint
-    log.info("fxcompress: saved %d compressed layers to %s", len(layers), path)
-    return path
-
-
-def _compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
     experts = [n for n, m in model.named_modules() if isinstance(m, (QuantExperts, SparseExperts))]
     if experts:
         raise NotImplementedError(
@@ -305,124 +556,31 @@ def _compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
             f"checkpoint layout (per expert, under the names vLLM's MoE loaders expect) is "
             f"still to be written. Keep the model in memory, or export it with "
             f"fxcompress.export / torch.export")
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, (QuantLinear, SparseLinear))}
+    layers = compressed_layers(model)
     if not layers:
         raise ValueError("the model has no compressed layers: run fxcompress.compile first "
                          "(a dense model is saved with its own save_pretrained/state_dict)")
-    return layers
-
-
-def _tensors(model: nn.Module, compressed: dict[str, nn.Module],
-             layers: dict[str, dict[str, Any]]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Every tensor to store, by full name, and the tied aliases ``{alias: stored name}``."""
-    out: dict[str, Tensor] = {}
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        owner = name.rpartition(".")[0]
-        if owner in compressed or value is None:
-            continue
-        if id(value) in seen:
-            tied[name] = seen[id(value)]
-            continue
-        seen[id(value)] = name
-        out[name] = value
-    for name, m in compressed.items():
-        for local, t in _encode(m, layers[name]).items():
-            out[f"{name}.{local}"] = t
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}, tied
-
-
-def _transposed_layers(model: nn.Module, compressed: dict[str, nn.Module]) -> list[str]:
-    """Compressed layers that replaced a Hugging Face ``Conv1D`` (weight stored (in, out) in
-    the original model): compressed-tensors cannot read those."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return []
+    writer = CheckpointWriter(path, max_shard_size)
     try:
-        skeleton = _skeleton_from_config(config, type(model))
-        return [name for name in compressed
-                if type(skeleton.get_submodule(name)).__name__ == "Conv1D"]
-    except Exception as e:  # a model class we cannot rebuild: do not claim compatibility
-        log.warning("fxcompress.save: cannot rebuild %s from its config (%s); the checkpoint "
-                    "is marked fxcompress-only", type(model).__name__, e)
-        return list(compressed)
+        names, _ = dense_tensors(model, layers)
+        state = model.state_dict(keep_vars=True)
+        for name in names:
+            writer.add(name, state[name])
+        for name, m in layers.items():
+            writer.add_layer(name, m)
+        writer.finish(model, _recipe_of(model), tokenizer)
+    except BaseException:
+        writer.discard()
+        raise
+    log.info("fxcompress: saved %d compressed layers to %s", len(layers), path)
+    return Path(path)
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size must be bytes or like '5GB'/'500MB', got {size!r}")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _crc(t: Tensor) -> int:
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
-
-
-def _write_shards(tensors: dict[str, Tensor], path: Path, limit: int) -> None:
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        if shards[-1] and size + _nbytes(t) > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += _nbytes(t)
-    names = [WEIGHTS_NAME] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards, strict=True):
-        crcs = json.dumps({k: _crc(t) for k, t in shard.items()})
-        save_file(shard, str(path / name), metadata={"format": "pt", CRC_KEY: crcs})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
-                 "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
-        (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _copy_side_files(model: nn.Module, path: Path, tokenizer: Any) -> None:
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    source_dir = Path(source) if source else None
-    if source_dir is not None and source_dir.is_dir() and source_dir.resolve() != path.resolve():
-        for name in COPIED_FILES:
-            if (source_dir / name).is_file() and not (path / name).exists():
-                shutil.copy2(source_dir / name, path / name)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and hasattr(generation, "save_pretrained"):
-        generation.save_pretrained(path)
-
-
-def _write_config(model: nn.Module, path: Path, qconfig: dict[str, Any]) -> None:
-    config = getattr(model, "config", None)
-    data: dict[str, Any] = {}
-    if config is not None and hasattr(config, "to_dict"):
-        data = config.to_dict()
-        if not data.get("architectures"):
-            data["architectures"] = [type(model).__name__]
-    data["quantization_config"] = qconfig
-    (path / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True, default=str)
-                                    + "\n")
-
-
-# ============================================================================ load
+# ============================================================================ loading
 
 
 @dataclass(frozen=True)
-class _Stored:
+class StoredTensor:
     """One tensor as a safetensors header describes it."""
 
     file: Path
@@ -438,9 +596,11 @@ def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
     Hugging Face models are built from ``config.json`` (its ``architectures``); any other
     model needs ``build``, a function returning the uncompressed model (it is called on the
     meta device, so it allocates nothing). Every tensor's presence, dtype and shape is checked
-    against that model before any is read, and (``verify``) its CRC-32 as it is read; a bad
-    checkpoint raises :class:`CheckpointError` naming the file and tensor. The model comes back
-    on CPU in eval mode with its kernel layouts prepared.
+    against that model before any data is read; then every tensor is read (and, with
+    ``verify``, its CRC-32 checked) and every compressed layer decoded before anything is
+    assigned to the model, so a bad checkpoint raises :class:`CheckpointError`, naming the file
+    and tensor, with the model ``build`` returned left as it was. The model comes back on CPU
+    in eval mode with its kernel layouts prepared.
     """
     path = Path(path)
     config = _read_config(path)
@@ -449,12 +609,18 @@ def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
     recipe = _recipe(path, fx["recipe"]) if fx.get("recipe") is not None else None
     stored = _read_headers(path)
     model = _skeleton(path, config, build)
-    _install_stubs(model, layers)
-    _check(model, layers, tied, stored)
-    _read_into(model, layers, stored, verify)
+    _check_originals(model, layers)
+    _check(_expected(model, layers, tied), tied, stored)
+    _check_complete(model, layers, tied, stored, path)
+    tensors = _read_all(stored, verify)
+    modules = _decode(layers, tensors, stored)
+    # every check has passed: only now is the model changed
+    for name, m in modules.items():
+        set_module(model, name, m)
+    for name, t in tensors.items():
+        set_tensor(model, name, t)
     for alias, source in tied.items():
-        _set_tensor(model, alias, _get_tensor(model, source))
-    _check_materialised(model, path)
+        set_tensor(model, alias, get_tensor(model, source))
     if recipe is not None:
         model.fxcompress_recipe = recipe
     return model.eval()
@@ -470,6 +636,11 @@ def _recipe(path: Path, data: dict[str, Any]) -> Recipe:
 def _read_config(path: Path) -> dict[str, Any]:
     file = path / CONFIG_NAME
     if not path.is_dir():
+        old = path.with_name(f".{path.name}.old")
+        if old.is_dir():
+            raise CheckpointError(f"{path} is missing, but {old} holds the checkpoint that was "
+                                  f"there: a save was interrupted while swapping folders; "
+                                  f"rename {old.name} back to {path.name}")
         raise CheckpointError(f"{path} is not a checkpoint folder")
     try:
         config = json.loads(file.read_text())
@@ -488,24 +659,12 @@ def _read_config(path: Path) -> dict[str, Any]:
                               f"fxcompress reads version {FORMAT_VERSION}); upgrade fxcompress")
     if not isinstance(fx.get("layers"), dict):
         raise CheckpointError(f"{file}: quantization_config.fxcompress.layers is missing")
-    for name, meta in fx["layers"].items():
-        _check_layer_meta(file, name, meta)
+    for name, entry in fx["layers"].items():
+        codec = codec_of(entry)
+        problem = f"an invalid entry {entry!r}" if codec is None else codec.entry_problem(entry)
+        if problem is not None:
+            raise CheckpointError(f"{file}: layer {name!r} has {problem}")
     return config
-
-
-def _check_layer_meta(file: Path, name: str, meta: Any) -> None:
-    need = {"kind", "in_features", "out_features", "bias"}
-    kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind in (QUANTIZED, SPARSE_QUANTIZED):
-        need |= {"bits", "group_size", "symmetric", "g_idx"}
-    if kind in (SPARSE, SPARSE_QUANTIZED):
-        need |= {"nnz"}
-    if kind not in (QUANTIZED, SPARSE_QUANTIZED, SPARSE) or not need <= set(meta):
-        raise CheckpointError(f"{file}: layer {name!r} has an invalid entry {meta!r}")
-    if kind != SPARSE and (meta["bits"] not in pack.SUPPORTED_BITS
-                           or meta["in_features"] % meta["group_size"]):
-        raise CheckpointError(f"{file}: layer {name!r} has an invalid grid (bits="
-                              f"{meta['bits']}, group_size={meta['group_size']})")
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -521,10 +680,10 @@ def _shard_files(path: Path) -> list[Path]:
     return [path / WEIGHTS_NAME]
 
 
-def _read_headers(path: Path) -> dict[str, _Stored]:
+def _read_headers(path: Path) -> dict[str, StoredTensor]:
     """Every tensor of every shard, from the headers only; duplicates and index entries that
     point to the wrong file are errors."""
-    stored: dict[str, _Stored] = {}
+    stored: dict[str, StoredTensor] = {}
     for file in _shard_files(path):
         for name, info in read_header(file).items():
             if name in stored:
@@ -540,7 +699,7 @@ def _read_headers(path: Path) -> dict[str, _Stored]:
     return stored
 
 
-def read_header(file: Path) -> dict[str, _Stored]:
+def read_header(file: Path) -> dict[str, StoredTensor]:
     """Parse and validate one safetensors header: every tensor must lie inside the file and
     have as many bytes as its dtype and shape say. Raises :class:`CheckpointError`."""
     try:
@@ -585,7 +744,7 @@ def _entry_before(raw: bytes, pos: int | None) -> str | None:
 
 
 def _check_entry(file: Path, name: str, info: Any, start: int, size: int, crc: int | None
-                 ) -> _Stored:
+                 ) -> StoredTensor:
     try:
         dtype = DTYPES[info["dtype"]]
         shape = tuple(int(d) for d in info["shape"])
@@ -600,7 +759,7 @@ def _check_entry(file: Path, name: str, info: Any, start: int, size: int, crc: i
     if start + end > size:
         raise CheckpointError(f"{file} is truncated: tensor {name} needs bytes up to "
                               f"{start + end}, the file has {size}")
-    return _Stored(file, dtype, shape, crc)
+    return StoredTensor(file, dtype, shape, crc)
 
 
 def _skeleton(path: Path, config: dict[str, Any], build: Callable[[], nn.Module] | None
@@ -638,38 +797,38 @@ def _skeleton_from_config(hf_config: Any, cls: type | None) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_config(hf_config)
 
 
-def _install_stubs(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    """Replace each compressed layer's original module with an empty compressed one, after
-    checking the original's shape against the layer entry."""
-    for name, meta in layers.items():
+def _check_originals(model: nn.Module, layers: dict[str, Entry]) -> None:
+    """Each compressed layer names a module of the model built from the config that its
+    codec can have replaced."""
+    for name, entry in layers.items():
         try:
-            old = model.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"config.json names compressed layer {name}, which the "
                                   f"model built from the config does not have") from None
-        w = getattr(old, "weight", None)
-        shape = None if w is None else tuple(w.shape)
-        if type(old).__name__ == "Conv1D" and shape is not None:
-            shape = shape[::-1]
-        if shape != (meta["out_features"], meta["in_features"]):
-            raise CheckpointError(
-                f"config.json: layer {name} is a {type(old).__name__} with weight {shape} in "
-                f"the model built from the config, but the checkpoint stores "
-                f"({meta['out_features']}, {meta['in_features']}) (out, in)")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, _stub(meta))
+        problem = codec_of(entry).original_problem(module, entry)
+        if problem is not None:
+            raise CheckpointError(f"config.json: layer {name} {problem}")
 
 
-def _check(model: nn.Module, layers: dict[str, dict[str, Any]], tied: dict[str, str],
-           stored: dict[str, _Stored]) -> None:
-    """Every expected tensor is stored with the right dtype and shape; nothing else is."""
-    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+Expected = dict[str, tuple[tuple[int, ...], torch.dtype | None]]
+
+
+def _expected(model: nn.Module, layers: dict[str, Entry], tied: dict[str, str]) -> Expected:
+    """Shape and dtype (None: any) of every tensor the checkpoint must hold: the model's own
+    tensors outside compressed layers (tied aliases excepted) as they are, and what each
+    layer's codec stores."""
+    expected: Expected = {}
     for name, value in model.state_dict(keep_vars=True).items():
-        owner = name.rpartition(".")[0]
-        if owner not in layers and name not in tied and value is not None:
-            expected[name] = (tuple(value.shape), None)  # dense: any float dtype
-    for name, meta in layers.items():
-        expected.update({f"{name}.{k}": v for k, v in _expected(meta).items()})
+        if value is not None and name not in tied and not inside(name, layers):
+            expected[name] = (tuple(value.shape), None)
+    for name, entry in layers.items():
+        expected.update({f"{name}.{k}": v for k, v in codec_of(entry).expected(entry).items()})
+    return expected
+
+
+def _check(expected: Expected, tied: dict[str, str], stored: dict[str, StoredTensor]) -> None:
+    """Every expected tensor is stored with the right dtype and shape; nothing else is."""
     for name, (shape, dtype) in expected.items():
         if name not in stored:
             raise CheckpointError(f"missing tensor {name}: not found in {_files(stored)}")
@@ -691,39 +850,41 @@ def _check(model: nn.Module, layers: dict[str, dict[str, Any]], tied: dict[str, 
                               + ": the model built from config.json has no such tensor")
 
 
-def _files(stored: dict[str, _Stored]) -> str:
+def _check_complete(model: nn.Module, layers: dict[str, Entry], tied: dict[str, str],
+                    stored: dict[str, StoredTensor], path: Path) -> None:
+    """No tensor of the model would stay on the meta device (e.g. a buffer that is neither
+    computed by its module nor stored)."""
+    left = [n for n, t in _named_tensors(model) if t.device.type == "meta"
+            and n not in stored and n not in tied and not inside(n, layers)]
+    if left:
+        raise CheckpointError(f"{path}: no stored value for {', '.join(left[:5])}"
+                              + (" ..." if len(left) > 5 else ""))
+
+
+def _files(stored: dict[str, StoredTensor]) -> str:
     files = sorted({str(s.file) for s in stored.values()})
     return ", ".join(files) if files else "the checkpoint"
 
 
-def _read_into(model: nn.Module, layers: dict[str, dict[str, Any]],
-               stored: dict[str, _Stored], verify: bool) -> None:
-    """Read the tensors, file by file, into ``model``."""
+def _read_all(stored: dict[str, StoredTensor], verify: bool) -> dict[str, Tensor]:
+    """Every stored tensor, file by file, its CRC-32 checked (``verify``)."""
     from safetensors import safe_open
 
-    by_layer: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
+    tensors: dict[str, Tensor] = {}
     for file in sorted({s.file for s in stored.values()}):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name, s in stored.items():
-                    if s.file != file:
-                        continue
-                    t = _get(f, file, name, s, verify)
-                    owner, _, local = name.rpartition(".")
-                    if owner in by_layer:
-                        by_layer[owner][local] = t
-                    else:
-                        _set_tensor(model, name, t)
+                    if s.file == file:
+                        tensors[name] = _get(f, file, name, s, verify)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{file}: cannot read: {e}") from e
-    for name, meta in layers.items():
-        where = f"{stored[name + '.weight_shape'].file}: {name}."
-        _fill(model.get_submodule(name), meta, by_layer[name], where)
+    return tensors
 
 
-def _get(f: Any, file: Path, name: str, s: _Stored, verify: bool) -> Tensor:
+def _get(f: Any, file: Path, name: str, s: StoredTensor, verify: bool) -> Tensor:
     try:
         t = f.get_tensor(name)
     except Exception as e:  # safetensors raises its own error types
@@ -733,28 +894,31 @@ def _get(f: Any, file: Path, name: str, s: _Stored, verify: bool) -> Tensor:
     return t
 
 
-def _get_tensor(model: nn.Module, name: str) -> Tensor:
-    owner, _, local = name.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, local)
+def _crc(t: Tensor) -> int:
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
 
 
-def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
-    owner, _, local = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    if local in module._parameters:
-        old = module._parameters[local]
-        if not isinstance(value, nn.Parameter):
-            value = nn.Parameter(value, requires_grad=old is None or old.requires_grad)
-        module._parameters[local] = value
-    else:
-        module._buffers[local] = value
+_TRIM_EVERY = 8 << 20  # bytes of stored tensors decoded between two trims of the heap
 
 
-def _check_materialised(model: nn.Module, path: Path) -> None:
-    left = [n for n, t in _named_tensors(model) if t.device.type == "meta"]
-    if left:
-        raise CheckpointError(f"{path}: no stored value for {', '.join(left[:5])}"
-                              + (" ..." if len(left) > 5 else ""))
+def _decode(layers: dict[str, Entry], tensors: dict[str, Tensor],
+            stored: dict[str, StoredTensor]) -> dict[str, nn.Module]:
+    """Each compressed layer's module, built by its codec from its tensors (taken out of
+    ``tensors``: what is left is stored as it is)."""
+    modules, since_trim = {}, 0
+    for name, entry in layers.items():
+        codec = codec_of(entry)
+        local = {k: tensors.pop(f"{name}.{k}") for k in codec.expected(entry)}
+        file = stored[f"{name}.{next(iter(local))}"].file if local else CONFIG_NAME
+        modules[name] = codec.decode(entry, local, f"{file}: {name}.")
+        # decoding frees temporaries (unpacked codes, kernel-layout staging) between the
+        # tensors the model keeps: hand them back now and then, or the heap keeps them all
+        since_trim += sum(t.numel() * t.element_size() for t in local.values())
+        if since_trim > _TRIM_EVERY:
+            release_freed_memory()
+            since_trim = 0
+    release_freed_memory()
+    return modules
 
 
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

@@ -72,7 +72,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_compressed(cls, c: Compressed, bias: Tensor | None = None,
-                        dtype: torch.dtype = torch.float32) -> QuantLinear:
+                        dtype: torch.dtype = torch.float32, prepare: bool = True
+                        ) -> QuantLinear:
+        """The layer computing with ``c``; ``prepare=False`` leaves out the kernel layout
+        (the canonical buffers are all a checkpoint stores)."""
         if not c.quantized:
             raise ValueError("QuantLinear needs a quantized Compressed result")
         out_features, in_features = c.shape
@@ -89,7 +92,8 @@ class QuantLinear(nn.Module):
             m.weight_bitmask = pack.pack_bitmask(c.mask)
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
-        m.prepare()
+        if prepare:
+            m.prepare()
         return m
 
     def codes(self) -> Tensor:
@@ -541,10 +545,12 @@ def compressed_experts(module: nn.Module, results: dict[str, list[Compressed]]) 
     return SparseExperts.from_compressed(module, results)
 
 
-def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """The module that computes with ``c``."""
+def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype,
+                      prepare: bool = True) -> nn.Module:
+    """The module that computes with ``c`` (``prepare``: see :meth:`QuantLinear.
+    from_compressed`)."""
     if c.quantized:
-        return QuantLinear.from_compressed(c, bias, dtype)
+        return QuantLinear.from_compressed(c, bias, dtype, prepare)
     return SparseLinear.from_compressed(c, bias, dtype)
 
 

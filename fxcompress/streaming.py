@@ -15,10 +15,12 @@
 3. **Bounded frontier.** Activations that cross a barrier are kept for all calibration
    samples on CPU (``offload="cpu"``, moved to the compute device op by op) or on disk
    (``offload="disk"``); see :mod:`fxcompress.passes.calibrate`.
-4. **Output shard by shard.** Each compressed layer is encoded as :mod:`fxcompress.format`
-   stores it and appended to the current shard (:class:`ShardWriter`) as soon as it is made,
-   with a progress record; the shards, index and ``config.json`` are finalised in a temporary
-   folder that is renamed to ``out_dir`` at the very end, so ``out_dir`` is never half-written.
+4. **Output shard by shard.** Each compressed layer is encoded by its codec
+   (:mod:`fxcompress.codecs`) and appended to the current shard by the checkpoint writer
+   ``fxcompress.save`` uses too (:class:`fxcompress.format.CheckpointWriter`) as soon as it is
+   made, with a progress record; the shards, index and ``config.json`` are finalised in a
+   partial folder that replaces ``out_dir`` at the very end, so ``out_dir`` is never
+   half-written.
    ``resume=True`` continues an interrupted run: the completed layers are read back and only
    replayed (forward with their stored weights), so the result equals an uninterrupted run.
 
@@ -40,8 +42,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -56,30 +56,26 @@ from torch.utils import _pytree as pytree
 
 from . import format as fmt
 from .algorithms import Compressed
-from .api import DEFAULT_BATCH_TOKENS, Report, _batch, _samples, _tokens, numerics, plan_sites
+from .api import Report, calibration_batches, numerics, plan_sites
+from .codecs import codec_for, dense_tensors
 from .distributed import Distributed, active, check_launch, to_cpu
-from .modules import QuantLinear, SparseLinear
+from .format import ResumeError, partial_dir
+from .modules import compressed_module
 from .passes import capture, find_sites
 from .passes.calibrate import LayerReport, Local, Team, calibrate, release_freed_memory
 from .passes.calibrate import estimate_memory as calibrate_estimate
-from .passes.capture import as_call, call_kwargs
 from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes of max_memory)
     MemoryBudgetError,
     SegmentMemory,
     check_memory,
-    human,
-    parse_size,
 )
 from .passes.sites import Site
 from .recipe import Method, Recipe
+from .sizes import parse_size
 
 log = logging.getLogger(__name__)
-PROGRESS = "progress.json"
-_CODES = {dtype: code for code, dtype in fmt.DTYPES.items()}
-
-
-class ResumeError(ValueError):
-    """The partial output cannot be resumed (made by another job, or corrupted)."""
+__all__ = ["MemoryBudgetError", "ResumeError", "compress_checkpoint", "parse_size",
+           "partial_dir"]
 
 
 # ============================================================================ the model
@@ -190,162 +186,17 @@ def estimate_memory(ep: ExportedProgram, sites: list[Site], plan: Mapping[str, M
 # ============================================================================ the output
 
 
-def _tensor_bytes(t: Tensor) -> Any:
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
-class ShardWriter:
-    """Appends tensors to safetensors shards of at most ``shard_size`` bytes as they are made.
-
-    Each shard grows as a raw ``.part`` file; ``commit`` makes everything added so far durable
-    and records it in ``progress.json`` (tensor offsets and CRC-32s, finished layers), which is
-    what ``resume`` trusts: bytes after the last commit are cut off. ``finish`` turns each part
-    into a safetensors file — header first, tensors ordered by alignment (the file order
-    safetensors itself uses) — and writes the index.
-    """
-
-    def __init__(self, folder: Path, shard_size: int, fingerprint: str, resume: bool):
-        self.folder, self.shard_size = folder, shard_size
-        self.state = self._resume(fingerprint) if resume else None
-        if self.state is None:
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            self.state = {"fingerprint": fingerprint, "shards": [], "layers": {},
-                          "reports": {}}
-        self._file: Any = None
-
-    def _resume(self, fingerprint: str) -> dict | None:
-        file = self.folder / PROGRESS
-        if not file.is_file():
-            log.info("fxcompress: nothing to resume in %s, starting afresh", self.folder)
-            return None
-        state = read_progress(self.folder)
-        if state["fingerprint"] != fingerprint:
-            raise ResumeError(f"{self.folder} holds a partial compression of another model, "
-                              f"recipe or calibration set; remove it or run without resume")
-        for shard in state["shards"]:  # cut off what was written after the last commit
-            os.truncate(self.folder / shard["part"], shard["size"])
-        return state
-
-    @property
-    def written(self) -> set[str]:
-        return {name for shard in self.state["shards"] for name in shard["tensors"]}
-
-    def add(self, name: str, t: Tensor) -> None:
-        t = t.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        shards = self.state["shards"]
-        if not shards or shards[-1]["size"] and shards[-1]["size"] + nbytes > self.shard_size:
-            self._close()
-            shards.append({"part": f"shard-{len(shards) + 1:05d}.part", "size": 0,
-                           "tensors": {}})
-        shard = shards[-1]
-        if self._file is None:
-            self._file = open(self.folder / shard["part"], "ab")  # noqa: SIM115
-        data = _tensor_bytes(t) if nbytes else b""
-        self._file.write(data)
-        begin = shard["size"]
-        shard["tensors"][name] = [_CODES[t.dtype], list(t.shape), begin, begin + nbytes,
-                                  zlib_crc(data)]
-        shard["size"] += nbytes
-
-    def read(self, name: str) -> Tensor:
-        """A committed tensor, read back from its part file."""
-        for shard in self.state["shards"]:
-            if name in shard["tensors"]:
-                code, shape, begin, end, _ = shard["tensors"][name]
-                with open(self.folder / shard["part"], "rb") as f:
-                    f.seek(begin)
-                    data = bytearray(f.read(end - begin))
-                dtype = fmt.DTYPES[code]
-                if not data:
-                    return torch.empty(shape, dtype=dtype)
-                return torch.frombuffer(data, dtype=dtype).reshape(shape)
-        raise KeyError(name)
-
-    def commit(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        tmp = self.folder / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.folder / PROGRESS)
-
-    def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def finish(self) -> None:
-        """Write the safetensors shards (and index) and remove the parts and the record."""
-        self._close()
-        shards = self.state["shards"]
-        names = [fmt.WEIGHTS_NAME] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards, strict=True):
-            _write_safetensors(self.folder / shard["part"], shard["tensors"], self.folder / name)
-            (self.folder / shard["part"]).unlink()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(s["size"] for s in shards)},
-                     "weight_map": {t: n for n, s in zip(names, shards, strict=True)
-                                    for t in s["tensors"]}}
-            (self.folder / fmt.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (self.folder / PROGRESS).unlink()
-
-
-def zlib_crc(data: Any) -> int:
-    import zlib
-
-    return zlib.crc32(data) if len(data) else 0
-
-
-def read_progress(folder: Path) -> dict:
-    try:
-        return json.loads((folder / PROGRESS).read_text())
-    except (OSError, ValueError) as e:
-        raise ResumeError(f"{folder / PROGRESS} cannot be read: {e}") from e
-
-
-def _write_safetensors(part: Path, tensors: dict[str, list], out: Path) -> None:
-    import struct
-
-    entries = sorted(tensors.items(), key=lambda kv: -fmt.DTYPES[kv[1][0]].itemsize)
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, (code, shape, begin, end, _) in entries:
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset,
-                                                                          offset + end - begin]}
-        offset += end - begin
-    header["__metadata__"] = {"format": "pt", fmt.CRC_KEY: json.dumps(
-        {name: entry[4] for name, entry in entries})}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(part, "rb") as src, open(out, "wb") as dst:
-        dst.write(struct.pack("<Q", len(raw)))
-        dst.write(raw)
-        for _, (_, _, begin, end, _) in entries:
-            src.seek(begin)
-            left = end - begin
-            while left:
-                block = src.read(min(left, 64 << 20))
-                dst.write(block)
-                left -= len(block)
-
-
 class Done(Mapping[str, Compressed]):
     """The layers an interrupted run completed, read back (lazily) from its partial output."""
 
-    def __init__(self, writer: ShardWriter):
-        self.writer = writer
-        self.layers = dict(writer.state["layers"])
-        self.reports = dict(writer.state["reports"])
+    def __init__(self, partial: fmt.PartialCheckpoint):
+        self.partial = partial
+        self.layers = dict(partial.layers)
+        self.reports = dict(partial.reports)
 
     def __getitem__(self, fqn: str) -> Compressed:
-        meta = self.layers[fqn]
-        tensors = {local: self.writer.read(f"{fqn}.{local}") for local in fmt._expected(meta)}
-        m = fmt._stub(meta)
-        fmt._fill(m, meta, tensors, f"{self.writer.folder}: {fqn}.")
-        return as_compressed(m, self.reports[fqn]["loss"])
+        m = self.partial.read_layer(fqn)
+        return codec_for(m).to_compressed(m, self.reports[fqn]["loss"])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
@@ -359,45 +210,13 @@ class Done(Mapping[str, Compressed]):
         return LayerReport(**r)
 
 
-def as_compressed(m: nn.Module, loss: float) -> Compressed:
-    """A stored layer as the :class:`Compressed` it was made from (same dense weight)."""
-    shape = (m.out_features, m.in_features)
-    if isinstance(m, SparseLinear):
-        return Compressed(shape, loss, mask=m.mask.clone(), values=m.weight.detach().float())
-    g_idx = m.weight_g_idx if m.weight_g_idx is not None else (
-        torch.arange(m.in_features) // m.group_size).to(torch.int32)
-    mask = None
-    if m.weight_bitmask is not None:
-        from .kernels import pack
-
-        mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
-    return Compressed(shape, loss, codes=m.codes(), scale=m.weight_scale.float(),
-                      zero=m.weight_zero_point.clone(), g_idx=g_idx, bits=m.bits,
-                      group_size=m.group_size, sym=m.sym, mask=mask)
-
-
-def _dense_tensors(model: nn.Module, compressed: set[str]) -> tuple[list[str], dict[str, str]]:
-    """Names of the tensors stored as they are (as ``fxcompress.save`` chooses them), and the
-    tied aliases ``{alias: stored name}``."""
-    names, tied, seen = [], {}, {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        if name.rpartition(".")[0] in compressed or value is None:
-            continue
-        if id(value) in seen:
-            tied[name] = seen[id(value)]
-            continue
-        seen[id(value)] = name
-        names.append(name)
-    return names, tied
-
-
 @dataclass
 class _Output:
-    """Rank 0's side of a streamed compression: the partial folder and its writer."""
+    """Rank 0's side of a streamed compression: the checkpoint writer and what feeds it."""
 
     model: nn.Module
     source: Checkpoint
-    writer: ShardWriter
+    writer: fmt.CheckpointWriter
     recipe: Recipe
 
     def write_dense(self, names: list[str]) -> None:
@@ -417,61 +236,14 @@ class _Output:
     def sink(self, site: Site, c: Compressed, report: LayerReport) -> None:
         bias = self.source.load(f"{site.fqn}.bias").cpu() \
             if site.module.bias is not None else None
-        m = _stored_module(to_cpu(c), bias, site.module.weight.dtype)
-        meta = fmt._layer_meta(m)
-        for local, t in fmt._encode(m, meta).items():
-            self.writer.add(f"{site.fqn}.{local}", t)
-        self.writer.state["layers"][site.fqn] = meta
-        self.writer.state["reports"][site.fqn] = {**vars(report), "shape": list(report.shape)}
+        # writing needs the stored tensors only, not a kernel layout (load builds that)
+        m = compressed_module(to_cpu(c), bias, site.module.weight.dtype, prepare=False)
+        self.writer.add_layer(site.fqn, m, {**vars(report), "shape": list(report.shape)})
         self.writer.commit()
 
-    def finish(self, tied: dict[str, str], out_dir: Path) -> None:
+    def finish(self) -> None:
         """Shards, index, config and side files; then the folder becomes ``out_dir``."""
-        names = [n for n, m in self.model.named_modules() if n in self.writer.state["layers"]]
-        layers = {n: self.writer.state["layers"][n] for n in names}
-        transposed = fmt._transposed_layers(self.model, dict.fromkeys(layers))
-        readable = all(m["kind"] == fmt.QUANTIZED for m in layers.values()) and not transposed
-        dense = [n for n, m in self.model.named_modules()
-                 if type(m) is nn.Linear and n not in layers]
-        qconfig = fmt._quantization_config(layers, dense, readable, self.recipe)
-        qconfig["fxcompress"]["tied"] = tied
-        folder = self.writer.folder
-        self.writer.finish()
-        fmt._copy_side_files(self.model, folder, None)
-        fmt._write_config(self.model, folder, qconfig)
-        _replace_dir(folder, out_dir)
-
-
-class _Packed(QuantLinear):
-    """A ``QuantLinear`` holding only its stored (packed) tensors: writing needs no CPU
-    kernel layout, which ``fxcompress.load`` builds anyway."""
-
-    def prepare(self) -> None:
-        self.kernel = "canonical"
-
-
-def _stored_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype) -> nn.Module:
-    if c.quantized:
-        return _Packed.from_compressed(c, bias, dtype)
-    return SparseLinear.from_compressed(c, bias, dtype)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, replacing an existing ``dst`` only once ``src`` is complete."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def partial_dir(out_dir: str | Path) -> Path:
-    """Where a streamed compression into ``out_dir`` keeps its work until it is complete."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(f".{out_dir.name}.partial")
+        self.writer.finish(self.model, self.recipe)
 
 
 def _fingerprint(model_dir: Path, recipe: Recipe, chunks: list, source: Checkpoint) -> str:
@@ -520,18 +292,17 @@ def compress_checkpoint(
     offload = None if offload == "none" else offload
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
+    budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
+    shard_size = parse_size(max_shard_size, "max_shard_size")
     team: Team = Distributed() if active() else Local()
     device = torch.device(device) if device is not None else _default_device(team)
     model = skeleton(model_dir)
     source = Checkpoint(model_dir, model, device)
     _load_buffers(model, source)
-    calls = [((), call_kwargs(model, *as_call(s))) for s in _samples(calibration)]
-    size = batch_size or max(1, DEFAULT_BATCH_TOKENS // _tokens(calls[0]))
-    chunks = _batch(calls, min(size, math.ceil(len(calls) / team.world)))
+    chunks, samples = calibration_batches(model, calibration, batch_size, ranks=team.world)
     mine = team.shard(chunks) if isinstance(team, Distributed) else chunks
     output, done = _open_output(team, model, source, recipe, out_dir, resume,
-                                _fingerprint(model_dir, recipe, chunks, source),
-                                parse_size(max_shard_size))
+                                _fingerprint(model_dir, recipe, chunks, source), shard_size)
     with numerics(), torch.no_grad():
         ep = capture(model, *chunks[0])
         retarget(ep, device)
@@ -543,10 +314,9 @@ def compress_checkpoint(
                 f"streamed compression of experts ({experts[0]}, ...) is not supported yet: "
                 f"their checkpoint layout is still to be written. Leave them dense with a "
                 f"None rule, or compress the model in memory with fxcompress.compile")
-        if max_memory is not None:
-            check_memory(estimate_memory(ep, sites, plan, mine, source, offload),
-                         parse_size(max_memory))
-        dense, tied = _dense_tensors(model, set(plan))
+        if budget is not None:
+            check_memory(estimate_memory(ep, sites, plan, mine, source, offload), budget)
+        dense, _ = dense_tensors(model, set(plan))
         with team.guard("the uncompressed tensors"):
             if output is not None:
                 output.write_dense(dense)
@@ -555,13 +325,13 @@ def compress_checkpoint(
                                sink=output.sink if output is not None else _discard)
         with team.guard("the checkpoint's config and index"):
             if output is not None:
-                output.finish(tied, out_dir)
+                output.finish()
         if isinstance(team, Distributed):
             team.barrier("the end")  # out_dir exists on every rank's return
     order = {s.fqn: i for i, s in enumerate(sites)}
     reports = sorted([*reports, *(done.report(f) for f in done if f in plan)] if done else
                      reports, key=lambda r: order[r.fqn])
-    report = Report(recipe, reports, skipped, time.perf_counter() - t0, len(calls))
+    report = Report(recipe, reports, skipped, time.perf_counter() - t0, samples)
     log.info("fxcompress: compressed %d linear layers of %s into %s in %.1fs", len(reports),
              model_dir, out_dir, report.seconds)
     return report
@@ -594,24 +364,15 @@ def _open_output(team: Team, model: nn.Module, source: Checkpoint, recipe: Recip
     output = None
     with team.guard(f"opening {partial_dir(out_dir)}"):
         if team.rank == 0:
-            writer = ShardWriter(partial_dir(out_dir), shard_size, fingerprint, resume)
+            writer = fmt.CheckpointWriter(out_dir, shard_size, fingerprint=fingerprint,
+                                          resume=resume)
             output = _Output(model, source, writer, recipe)
     if isinstance(team, Distributed):
         team.barrier("opening the output")
     if not resume:
         return output, None
     with team.guard(f"reading {partial_dir(out_dir)}"):
-        writer = output.writer if output is not None else _reader(partial_dir(out_dir))
-        done = Done(writer)
+        done = Done(output.writer if output is not None else fmt.PartialCheckpoint(out_dir))
     if done:
         log.info("fxcompress: resuming %s: %d layers already compressed", out_dir, len(done))
     return output, done
-
-
-def _reader(folder: Path) -> ShardWriter:
-    """A read-only view of a partial output written by another rank."""
-    writer = ShardWriter.__new__(ShardWriter)
-    writer.folder, writer.shard_size, writer._file = folder, 0, None
-    writer.state = read_progress(folder) if (folder / PROGRESS).is_file() else {
-        "shards": [], "layers": {}, "reports": {}}
-    return writer

@@ -37,13 +37,11 @@ def _digest(results: dict) -> str:
 
 def _in_memory_calibrate(team: Distributed | None) -> str:
     """The pass itself, on a model in memory: every rank must end with the same results."""
-    from fxcompress.api import _batch
+    from fxcompress.api import calibration_batches
     from fxcompress.passes import calibrate, capture, find_sites
-    from fxcompress.passes.capture import call_kwargs
 
     model = build("llama", hidden=64, layers=2)
-    calls = [((), call_kwargs(model, (row[None],), {})) for row in _calibration()]
-    chunks = _batch(calls, 2)
+    chunks, _ = calibration_batches(model, _calibration(), 2)
     ep = capture(model, *chunks[0])
     sites, _ = find_sites(ep, model)
     plan = {s.fqn: GPTQ(4, 32) for s in sites if not s.tied}

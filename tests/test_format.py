@@ -4,6 +4,8 @@ clear errors for every kind of bad folder (tiny random models; fast)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import struct
 import textwrap
@@ -17,6 +19,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress import GPTQ, RTN, Magnitude, QuantLinear, Recipe, SparseGPT, SparseLinear
+from fxcompress import format as fmt
 from fxcompress.algorithms import Statistics
 from fxcompress.format import CheckpointError, load, read_header, save
 from fxcompress.modules import compressed_module
@@ -170,6 +173,106 @@ def test_load_assigns_packed_tensors_without_dense_weights(w4, tmp_path):
 def test_saving_a_dense_model_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no compressed layers"):
         save(build("llama", HIDDEN), tmp_path)
+
+
+# ------------------------------------------------------------------------- saving over a checkpoint
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """What a save left beside ``folder`` (its partial folder, or the old one set aside)."""
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def _files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+class Crash(Exception):
+    pass
+
+
+CRASHES = {  # where the second save dies: (function of fxcompress.format, at which call)
+    "writing a tensor": ("CheckpointWriter.add", 10),
+    "writing the second shard": ("_write_safetensors", 2),
+    "writing config.json": ("_write_config", 1),
+    "keeping the folder's other files": ("_carry_over", 1),
+    "swapping the folders": ("_exchange", 1),
+}
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["exception", "killed"])
+@pytest.mark.parametrize("crash", CRASHES)
+def test_a_save_that_dies_leaves_the_old_checkpoint(w4, crash, killed, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    save(w4, out, max_shard_size="20KB")
+    (out / "README.md").write_text("not part of the checkpoint")
+    before = _files_of(out)
+    other = quick(build("llama", HIDDEN, seed=1), SparseGPT(0.5))
+
+    where, at = CRASHES[crash]
+    owner = fmt.CheckpointWriter if "." in where else fmt
+    attr = where.rpartition(".")[2]
+    original, calls = getattr(owner, attr), []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise Crash
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, dies)
+    if killed:  # a killed process cleans nothing up
+        monkeypatch.setattr(fmt.CheckpointWriter, "discard", lambda self: None)
+    with pytest.raises(Crash):
+        save(other, out, max_shard_size="20KB")
+    assert _files_of(out) == before
+    assert_same(w4, load(out))
+    assert _leftovers(out) == ([".out.partial"] if killed else [])
+
+    monkeypatch.undo()  # the next save succeeds and cleans up after the dead one
+    save(other, out)
+    assert_same(other, load(out))
+    assert _leftovers(out) == []
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_save_swaps_folders_in_one_atomic_exchange(w4, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    save(w4, out)
+    exchanged, renamed = [], []
+    exchange, replace = fmt._exchange, os.replace
+    monkeypatch.setattr(fmt, "_exchange", lambda a, b: exchanged.append(exchange(a, b))
+                        or exchanged[-1])
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(Path(b).name) or replace(a, b))
+    save(w4, out)
+    if exchanged != [True]:
+        pytest.skip("this file system cannot exchange two folders (renameat2)")
+    assert "out" not in renamed and _leftovers(out) == []
+    assert_same(w4, load(out))
+
+
+def test_save_over_a_checkpoint_without_an_atomic_exchange(w4, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    save(w4, out)
+    monkeypatch.setattr(fmt, "_exchange", lambda a, b: False)  # e.g. not Linux
+    other = quick(build("llama", HIDDEN, seed=1), GPTQ(8, -1))
+    save(other, out)
+    assert_same(other, load(out))
+    assert _leftovers(out) == []
+    os.replace(out, tmp_path / ".out.old")  # what a crash between its two renames leaves
+    with pytest.raises(CheckpointError, match=r"out is missing, but .*\.out\.old holds the "
+                                              r"checkpoint that was there.*rename \.out\.old"):
+        load(out)
+
+
+def test_save_refuses_to_replace_the_working_directory(w4, tmp_path, monkeypatch):
+    save(w4, tmp_path / "out")
+    monkeypatch.chdir(tmp_path / "out")
+    with pytest.raises(ValueError, match="working directory"):
+        save(w4, ".")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        save(w4, tmp_path / "out" / "config.json")
 
 
 # ------------------------------------------------------------------------- layout on disk
@@ -443,6 +546,43 @@ def test_not_a_checkpoint(bad, tmp_path):
         load(_dense)
 
 
+@pytest.mark.parametrize("failing", ["crc", "decode"])
+def test_nothing_is_assigned_before_every_tensor_is_checked(w4, failing, tmp_path):
+    """A bad tensor in the last shard (a CRC mismatch), or layer contents that contradict
+    config.json (found when decoding, after every read): ``load`` raises and the model it was
+    given to fill is exactly as it was."""
+    save(w4, tmp_path, max_shard_size="20KB")
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    last = max(weight_map.values())
+    if failing == "crc":
+        name = sorted(n for n, f in weight_map.items() if f == last)[0]
+        error = rf"{last}: tensor {re.escape(name)} is corrupted \(CRC-32 mismatch\)"
+    else:
+        name = sorted(n for n in weight_map if n.endswith(".weight_shape"))[-1]
+        error = rf"{re.escape(name)} holds \[(\d+), 65\], config\.json says \[\1, 64\]"
+    file = tmp_path / weight_map[name]
+    begin, end = _offsets(file, name)
+    data = bytearray(file.read_bytes())
+    good = data[begin:end]
+    data[end - 8:end] = (65).to_bytes(8, "little") if failing == "decode" else bytes(
+        b ^ 0xFF for b in data[end - 8:end])
+    file.write_bytes(bytes(data))
+
+    target = build("llama", HIDDEN, seed=3)
+    state = {k: v.clone() for k, v in target.state_dict().items()}
+    modules = [(n, type(m)) for n, m in target.named_modules()]
+    with pytest.raises(CheckpointError, match=error):
+        load(tmp_path, build=lambda: target, verify=failing == "crc")
+    assert [(n, type(m)) for n, m in target.named_modules()] == modules
+    assert target.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in target.state_dict().items())
+
+    data[begin:end] = good  # repaired, the same call fills that very model
+    file.write_bytes(bytes(data))
+    assert load(tmp_path, build=lambda: target) is target
+    assert_same(w4, target)
+
+
 def test_read_header_lists_tensors(good):
     header = read_header(good / "model.safetensors")
     entry = header["model.layers.0.self_attn.q_proj.weight_packed"]
@@ -463,7 +603,9 @@ def test_smollm2_load_memory_stays_near_packed_size(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    folder = fxcompress.assets.smollm2(progress=False)
+    from fxcompress import assets
+
+    folder = assets.smollm2(progress=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     dense = sum(p.numel() * 4 for p in model.parameters())
     quick(model, Recipe({"lm_head": None, ".*": GPTQ(4, 64)}))

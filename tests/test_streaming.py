@@ -16,10 +16,10 @@ import torch
 
 import fxcompress
 from fxcompress import GPTQ, RTN, SparseGPT
+from fxcompress.format import CheckpointWriter
 from fxcompress.streaming import (
     MemoryBudgetError,
     ResumeError,
-    ShardWriter,
     compress_checkpoint,
     parse_size,
     partial_dir,
@@ -83,7 +83,7 @@ class Interrupted(Exception):
 def test_interrupted_run_resumes_to_the_same_result(checkpoint, in_memory, tmp_path,
                                                     monkeypatch):
     out = tmp_path / "out"
-    add = ShardWriter.add
+    add = CheckpointWriter.add
     calls = {"n": 0}
 
     def interrupt(self, name, t):  # die half-way through writing the 6th layer
@@ -91,13 +91,13 @@ def test_interrupted_run_resumes_to_the_same_result(checkpoint, in_memory, tmp_p
             raise Interrupted
         add(self, name, t)
 
-    monkeypatch.setattr(ShardWriter, "add", interrupt)
+    monkeypatch.setattr(CheckpointWriter, "add", interrupt)
     with pytest.raises(Interrupted):
         compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False,
                             batch_size=2, max_shard_size=20_000)
     assert not out.exists() and partial_dir(out).exists()
 
-    monkeypatch.setattr(ShardWriter, "add", add)
+    monkeypatch.setattr(CheckpointWriter, "add", add)
     run = importlib.import_module("fxcompress.passes.calibrate")._Run
     solve = run.solve
 
@@ -139,12 +139,16 @@ def test_max_memory_too_small_names_the_layer(checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_parse_size():
-    assert parse_size("6GiB") == 6 * 2**30
-    assert parse_size("1.5 GB") == 1_500_000_000
-    assert parse_size(123) == 123
-    with pytest.raises(ValueError, match="6GiB"):
-        parse_size("lots")
+def test_sizes_are_checked_before_any_work(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("fxcompress.streaming.skeleton", None)  # not reached
+    with pytest.raises(ValueError, match=r"max_memory must be a positive number of bytes or "
+                                         r"a string like '6GiB'.*got 'lots'"):
+        compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "out",
+                            max_memory="lots")
+    with pytest.raises(ValueError, match=r"max_shard_size must be .*got '5 PB'"):
+        compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "out",
+                            max_shard_size="5 PB")
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------- bounded memory

@@ -203,11 +203,11 @@ def _weight_tile(w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, kb,
 
 
 @triton.jit
-def _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n, n_mask,
-            kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn,
-            W_VALID, META_VALID, GROUP_SIZE,
-            BITS: tl.constexpr, SPARSE: tl.constexpr, DOT_F32: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n, n_mask,
+           kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn, stride_sn, stride_zn,
+           W_VALID, META_VALID, GROUP_SIZE,
+           BITS: tl.constexpr, SPARSE: tl.constexpr, DOT_F32: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += x[offs_m, K blocks kb_start..kb_end) · W[offs_n, same]ᵀ."""
     for kb in range(kb_start, kb_end):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -240,7 +240,8 @@ def _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, o
 
 
 @triton.jit
-def _store(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS: tl.constexpr):
+def store_tile(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym,
+               HAS_BIAS: tl.constexpr):
     """Store acc (+ bias) to y[offs_m, offs_n] in y's dtype."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -274,15 +275,15 @@ def _decode_kernel(
     kb_start = pid_k * BLOCKS_PER_SPLIT
     kb_end = tl.minimum(kb_start + BLOCKS_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
-                  n_mask, kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn,
-                  stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
-                  BITS, SPARSE, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
+    acc = k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
+                 n_mask, kb_start, kb_end, K, stride_xm, stride_xk, stride_wn, stride_mn,
+                 stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
+                 BITS, SPARSE, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
     if SPLIT_K == 1:
-        _store(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
+        store_tile(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
     else:
-        _store(y_ptr + pid_k * stride_ys, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym,
-               False)
+        store_tile(y_ptr + pid_k * stride_ys, acc, b_ptr, offs_m, m_mask, offs_n, n_mask,
+                   stride_ym, False)
 
 
 @triton.jit
@@ -326,11 +327,11 @@ def _prefill_kernel_body(
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
-                  n_mask, 0, tl.cdiv(K, BLOCK_K), K, stride_xm, stride_xk, stride_wn, stride_mn,
-                  stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
-                  BITS, SPARSE, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
-    _store(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
+    acc = k_loop(acc, x_ptr, w_ptr, wh_ptr, meta_ptr, s_ptr, z_ptr, offs_m, m_mask, offs_n,
+                 n_mask, 0, tl.cdiv(K, BLOCK_K), K, stride_xm, stride_xk, stride_wn, stride_mn,
+                 stride_sn, stride_zn, W_VALID, META_VALID, GROUP_SIZE,
+                 BITS, SPARSE, DOT_F32, BLOCK_M, BLOCK_K, EVEN_K)
+    store_tile(y_ptr, acc, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, HAS_BIAS)
 
 
 def _prefill_configs() -> list[triton.Config]:
@@ -382,7 +383,7 @@ def _min_block_k(sparse: bool) -> int:
     return 32 if sparse else 16
 
 
-def _block_k(k: int, group_size: int, sparse: bool, preferred: int) -> int:
+def pick_block_k(k: int, group_size: int, sparse: bool, preferred: int) -> int:
     """Largest power of two <= ``preferred`` that keeps every K block inside one group
     (``group_size >= k``: a single group)."""
     lo = _min_block_k(sparse)
@@ -453,8 +454,8 @@ def _launch(x2d: Tensor, ops: _Operands, n: int, bias: Tensor | None) -> Tensor:
     if m == 0:
         return x2d.new_empty((0, n))
     decode = m <= DECODE_MAX_M
-    block_k = _block_k(k, ops.group_size, ops.sparse,
-                       _DECODE_BLOCK_K if decode else _PREFILL_BLOCK_K)
+    block_k = pick_block_k(k, ops.group_size, ops.sparse,
+                           _DECODE_BLOCK_K if decode else _PREFILL_BLOCK_K)
     has_bias = bias is not None
     bias_arg = bias.to(x2d.dtype).contiguous() if has_bias else x2d
     # fp32 activations get an fp32 (not tf32) dot; so does bf16 under the Triton interpreter,

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pack
-from .triton_kernels import _block_k, _k_loop, _store
+from .triton_kernels import k_loop, pick_block_k, store_tile
 
 _BLOCK_M = 16
 
@@ -69,11 +69,11 @@ def _experts_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, slots_ptr, block_expert_p
         n_mask = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         w_e, s_e, z_e = w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_ze
-        acc = _k_loop(acc, x_ptr, w_e, w_e, w_e, s_e, z_e, rows, m_mask, offs_n, n_mask,
-                      0, tl.cdiv(K, BLOCK_K), K, stride_xm, 1, stride_wn, 0, stride_sn,
-                      stride_zn, W_VALID, 0, GROUP_SIZE, BITS, False, DOT_F32, BLOCK_M,
-                      BLOCK_K, EVEN_K)
-        _store(y_ptr, acc, y_ptr, slots, m_mask, offs_n, n_mask, stride_ym, False)
+        acc = k_loop(acc, x_ptr, w_e, w_e, w_e, s_e, z_e, rows, m_mask, offs_n, n_mask,
+                     0, tl.cdiv(K, BLOCK_K), K, stride_xm, 1, stride_wn, 0, stride_sn,
+                     stride_zn, W_VALID, 0, GROUP_SIZE, BITS, False, DOT_F32, BLOCK_M,
+                     BLOCK_K, EVEN_K)
+        store_tile(y_ptr, acc, y_ptr, slots, m_mask, offs_n, n_mask, stride_ym, False)
 
 
 def supported(bits: int, group_size: int, k: int) -> bool:
@@ -87,7 +87,7 @@ def experts_quant_matmul(x: Tensor, route: Routing, row_div: int, w: Tensor, sca
     ``W`` (E, N, K) in the canonical packed layout, ``scale``/``zero`` (E, N, groups)."""
     k = x.shape[-1]
     n = w.shape[1]
-    block_k = _block_k(k, group_size, False, 64)
+    block_k = pick_block_k(k, group_size, False, 64)
     y = torch.empty((route.count, n), dtype=x.dtype, device=x.device)
     block_n = 64 if x.device.type == "cuda" else 16
     dot_f32 = x.dtype == torch.float32 or (x.device.type != "cuda" and x.dtype == torch.bfloat16)

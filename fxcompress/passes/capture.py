@@ -69,13 +69,15 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def _dynamic(value: Any) -> Any:
+def dynamic_shapes(value: Any) -> Any:
+    """``torch.export`` dynamic shapes for ``value`` (tensors, nested in dicts, tuples and
+    lists): the first two dimensions of every tensor — batch and sequence — are dynamic."""
     if isinstance(value, torch.Tensor):
         return {d: Dim.AUTO for d in range(min(value.dim(), 2))} or None
     if isinstance(value, dict):
-        return {k: _dynamic(v) for k, v in value.items()}
+        return {k: dynamic_shapes(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_dynamic(v) for v in value)
+        return type(value)(dynamic_shapes(v) for v in value)
     return None
 
 
@@ -96,7 +98,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> E
     inputs = call_kwargs(model, args, kwargs or {})
     try:
         with torch.no_grad():
-            return torch.export.export(model, (), inputs, dynamic_shapes=_dynamic(inputs),
+            return torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes(inputs),
                                        strict=False)
     except Exception as e:  # torch.export raises many types; report them all the same way
         where = _failing_module(model, sys.exc_info()[2])

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +45,8 @@ from torch import Tensor, fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
+
+from ..sizes import human
 
 PRICE = 64.0  # default: flop-equivalents of recomputation one byte of frontier is worth
 EAGER = 1e12  # when memory is short: recompute whatever saves a byte
@@ -304,32 +305,8 @@ def _cut(needed: set[fx.Node], before: set[fx.Node], x: fx.Node | None,
 
 # ============================================================================ memory
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 class MemoryBudgetError(MemoryError):
     """One layer (weights, activations and solver workspace) does not fit ``max_memory``."""
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string like ``"6GiB"``, ``"500MB"``, ``"1.5GiB"``."""
-    if isinstance(size, int):
-        return size
-    m = _SIZE.fullmatch(size)
-    if not m:
-        raise ValueError(f"a memory size must be bytes or like '6GiB'/'500MB', got {size!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
-
-
-def human(n: float) -> str:
-    """``n`` bytes in B, KiB, MiB or GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @dataclass

@@ -289,10 +289,10 @@ def test_launchers_validate_inputs():
 def test_launch_configs(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     # blocks never straddle a group; per-channel takes the preferred block
-    assert tk._block_k(4096, 32, False, 128) == 32
-    assert tk._block_k(4096, 96, False, 128) == 32
-    assert tk._block_k(4096, 4096, False, 128) == 128
-    assert tk._block_k(100, 100, True, 128) == 128
+    assert tk.pick_block_k(4096, 32, False, 128) == 32
+    assert tk.pick_block_k(4096, 96, False, 128) == 32
+    assert tk.pick_block_k(4096, 4096, False, 128) == 128
+    assert tk.pick_block_k(100, 100, True, 128) == 128
     # the interpreter stand-in splits K when N alone gives too few programs
     assert tk._decode_config(1, 16, 256, 32, 4, cpu).split_k > 1
     assert tk._decode_config(4, 256, 64, 32, 4, cpu).split_k == 1

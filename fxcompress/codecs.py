@@ -1,0 +1,462 @@
+"""Layer codecs: how each kind of layer is stored in a checkpoint, in both directions.
+
+A checkpoint stores a compressed layer as a few tensors under its module name (e.g.
+``model.layers.0.mlp.down_proj.weight_packed``) and describes it by one entry of
+``config.json["quantization_config"]["fxcompress"]["layers"]`` whose ``"kind"`` names its
+codec. A :class:`Codec` is the one place that knows a kind's layout:
+
+* ``describe(m)`` → the entry and ``encode(m, entry)`` → the tensors: what ``fxcompress.save``
+  and the streamed ``compress_checkpoint`` write (both through :class:`~fxcompress.format.
+  CheckpointWriter`);
+* ``entry_problem(entry)``, ``original_problem(module, entry)`` (the module it replaces in the
+  model built from ``config.json``) and ``expected(entry)`` (shape and dtype of every tensor):
+  what ``fxcompress.load`` checks against the safetensors headers before reading any data;
+* ``decode(entry, tensors)`` → the module, validating what the headers cannot show;
+* ``to_compressed(m, loss)`` → the :class:`~fxcompress.algorithms.Compressed` result the module
+  was made from (what a resumed streamed run replays);
+* ``config_group(name, entry)`` → its compressed-tensors ``QuantizationArgs`` and ``targets``,
+  for the kinds compressed-tensors readers understand.
+
+Tensors outside compressed layers (embeddings, norms, dense linears, buffers) are stored as
+they are under their ``state_dict`` names: :func:`dense_tensors` chooses them and
+:func:`set_tensor` assigns them back.
+
+A new layer kind (the experts of a mixture-of-experts block, say) is one :class:`Codec`
+subclass passed to :func:`register`; ``format`` and ``streaming`` need no change.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .algorithms import Compressed
+from .kernels import pack
+from .modules import QuantLinear, SparseLinear
+
+Entry = dict[str, Any]  # one layer's entry in config.json
+Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # local tensor name -> (shape, dtype)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: the message names the file and tensor."""
+
+
+class Codec(ABC):
+    """How one kind of compressed module is stored: see the module docstring. Local tensor
+    names (the keys of ``encode``, ``expected`` and ``decode``'s tensors) are relative to the
+    layer's module name and may contain dots (e.g. one group of tensors per expert)."""
+
+    kind: str  # the entry's "kind"
+    compressed_tensors: bool = False  # compressed-tensors readers can read this kind
+
+    @abstractmethod
+    def accepts(self, m: nn.Module) -> bool:
+        """Whether this codec stores ``m``."""
+
+    @abstractmethod
+    def describe(self, m: nn.Module) -> Entry:
+        """The ``config.json`` entry of ``m`` (with ``"kind"``)."""
+
+    @abstractmethod
+    def encode(self, m: nn.Module, entry: Entry) -> dict[str, Tensor]:
+        """The tensors stored for ``m``, by local name."""
+
+    @abstractmethod
+    def entry_problem(self, entry: Entry) -> str | None:
+        """What is wrong with an entry read from ``config.json`` (completed as "layer X has
+        ..."), or None."""
+
+    @abstractmethod
+    def original_problem(self, module: nn.Module, entry: Entry) -> str | None:
+        """Why ``module`` of the model built from ``config.json`` is not what this entry
+        replaced (completed as "layer X ..."), or None."""
+
+    @abstractmethod
+    def expected(self, entry: Entry) -> Shapes:
+        """Shape and dtype of every tensor stored for this entry, by local name."""
+
+    @abstractmethod
+    def decode(self, entry: Entry, tensors: dict[str, Tensor], where: str) -> nn.Module:
+        """The module holding ``tensors`` (shapes and dtypes already checked against
+        :meth:`expected`); raises :class:`CheckpointError` prefixed with ``where`` (file and
+        layer) for contents that contradict the entry."""
+
+    @abstractmethod
+    def to_compressed(self, m: nn.Module, loss: float) -> Compressed:
+        """The result ``m`` was made from (same codes, grid, mask and dense weight)."""
+
+    def config_group(self, name: str, entry: Entry) -> tuple[dict[str, Any], list[str]] | None:
+        """compressed-tensors ``QuantizationArgs`` of the weights and the ``targets`` naming
+        this layer, for kinds compressed-tensors reads; None for the others."""
+        return None
+
+
+CODECS: dict[str, Codec] = {}
+
+
+def register(codec: Codec) -> Codec:
+    """Make ``codec`` the one for its kind (for ``save``, the streamed writer and ``load``)."""
+    CODECS[codec.kind] = codec
+    return codec
+
+
+def codec_for(m: nn.Module) -> Codec | None:
+    """The codec storing module ``m``, or None for a module stored as it is."""
+    return next((c for c in CODECS.values() if c.accepts(m)), None)
+
+
+def codec_of(entry: Any) -> Codec | None:
+    """The codec of a ``config.json`` layer entry, or None for an unknown kind."""
+    return CODECS.get(entry.get("kind")) if isinstance(entry, dict) else None
+
+
+def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` a codec stores (not looking inside those), by name."""
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if not inside(name, found) and codec_for(m) is not None:
+            found[name] = m
+    return found
+
+
+def inside(name: str, layers: dict[str, Any] | set[str]) -> bool:
+    """Whether the dotted ``name`` (a module or tensor) lies within one of ``layers``."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in layers for i in range(1, len(parts) + 1))
+
+
+def dtype_named(name: Any) -> torch.dtype:
+    """``"float16"`` → ``torch.float16``, as entries store dtypes."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"config.json: unknown dtype {name!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ============================================================================ dense tensors
+
+
+def dense_tensors(model: nn.Module, layers: dict[str, Any] | set[str]
+                  ) -> tuple[list[str], dict[str, str]]:
+    """The ``state_dict`` names stored as they are — all but those inside the compressed
+    ``layers`` and the second and later names of tied tensors — and the tied aliases
+    ``{alias: stored name}``."""
+    names, tied, seen = [], {}, {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if value is None or inside(name, layers):
+            continue
+        if id(value) in seen:
+            tied[name] = seen[id(value)]
+            continue
+        seen[id(value)] = name
+        names.append(name)
+    return names, tied
+
+
+def get_tensor(model: nn.Module, name: str) -> Tensor:
+    owner, _, local = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, local)
+
+
+def set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    """Assign a stored tensor to the parameter or buffer ``name`` (a parameter keeps its
+    ``requires_grad``)."""
+    owner, _, local = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if local in module._parameters:
+        old = module._parameters[local]
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=old is None or old.requires_grad)
+        module._parameters[local] = value
+    else:
+        module._buffers[local] = value
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# ============================================================================ linear kinds
+
+
+def _positive_ints(entry: Entry, *keys: str) -> bool:
+    return all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
+               and entry[k] > 0 for k in keys)
+
+
+class _LinearCodec(Codec):
+    """What the kinds replacing one ``nn.Linear`` (or Hugging Face ``Conv1D``) share: the
+    ``(out, in)`` shape, stored as ``weight_shape``, and an optional ``bias``."""
+
+    required = frozenset({"kind", "in_features", "out_features", "bias"})
+
+    def _linear_entry(self, m: nn.Module) -> Entry:
+        entry: Entry = {"kind": self.kind, "in_features": m.in_features,
+                        "out_features": m.out_features, "bias": m.bias is not None}
+        if m.bias is not None:
+            entry["dtype"] = dtype_name(m.bias.dtype)
+        return entry
+
+    def entry_problem(self, entry: Entry) -> str | None:
+        if (not self.required <= set(entry)
+                or not _positive_ints(entry, "in_features", "out_features")
+                or not isinstance(entry["bias"], bool) or (entry["bias"] and "dtype" not in entry)
+                or ("nnz" in self.required and not _nnz_ok(entry))):
+            return f"an invalid entry {entry!r}"
+        return None
+
+    def original_problem(self, module: nn.Module, entry: Entry) -> str | None:
+        w = getattr(module, "weight", None)
+        shape = None if w is None else tuple(w.shape)
+        if type(module).__name__ == "Conv1D" and shape is not None:
+            shape = shape[::-1]
+        if shape == (entry["out_features"], entry["in_features"]):
+            return None
+        return (f"is a {type(module).__name__} with weight {shape} in the model built from the "
+                f"config, but the checkpoint stores ({entry['out_features']}, "
+                f"{entry['in_features']}) (out, in)")
+
+    def _linear_expected(self, entry: Entry) -> Shapes:
+        out: Shapes = {"weight_shape": ((2,), torch.int64)}
+        if entry["bias"]:
+            out["bias"] = ((entry["out_features"],), dtype_named(entry["dtype"]))
+        return out
+
+    def _encode_linear(self, m: nn.Module, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {"weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64),
+               **out}
+        if m.bias is not None:
+            out["bias"] = m.bias.detach()
+        return out
+
+    def _check_shape(self, entry: Entry, t: dict[str, Tensor], where: str) -> None:
+        n, k = entry["out_features"], entry["in_features"]
+        if t["weight_shape"].tolist() != [n, k]:
+            raise CheckpointError(f"{where}weight_shape holds {t['weight_shape'].tolist()}, "
+                                  f"config.json says [{n}, {k}]")
+
+    def _bitmask(self, entry: Entry) -> Shapes:
+        """The keep-mask of pruned kinds: bit ``k % 8`` of byte ``k // 8`` of each row."""
+        return {"weight_bitmask": ((entry["out_features"], math.ceil(entry["in_features"] / 8)),
+                                   torch.uint8)}
+
+    def _mask(self, entry: Entry, t: dict[str, Tensor], where: str) -> Tensor:
+        mask = pack.unpack_bitmask(t["weight_bitmask"], entry["in_features"])
+        if int(mask.sum()) != entry["nnz"]:
+            raise CheckpointError(f"{where}weight_bitmask keeps {int(mask.sum())} weights, "
+                                  f"config.json says nnz={entry['nnz']}")
+        return mask
+
+
+class QuantizedCodec(_LinearCodec):
+    """A :class:`QuantLinear` in compressed-tensors' ``pack-quantized`` layout:
+    ``weight_packed``, ``weight_scale``, ``weight_zero_point`` (asymmetric grids only),
+    ``weight_g_idx`` (dynamic act-order only), ``weight_shape``, ``bias``."""
+
+    kind = "quantized"
+    compressed_tensors = True
+    sparse = False  # codes stored as a keep-mask and the kept codes
+    required = _LinearCodec.required | {"bits", "group_size", "symmetric", "g_idx"}
+
+    def accepts(self, m: nn.Module) -> bool:
+        return isinstance(m, QuantLinear) and m.weight_bitmask is None
+
+    def describe(self, m: QuantLinear) -> Entry:
+        symmetric = m.sym and bool((m.weight_zero_point == 2 ** (m.bits - 1)).all())
+        return {**self._linear_entry(m), "bits": m.bits, "group_size": m.group_size,
+                "symmetric": symmetric, "g_idx": m.weight_g_idx is not None}
+
+    def encode(self, m: QuantLinear, entry: Entry) -> dict[str, Tensor]:
+        out = {"weight_scale": m.weight_scale}
+        if not entry["symmetric"]:
+            out["weight_zero_point"] = pack.pack_rows(m.weight_zero_point, m.bits)
+        if m.weight_g_idx is not None:
+            out["weight_g_idx"] = m.weight_g_idx
+        return self._encode_linear(m, {**out, **self._encode_codes(m)})
+
+    def _encode_codes(self, m: QuantLinear) -> dict[str, Tensor]:
+        return {"weight_packed": m.weight_packed}
+
+    def entry_problem(self, entry: Entry) -> str | None:
+        problem = super().entry_problem(entry)
+        if problem is None and (not _positive_ints(entry, "bits", "group_size")
+                                or entry["bits"] not in pack.SUPPORTED_BITS
+                                or entry["in_features"] % entry["group_size"]):
+            problem = (f"an invalid grid (bits={entry['bits']}, "
+                       f"group_size={entry['group_size']})")
+        return problem
+
+    def expected(self, entry: Entry) -> Shapes:
+        n, k, bits = entry["out_features"], entry["in_features"], entry["bits"]
+        groups = k // entry["group_size"]
+        out: Shapes = {"weight_scale": ((n, groups), torch.float16)}
+        if not entry["symmetric"]:
+            out["weight_zero_point"] = ((pack.packed_width(n, bits), groups), torch.int32)
+        if entry["g_idx"]:
+            out["weight_g_idx"] = ((k,), torch.int32)
+        return {**self._linear_expected(entry), **out, **self._expected_codes(entry)}
+
+    def _expected_codes(self, entry: Entry) -> Shapes:
+        bits, k = entry["bits"], entry["in_features"]
+        return {"weight_packed": ((entry["out_features"], pack.packed_width(k, bits)),
+                                  torch.int32)}
+
+    def decode(self, entry: Entry, t: dict[str, Tensor], where: str) -> QuantLinear:
+        self._check_shape(entry, t, where)
+        n, k, bits, gs = (entry["out_features"], entry["in_features"], entry["bits"],
+                          entry["group_size"])
+        dtype = dtype_named(entry["dtype"]) if entry["bias"] else torch.float32
+        m = QuantLinear(k, n, bits, gs, entry["symmetric"], entry["bias"],
+                        dynamic_groups=entry["g_idx"], sparse=self.sparse,
+                        device="meta", dtype=dtype)
+        if entry["bias"]:
+            m.bias = nn.Parameter(t["bias"], requires_grad=False)
+        m.weight_scale = t["weight_scale"]
+        m.weight_zero_point = (torch.full((n, k // gs), 2 ** (bits - 1), dtype=torch.uint8)
+                               if entry["symmetric"]
+                               else pack.unpack_rows(t["weight_zero_point"], bits, n))
+        if entry["g_idx"]:
+            g_idx = t["weight_g_idx"]
+            if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= k // gs):
+                raise CheckpointError(f"{where}weight_g_idx holds groups outside "
+                                      f"[0, {k // gs})")
+            m.weight_g_idx = g_idx
+        self._decode_codes(m, entry, t, where)
+        m.prepare()
+        return m
+
+    def _decode_codes(self, m: QuantLinear, entry: Entry, t: dict[str, Tensor],
+                      where: str) -> None:
+        m.weight_packed = t["weight_packed"]
+
+    def to_compressed(self, m: QuantLinear, loss: float) -> Compressed:
+        g_idx = m.weight_g_idx if m.weight_g_idx is not None else (
+            torch.arange(m.in_features) // m.group_size).to(torch.int32)
+        mask = None if m.weight_bitmask is None else pack.unpack_bitmask(m.weight_bitmask,
+                                                                         m.in_features)
+        return Compressed((m.out_features, m.in_features), loss, codes=m.codes(),
+                          scale=m.weight_scale.float(), zero=m.weight_zero_point.clone(),
+                          g_idx=g_idx, bits=m.bits, group_size=m.group_size, sym=m.sym,
+                          mask=mask)
+
+    def config_group(self, name: str, entry: Entry) -> tuple[dict[str, Any], list[str]]:
+        per_channel = entry["group_size"] == entry["in_features"]
+        args = {"num_bits": entry["bits"], "type": "int", "symmetric": entry["symmetric"],
+                "strategy": "channel" if per_channel else "group",
+                "group_size": None if per_channel else entry["group_size"], "dynamic": False}
+        if entry["g_idx"]:
+            args["actorder"] = "group"
+        return args, [f"re:^{re.escape(name)}$"]
+
+
+class SparseQuantizedCodec(QuantizedCodec):
+    """A pruned :class:`QuantLinear` (``weight_bitmask``): the grid as ``quantized``, the codes
+    as a keep-mask plus the kept codes in one bit stream (``weight_kept_packed``). Pruned codes
+    must equal their group's zero point: they are rebuilt from it on load."""
+
+    kind = "sparse-quantized"
+    compressed_tensors = False
+    sparse = True
+    required = QuantizedCodec.required | {"nnz"}
+
+    def accepts(self, m: nn.Module) -> bool:
+        return isinstance(m, QuantLinear) and m.weight_bitmask is not None
+
+    def describe(self, m: QuantLinear) -> Entry:
+        mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
+        return {**super().describe(m), "kind": self.kind, "nnz": int(mask.sum())}
+
+    def _encode_codes(self, m: QuantLinear) -> dict[str, Tensor]:
+        mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
+        codes = m.codes()
+        zero = _zero_codes(m.weight_zero_point, m.weight_g_idx, m.group_size, m.in_features)
+        if not torch.equal(codes[~mask], zero[~mask]):
+            raise ValueError("a pruned QuantLinear holds codes other than its zero point at "
+                             "pruned positions; it cannot be stored in the sparse layout")
+        return {"weight_bitmask": m.weight_bitmask,
+                "weight_kept_packed": pack.pack(codes[mask][None], m.bits)[0]}
+
+    def _expected_codes(self, entry: Entry) -> Shapes:
+        return {**self._bitmask(entry),
+                "weight_kept_packed": ((pack.packed_width(entry["nnz"], entry["bits"]),),
+                                       torch.int32)}
+
+    def _decode_codes(self, m: QuantLinear, entry: Entry, t: dict[str, Tensor],
+                      where: str) -> None:
+        mask = self._mask(entry, t, where)
+        k, bits = entry["in_features"], entry["bits"]
+        codes = _zero_codes(m.weight_zero_point, m.weight_g_idx, entry["group_size"], k)
+        kept = pack.unpack(t["weight_kept_packed"][None], bits, entry["nnz"])[0]
+        m.weight_packed = pack.pack(codes.masked_scatter(mask, kept), bits)
+        m.weight_bitmask = t["weight_bitmask"]
+
+    def config_group(self, name: str, entry: Entry) -> None:
+        return None
+
+
+class SparseCodec(_LinearCodec):
+    """A :class:`SparseLinear` (pruned, not quantized): ``weight_bitmask``, the kept weights in
+    row-major order (``weight_values``), ``weight_shape``, ``bias``."""
+
+    kind = "sparse"
+    required = _LinearCodec.required | {"dtype", "nnz"}
+
+    def accepts(self, m: nn.Module) -> bool:
+        return isinstance(m, SparseLinear)
+
+    def describe(self, m: SparseLinear) -> Entry:
+        return {**self._linear_entry(m), "dtype": dtype_name(m.weight.dtype),
+                "nnz": int(m.mask.sum())}
+
+    def encode(self, m: SparseLinear, entry: Entry) -> dict[str, Tensor]:
+        return self._encode_linear(m, {"weight_bitmask": pack.pack_bitmask(m.mask),
+                                       "weight_values": m.weight.detach()[m.mask]})
+
+    def expected(self, entry: Entry) -> Shapes:
+        return {**self._linear_expected(entry), **self._bitmask(entry),
+                "weight_values": ((entry["nnz"],), dtype_named(entry["dtype"]))}
+
+    def decode(self, entry: Entry, t: dict[str, Tensor], where: str) -> SparseLinear:
+        self._check_shape(entry, t, where)
+        n, k = entry["out_features"], entry["in_features"]
+        mask = self._mask(entry, t, where)
+        m = SparseLinear(k, n, entry["bias"], device="meta", dtype=dtype_named(entry["dtype"]))
+        if entry["bias"]:
+            m.bias = nn.Parameter(t["bias"])
+        m.weight = nn.Parameter(torch.zeros(n, k, dtype=t["weight_values"].dtype)
+                                .masked_scatter_(mask, t["weight_values"]))
+        m.mask = mask
+        return m
+
+    def to_compressed(self, m: SparseLinear, loss: float) -> Compressed:
+        return Compressed((m.out_features, m.in_features), loss, mask=m.mask.clone(),
+                          values=m.weight.detach().float())
+
+
+def _nnz_ok(entry: Entry) -> bool:
+    nnz = entry.get("nnz")
+    return (isinstance(nnz, int) and not isinstance(nnz, bool)
+            and 0 <= nnz <= entry["out_features"] * entry["in_features"])
+
+
+def _zero_codes(zero: Tensor, g_idx: Tensor | None, group_size: int, k: int) -> Tensor:
+    """The zero-point code of every weight position, ``(N, K)`` uint8."""
+    g = torch.arange(k) // group_size if g_idx is None else g_idx.long()
+    return zero[:, g]
+
+
+# registration order is the order codec_for tries them
+QUANTIZED = register(QuantizedCodec())
+SPARSE_QUANTIZED = register(SparseQuantizedCodec())
+SPARSE = register(SparseCodec())
