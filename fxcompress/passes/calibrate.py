@@ -548,13 +548,12 @@ class _Run:
         if not todo:
             return {}
         needs = frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
-        if CROSS in needs and any(s.index is not None for s in todo):
-            raise ValueError(f"{todo[0].fqn}: dense-output calibration of experts is not "
-                             f"supported (the dense model routes tokens differently)")
         device = self.kept.device or self.kept.get(x, 0).device
         keys = {s.index: s for s in todo}
         sums = {k: {HESSIAN: Hessian.zeros(s.shape[1], device)} for k, s in keys.items()}
-        if CROSS in needs:
+        # experts keep the plain objective even with dense_output: the dense model routes
+        # tokens to other experts, so an expert has no dense output on the same rows to fit
+        if CROSS in needs and None in keys:
             sums[None][CROSS] = Cross.zeros(keys[None].shape[1], device)
         for c in range(self.kept.chunks):
             x_tilde = self.kept.get(x, c)
