@@ -118,11 +118,13 @@ class RTN(Method):
 class GPTQ(_HessianMethod):
     """OPTQ/GPTQ quantization (Frantar et al., 2023).
 
-    ``act_order`` processes columns by decreasing Hessian diagonal. With ``static_groups``
-    (default) the group parameters are fitted on the original column order before the sweep,
-    so the checkpoint needs no group index and act-order costs nothing at inference; without
-    it groups are fitted as the sweep reaches them in permuted order (the reference's dynamic
-    variant, which stores an unsorted ``g_idx``).
+    ``act_order`` (default) processes columns by decreasing Hessian diagonal. With
+    ``static_groups`` (default) the group parameters are fitted on the original column order
+    before the sweep, so the checkpoint needs no group index and act-order costs nothing at
+    inference; without it groups are fitted as the sweep reaches them in permuted order (the
+    reference's dynamic variant, which stores an unsorted ``g_idx``). Act-order is the default
+    because it is free at inference and better on every measured row (benchmarks/RESULTS.md,
+    ablation); ``act_order=False`` is the paper's plain column order.
 
     ``dense_output`` fits each layer to the dense model's output on the dense model's inputs
     instead of to the layer's own output on the compressed model's inputs (the errors of the
@@ -132,7 +134,7 @@ class GPTQ(_HessianMethod):
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = True
     mse: bool = False
     damp: float = 0.01
@@ -161,7 +163,8 @@ class GPTQ(_HessianMethod):
 class SparseGPT(_HessianMethod):
     """SparseGPT pruning (Frantar & Alistarh, 2023), optionally quantizing the kept weights
     in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp, block and
-    dense_output do not: the SparseGPT's own do).
+    dense_output do not: the SparseGPT's own do; nor does its act_order: the mask selection
+    sweeps columns in their natural order, so ``quant`` is stored with ``act_order=False``).
 
     ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
     ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
@@ -192,9 +195,8 @@ class SparseGPT(_HessianMethod):
             raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
         if self.solver not in SOLVERS:
             raise RecipeError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.quant is not None and self.quant.act_order:
-            raise RecipeError("SparseGPT with act_order quantization is not supported: the "
-                              "mask selection sweeps columns in their natural order")
+        if self.quant is not None and self.quant.act_order:  # GPTQ's default; see above
+            object.__setattr__(self, "quant", dataclasses.replace(self.quant, act_order=False))
         if self.n_m and self.quant and self.quant.group_size != -1 \
                 and self.quant.group_size % self.n_m[1]:
             raise RecipeError(f"group_size {self.quant.group_size} must be a multiple of "
