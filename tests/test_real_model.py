@@ -81,3 +81,14 @@ def test_default_recipe_beats_the_previous_default_on_smollm2():
                      for ids in (sotu, moby)]
     assert ppl["gptq-w4g64"][0] < 31.03, ppl
     assert ppl["gptq-w4g64"][1] < ppl["rtn-w4g64"][1], ppl
+
+
+def test_embedded_weights_sit_on_a_4_bit_grid_with_groups_of_32(smollm2):
+    """README and RESULTS: the embedded SmolLM2 comes from a Q4_1 GGUF, so every group of 32
+    consecutive weights of a linear layer holds at most 16 distinct values (which is why
+    4-bit rows with groups of 32 nearly match the dense model, and shapes every 4-bit figure)."""
+    model = smollm2[0]
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        w = model.layers[1].get_submodule(name).weight.detach().reshape(-1, 32)
+        distinct = torch.tensor([row.unique().numel() for row in w[:4096]])
+        assert distinct.max() <= 16 and distinct.float().mean() > 8, name
