@@ -58,8 +58,10 @@ def test_loss_is_the_output_error_of_the_result():
     assert c.loss == pytest.approx(output_error(w, c.values, h), rel=1e-4)
 
 
-@pytest.mark.parametrize("cfg", [SparseGPT(0.5), SparseGPT(n_m=(2, 4)),
-                                 SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16))], ids=str)
+@pytest.mark.parametrize("cfg", [SparseGPT(0.5, solver="sweep"),
+                                 SparseGPT(n_m=(2, 4), solver="sweep"),
+                                 SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), solver="sweep")],
+                         ids=str)
 def test_admm_is_no_worse_than_the_sweep_on_correlated_inputs(cfg):
     """On inputs with correlated, unevenly scaled features (where the greedy sweep's
     compensation is furthest from optimal), ADMM's output error is lower."""

@@ -32,7 +32,7 @@ def test_matches_the_right_looking_reference(problem, kw):
     w, x, h = problem
     cfg = GPTQ(block_size=64, **kw)
     c = gptq(w, h, cfg)
-    kw = {**kw, "static_groups": cfg.static_groups}
+    kw = {**kw, "act_order": cfg.act_order, "static_groups": cfg.static_groups}
     q_ref, loss_ref = reference.gptq(w, h, block_size=64, **kw)
     assert c.loss == pytest.approx(loss_ref, rel=1e-3)
     mismatch = (c.dense() - q_ref).abs() > 1e-3 * q_ref.abs().max()

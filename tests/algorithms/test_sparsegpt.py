@@ -28,17 +28,18 @@ def test_reported_loss_equals_measured_output_error(problem, kw):
 @pytest.mark.parametrize("kw", SETTINGS)
 def test_matches_the_right_looking_reference(problem, kw):
     w, x, h = problem
-    c = sparsegpt(w, h, SparseGPT(block_size=64, **kw))
+    c = sparsegpt(w, h, SparseGPT(block_size=64, solver="sweep", **kw))
     quant = kw.pop("quant", None)
     q_ref, loss_ref = reference.sparsegpt(w, h, block_size=64, bits=quant and quant.bits, **kw)
     assert c.loss == pytest.approx(loss_ref, rel=1e-3)
     assert torch.equal(c.mask, q_ref != 0) or (c.mask != (q_ref != 0)).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("solver", ["sweep", "admm"])
 @pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(n_m=(2, 4))])
-def test_beats_magnitude_pruning(kw):
+def test_beats_magnitude_pruning(kw, solver):
     w, x, h = correlated_problem(64, 256, seed=3)
-    ours = measured_error(w, sparsegpt(w, h, SparseGPT(**kw)).dense(), x)
+    ours = measured_error(w, sparsegpt(w, h, SparseGPT(**kw, solver=solver)).dense(), x)
     baseline = measured_error(w, magnitude(w, Magnitude(**kw)).dense(), x)
     assert ours < baseline
 
