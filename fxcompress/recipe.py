@@ -140,9 +140,14 @@ class GPTQ(_HessianMethod):
     because it is free at inference and better on every measured row (benchmarks/RESULTS.md,
     ablation); ``act_order=False`` is the paper's plain column order.
 
-    ``dense_output`` fits each layer to the dense model's output on the dense model's inputs
-    instead of to the layer's own output on the compressed model's inputs (the errors of the
-    layers before are compensated too; see ``algorithms/hessian.py``).
+    ``dense_output`` (default) fits each layer to the dense model's output on the dense model's
+    inputs instead of to the layer's own output on the compressed model's inputs (the errors of
+    the layers before are compensated too; see ``algorithms/hessian.py``). It runs the dense
+    model alongside (about twice the calibration time) and is the default because it narrows
+    the perplexity gap of 3-bit GPTQ on SmolLM2 by 40 %, on the calibration domain and on
+    another one (benchmarks/RESULTS.md, ablation); ``dense_output=False`` is the paper's
+    objective. ``mse`` (a search of the clipping range per group) stays off: its solve is
+    about 5x slower for a gain smaller than dense-output's.
     """
 
     bits: int = 4
@@ -153,7 +158,7 @@ class GPTQ(_HessianMethod):
     mse: bool = False
     damp: float = 0.01
     block_size: int = 128
-    dense_output: bool = False
+    dense_output: bool = True
 
     def __post_init__(self) -> None:
         _check_grid(self.bits, self.group_size)

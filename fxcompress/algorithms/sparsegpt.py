@@ -58,7 +58,8 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
             return pruned
         # the kept weights are the least-squares optimum for the mask: quantizing them with
         # the plain objective ‖X̃(Q - Ẑ)ᵀ‖² is the same problem (the cross term vanishes)
-        w, cross, fixed = pruned.values, None, pruned.mask.t().contiguous()
+        original, w, cross = w, pruned.values, None
+        fixed = pruned.mask.t().contiguous()
     q = cfg.quant
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
     f = factor(w, h, cfg.damp, name, cross)
@@ -104,7 +105,6 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
     del sweep, f
 
     mask = keep.t().contiguous()
-    row_loss = row_loss + (0 if fixed is None else pruned.row_loss)
     del keep
     out = Compressed(shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss,
                      mask=mask, damp=damp)
@@ -116,4 +116,8 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
     out.zero = zero_t.t().to(torch.uint8).contiguous()
     out.g_idx = (torch.arange(cols, device=dev) // gs).to(torch.int32)
     out.bits, out.group_size, out.sym = q.bits, gs, q.sym
+    if fixed is not None:  # the loss of pruning and quantizing together, on the original W
+        delta = original.to(h.dtype) - out.dense().to(h.dtype)
+        out.row_loss = 0.5 * ((delta @ h) * delta).sum(1)
+        out.loss = float(out.row_loss.sum())
     return out
