@@ -77,7 +77,7 @@ def test_default_recipe_beats_the_previous_default_on_smollm2():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         fxcompress.compile(model, calib, NAMED[name], progress=False)
         fxcompress.set_precision(model, "exact")  # the dequantized fp32 model, as in RESULTS
-        ppl[name] = [perplexity(model, tok, ids.flatten(), progress=False).perplexity
+        ppl[name] = [perplexity(model, tok, ids.flatten(), progress=False).ppl
                      for ids in (sotu, moby)]
     assert ppl["gptq-w4g64"][0] < 31.03, ppl
     assert ppl["gptq-w4g64"][1] < ppl["rtn-w4g64"][1], ppl
