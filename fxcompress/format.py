@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import hub
 from .codecs import (
     CheckpointError,
     Entry,
@@ -65,7 +66,6 @@ from .codecs import (
     set_module,
     set_tensor,
 )
-from .modules import QuantExperts, SparseExperts
 from .passes.calibrate import release_freed_memory
 from .recipe import Recipe, RecipeError
 from .sizes import parse_size
@@ -275,25 +275,30 @@ class CheckpointWriter(PartialCheckpoint):
             raise ValueError(f"layers {sorted(set(self.layers) - set(order))[:5]} were "
                              f"written but are not modules of the model")
         layers = {name: self.layers[name] for name in order}
-        self._write_shards()
+        to_checkpoint, _ = hub.renamings(model)
+        self._write_shards(to_checkpoint)
         (self.folder / PROGRESS).unlink(missing_ok=True)
         _copy_side_files(model, self.folder, tokenizer)
-        _write_config(model, self.folder, quantization_config(model, layers, recipe))
+        _write_config(model, self.folder,
+                      quantization_config(model, layers, recipe, to_checkpoint))
         _carry_over(self.out_dir, self.folder)
         _sync(self.folder)
         _swap_into_place(self.folder, self.out_dir)
         return self.out_dir
 
-    def _write_shards(self) -> None:
+    def _write_shards(self, to_checkpoint: hub.Rename) -> None:
+        """The safetensors files, each tensor under the name the model's own checkpoints
+        give it (``to_checkpoint``)."""
         shards = self.state["shards"]
         names = [WEIGHTS_NAME] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards, strict=True):
-            _write_safetensors(self.folder / shard["part"], shard["tensors"], self.folder / name)
+            tensors = {to_checkpoint(t): v for t, v in shard["tensors"].items()}
+            _write_safetensors(self.folder / shard["part"], tensors, self.folder / name)
             (self.folder / shard["part"]).unlink()
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s["size"] for s in shards)},
-                     "weight_map": {t: n for n, s in zip(names, shards, strict=True)
+                     "weight_map": {to_checkpoint(t): n for n, s in zip(names, shards, strict=True)
                                     for t in s["tensors"]}}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
@@ -349,24 +354,28 @@ def _copy_range(src: Any, dst: Any, begin: int, count: int) -> None:
     dst.flush()
 
 
-def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Recipe | None
-                        ) -> dict[str, Any]:
+def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Recipe | None,
+                        to_checkpoint: hub.Rename = str) -> dict[str, Any]:
     """``config.json["quantization_config"]``: compressed-tensors' schema plus our metadata.
     ``quant_method`` is ``"compressed-tensors"`` only if compressed-tensors can read every
-    layer (its codec says so, and it did not replace a transposed ``Conv1D``)."""
+    layer (its codec gives it a config group, and it did not replace a transposed
+    ``Conv1D``). ``targets`` and ``ignore`` name modules as the checkpoint does
+    (``to_checkpoint``); our own ``layers`` entries keep the model's names. ``ignore`` lists
+    every linear left dense, routers included (modules with their own 2-D weight)."""
     groups: dict[str, dict[str, Any]] = {}
+    readable = not _transposed_layers(model, layers)
     for name, entry in layers.items():
-        found = codec_of(entry).config_group(name, entry)
+        found = codec_of(entry).config_group(to_checkpoint(name), entry)
         if found is None:
+            readable = False
             continue
         args, targets = found
         group = groups.setdefault(json.dumps(args, sort_keys=True), {
             "targets": [], "weights": args, "input_activations": None,
             "output_activations": None, "format": "pack-quantized"})
         group["targets"] += targets
-    readable = all(codec_of(e).compressed_tensors for e in layers.values()) \
-        and not _transposed_layers(model, layers)
-    dense = [n for n, m in model.named_modules() if type(m) is nn.Linear and not inside(n, layers)]
+    dense = [to_checkpoint(n) for n, m in model.named_modules()
+             if not inside(n, layers) and _dense_linear(m)]
     from . import __version__
 
     return {
@@ -385,6 +394,13 @@ def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Reci
             "tied": dense_tensors(model, layers)[1],
         },
     }
+
+
+def _dense_linear(m: nn.Module) -> bool:
+    """A linear (or a router: a module with its own 2-D weight) that stays dense."""
+    w = m._parameters.get("weight")
+    return type(m) is nn.Linear or (w is not None and w.dim() == 2
+                                    and not isinstance(m, nn.Embedding))
 
 
 def _transposed_layers(model: nn.Module, layers: dict[str, Any]) -> list[str]:
@@ -549,13 +565,6 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     and replaces it only when complete: an existing checkpoint there survives any failure, and
     the files it holds besides a checkpoint are kept. Returns the folder.
     """
-    experts = [n for n, m in model.named_modules() if isinstance(m, (QuantExperts, SparseExperts))]
-    if experts:
-        raise NotImplementedError(
-            f"saving compressed experts ({experts[0]}, ...) is not supported yet: their "
-            f"checkpoint layout (per expert, under the names vLLM's MoE loaders expect) is "
-            f"still to be written. Keep the model in memory, or export it with "
-            f"fxcompress.export / torch.export")
     layers = compressed_layers(model)
     if not layers:
         raise ValueError("the model has no compressed layers: run fxcompress.compile first "
@@ -587,6 +596,7 @@ class StoredTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     crc: int | None
+    key: str = ""  # its name in the file, where the model names it otherwise
 
 
 def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
@@ -607,8 +617,8 @@ def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
     fx = config["quantization_config"]["fxcompress"]
     layers, tied = fx["layers"], fx.get("tied", {})
     recipe = _recipe(path, fx["recipe"]) if fx.get("recipe") is not None else None
-    stored = _read_headers(path)
     model = _skeleton(path, config, build)
+    stored = _read_headers(path, hub.renamings(model)[1])
     _check_originals(model, layers)
     _check(_expected(model, layers, tied), tied, stored)
     _check_complete(model, layers, tied, stored, path)
@@ -680,21 +690,24 @@ def _shard_files(path: Path) -> list[Path]:
     return [path / WEIGHTS_NAME]
 
 
-def _read_headers(path: Path) -> dict[str, StoredTensor]:
-    """Every tensor of every shard, from the headers only; duplicates and index entries that
-    point to the wrong file are errors."""
+def _read_headers(path: Path, to_model: hub.Rename = str) -> dict[str, StoredTensor]:
+    """Every tensor of every shard, from the headers only, by the name the model gives it
+    (``to_model`` of the name in the file); duplicates and index entries that point to the
+    wrong file are errors."""
     stored: dict[str, StoredTensor] = {}
     for file in _shard_files(path):
-        for name, info in read_header(file).items():
+        for key, info in read_header(file).items():
+            name = to_model(key)
             if name in stored:
-                raise CheckpointError(f"tensor {name} is stored twice: in {stored[name].file} "
-                                      f"and in {file}")
-            stored[name] = info
+                raise CheckpointError(f"tensor {name} is stored twice: as {stored[name].key} "
+                                      f"in {stored[name].file} and as {key} in {file}")
+            stored[name] = StoredTensor(info.file, info.dtype, info.shape, info.crc, key)
     index = path / INDEX_NAME
     if index.is_file():
-        for name, file in json.loads(index.read_text())["weight_map"].items():
+        for key, file in json.loads(index.read_text())["weight_map"].items():
+            name = to_model(key)
             if name not in stored or stored[name].file.name != file:
-                raise CheckpointError(f"{index} lists tensor {name} in {file}, which does "
+                raise CheckpointError(f"{index} lists tensor {key} in {file}, which does "
                                       f"not hold it")
     return stored
 
@@ -886,7 +899,7 @@ def _read_all(stored: dict[str, StoredTensor], verify: bool) -> dict[str, Tensor
 
 def _get(f: Any, file: Path, name: str, s: StoredTensor, verify: bool) -> Tensor:
     try:
-        t = f.get_tensor(name)
+        t = f.get_tensor(s.key or name)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{file}: cannot read tensor {name}: {e}") from e
     if verify and s.crc is not None and _crc(t) != s.crc:

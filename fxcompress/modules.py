@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .algorithms import Compressed
+from .hub import DEFAULT_EXPERT_NAMES, expert_names
 from .kernels import ops, pack
 
 CPU_INT4_GROUPS = (256, 128, 64, 32)
@@ -332,7 +333,12 @@ def experts_activation(module: nn.Module) -> str:
     return _EXPERT_ACTIVATIONS[module.config.hidden_act]
 
 
-def _expert_orientation(module: nn.Module, bank: str) -> tuple[int, int]:
+def checkpoint_expert_names(module: nn.Module) -> tuple[str, str, str]:
+    """(gate, up, down): how checkpoints of the model name one expert's linears."""
+    return expert_names(getattr(getattr(module, "config", None), "model_type", None))
+
+
+def expert_orientation(module: nn.Module, bank: str) -> tuple[int, int]:
     """(out, in) of one expert of ``bank`` in the module (which may store experts (in, out))."""
     p = getattr(module, bank)
     return (p.shape[2], p.shape[1]) if getattr(module, "is_transposed", False) \
@@ -353,10 +359,12 @@ class QuantExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, bits: int,
                  group_size: int, sym: bool = False, act: str = "silu", sparse: bool = False,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 names: tuple[str, str, str] = DEFAULT_EXPERT_NAMES) -> None:
         super().__init__()
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.bits, self.sym, self.act = bits, sym, act
+        self.names = tuple(names)  # (gate, up, down) of one expert in checkpoints
         self.group_size = group_size  # -1: per channel
         for bank, (out, inp) in self._shapes().items():
             groups = inp // self.bank_group(bank)
@@ -391,11 +399,17 @@ class QuantExperts(nn.Module):
         if any(not c.static_groups for cs in results.values() for c in cs):
             raise ValueError(f"{type(module).__name__}: experts need static quantization "
                              f"groups (GPTQ(act_order=True) needs static_groups=True)")
-        out, hidden = _expert_orientation(module, "gate_up_proj")
-        group = -1 if first.group_size == hidden else first.group_size
+        out, hidden = expert_orientation(module, "gate_up_proj")
+        down = results["down_proj"][0]
+        per_channel = first.group_size == hidden and down.group_size == out // 2
+        if not per_channel and first.group_size != down.group_size:
+            raise ValueError(f"{type(module).__name__}: gate_up_proj and down_proj were "
+                             f"quantized with groups of {first.group_size} and "
+                             f"{down.group_size}: one experts module holds one grid")
+        group = -1 if per_channel else first.group_size
         m = cls(len(results["gate_up_proj"]), hidden, out // 2, first.bits, group, first.sym,
                 experts_activation(module), first.mask is not None,
-                device="meta")
+                device="meta", names=checkpoint_expert_names(module))
         for bank, cs in results.items():
             setattr(m, f"{bank}_packed", pack.pack(torch.stack([c.codes for c in cs]), m.bits))
             setattr(m, f"{bank}_scale", torch.stack([c.scale for c in cs]).to(torch.float16))
@@ -501,10 +515,12 @@ class SparseExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu",
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32,
+                 names: tuple[str, str, str] = DEFAULT_EXPERT_NAMES) -> None:
         super().__init__()
         self.num_experts, self.hidden, self.intermediate, self.act = \
             num_experts, hidden, intermediate, act
+        self.names = tuple(names)  # (gate, up, down) of one expert in checkpoints
         shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}
         for bank, shape in shapes.items():
             setattr(self, bank, nn.Parameter(torch.zeros(num_experts, *shape, dtype=dtype,
@@ -515,10 +531,11 @@ class SparseExperts(nn.Module):
     @classmethod
     def from_compressed(cls, module: nn.Module, results: dict[str, list[Compressed]]
                         ) -> SparseExperts:
-        out, hidden = _expert_orientation(module, "gate_up_proj")
+        out, hidden = expert_orientation(module, "gate_up_proj")
         dtype = module.gate_up_proj.dtype
         m = cls(len(results["gate_up_proj"]), hidden, out // 2,
-                experts_activation(module), device="meta", dtype=dtype)
+                experts_activation(module), device="meta", dtype=dtype,
+                names=checkpoint_expert_names(module))
         for bank, cs in results.items():
             mask = torch.stack([c.mask for c in cs])
             setattr(m, bank, nn.Parameter(torch.stack([c.values for c in cs]).to(dtype) * mask,

@@ -38,6 +38,7 @@ the solves (:mod:`fxcompress.distributed`), and rank 0 writes the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -55,12 +56,18 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from . import format as fmt
+from . import hub
 from .algorithms import Compressed
 from .api import Report, calibration_batches, numerics, plan_sites
 from .codecs import codec_for, dense_tensors
 from .distributed import Distributed, active, check_launch, to_cpu
 from .format import ResumeError, partial_dir
-from .modules import compressed_module
+from .modules import (
+    checkpoint_expert_names,
+    compressed_experts,
+    compressed_module,
+    experts_unsupported,
+)
 from .passes import capture, find_sites
 from .passes.calibrate import LayerReport, Local, Team, calibrate, release_freed_memory
 from .passes.calibrate import estimate_memory as calibrate_estimate
@@ -106,7 +113,10 @@ def skeleton(model_dir: str | Path) -> nn.Module:
 
 
 def retarget(ep: ExportedProgram, device: torch.device) -> None:
-    """Device constants traced as ``meta`` (from meta parameters) become ``device``."""
+    """Device constants traced as ``meta`` (from meta parameters) become ``device``; and
+    where the model chose an op variant by device that ``device`` lacks, the graph takes the
+    one it would have chosen there: ``histc`` of integers (transformers' grouped experts,
+    traced on meta) counts float copies of them on CPU, as the model does on CPU."""
     def fix(v: Any) -> Any:
         return device if isinstance(v, torch.device) and v.type == "meta" else v
 
@@ -114,6 +124,13 @@ def retarget(ep: ExportedProgram, device: torch.device) -> None:
         if node.op == "call_function":
             node.args = pytree.tree_map(fix, node.args)
             node.kwargs = pytree.tree_map(fix, node.kwargs)
+        if (device.type == "cpu" and node.target is torch.ops.aten.histc.default
+                and not node.args[0].meta["val"].dtype.is_floating_point):
+            with ep.graph.inserting_before(node):
+                as_float = ep.graph.call_function(torch.ops.aten._to_copy.default,
+                                                  (node.args[0],), {"dtype": torch.float32})
+            as_float.meta["val"] = node.args[0].meta["val"].float()
+            node.args = (as_float, *node.args[1:])
     ep.graph_module.recompile()
 
 
@@ -130,7 +147,12 @@ class Checkpoint:
     """The tensors of a safetensors checkpoint (one file or an indexed set of shards), read
     one at a time, memory-mapped, cast to the dtype of the model's tensor of that name (tied
     names resolved to the one stored). Memory freed since the last read is handed back to
-    the OS first, so the process's RSS follows the tensors it actually holds."""
+    the OS first, so the process's RSS follows the tensors it actually holds.
+
+    Names are the model's: a checkpoint that stores them otherwise (Mixtral's
+    ``block_sparse_moe``) is read through transformers' renamings (:mod:`fxcompress.hub`),
+    and the fused 3-D expert parameters of a mixture-of-experts model are assembled from the
+    per-expert linears its checkpoints store (``experts.{e}.w1.weight`` ...)."""
 
     def __init__(self, model_dir: str | Path, model: nn.Module, device: torch.device):
         self.dir, self.device = Path(model_dir), device
@@ -142,15 +164,21 @@ class Checkpoint:
         else:
             raise FileNotFoundError(f"{self.dir} has neither {fmt.WEIGHTS_NAME} nor "
                                     f"{fmt.INDEX_NAME}: not a safetensors checkpoint")
-        self.stored = {name: s for f in files for name, s in fmt.read_header(self.dir / f).items()}
+        to_model = hub.renamings(model)[1]
+        self.stored = {to_model(key): dataclasses.replace(s, key=key) for f in files
+                       for key, s in fmt.read_header(self.dir / f).items()}
+        self.fused = _fused_experts(model, self.stored)
         self.aliases = _aliases(model)
         self.dtypes = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items()
                        if t is not None}
 
     def __contains__(self, name: str) -> bool:
-        return any(a in self.stored for a in self.aliases.get(name, [name]))
+        return name in self.fused or any(a in self.stored for a in self.aliases.get(name, [name]))
 
     def nbytes(self, name: str) -> int:
+        if name in self.fused:
+            parts = [self.stored[k] for row in self.fused[name][0] for k in row]
+            return sum(math.prod(s.shape) for s in parts) * self.dtypes[name].itemsize
         s = self.stored[self._stored_name(name)]
         return math.prod(s.shape) * self.dtypes.get(name, s.dtype).itemsize
 
@@ -161,13 +189,40 @@ class Checkpoint:
         raise KeyError(f"tensor {name!r} is not in the checkpoint {self.dir}")
 
     def load(self, name: str) -> Tensor:
+        release_freed_memory()
+        if name in self.fused:  # (E, out, in): expert e's linears stacked along out
+            rows, transposed = self.fused[name]
+            dtype = self.dtypes[name]
+            out = torch.stack([torch.cat([self._read(k).to(dtype) for k in row])
+                               for row in rows])
+            return (out.transpose(1, 2).contiguous() if transposed else out).to(self.device)
+        t = self._read(self._stored_name(name))
+        return t.to(self.device, self.dtypes.get(name, t.dtype))
+
+    def _read(self, name: str) -> Tensor:
         from safetensors import safe_open
 
-        release_freed_memory()
-        stored = self._stored_name(name)
-        with safe_open(str(self.stored[stored].file), framework="pt") as f:
-            t = f.get_tensor(stored)
-        return t.to(self.device, self.dtypes.get(name, t.dtype))
+        s = self.stored[name]
+        with safe_open(str(s.file), framework="pt") as f:
+            return f.get_tensor(s.key or name)
+
+
+def _fused_experts(model: nn.Module, stored: Mapping[str, Any]
+                   ) -> dict[str, tuple[list[list[str]], bool]]:
+    """``{fused parameter: (stored names of each expert's rows, stored transposed)}`` for the
+    3-D expert parameters the checkpoint stores per expert (``<experts>.{e}.{gate}.weight``
+    and ``{up}`` for ``gate_up_proj``, ``{down}`` for ``down_proj``)."""
+    fused = {}
+    for name, m in model.named_modules():
+        if experts_unsupported(m):
+            continue
+        gate, up, down = checkpoint_expert_names(m)
+        for bank, parts in (("gate_up_proj", (gate, up)), ("down_proj", (down,))):
+            rows = [[f"{name}.{e}.{p}.weight" for p in parts]
+                    for e in range(getattr(m, bank).shape[0])]
+            if f"{name}.{bank}" not in stored and all(k in stored for r in rows for k in r):
+                fused[f"{name}.{bank}"] = (rows, bool(getattr(m, "is_transposed", False)))
+    return fused
 
 
 # ============================================================================ memory
@@ -187,22 +242,36 @@ def estimate_memory(ep: ExportedProgram, sites: list[Site], plan: Mapping[str, M
 
 
 class Done(Mapping[str, Compressed]):
-    """The layers an interrupted run completed, read back (lazily) from its partial output."""
+    """The sites an interrupted run completed, read back (lazily) from its partial output:
+    one per layer, or one per expert and bank of an experts layer (whose report names it)."""
 
     def __init__(self, partial: fmt.PartialCheckpoint):
         self.partial = partial
         self.layers = dict(partial.layers)
-        self.reports = dict(partial.reports)
+        self.reports = {fqn: r for fqn, r in partial.reports.items()
+                        if self._layer(fqn)[0] in self.layers}
+        self._last: tuple[str, nn.Module] | None = None  # the layer decoded last
+
+    @staticmethod
+    def _layer(fqn: str) -> tuple[str, str]:
+        """(layer, part): an expert site ``<experts>.<bank>.<e>`` lies in layer ``<experts>``."""
+        head, bank, e = (fqn.rsplit(".", 2) + ["", ""])[:3]
+        if e.isdigit() and bank in ("gate_up_proj", "down_proj"):
+            return head, f"{bank}.{e}"
+        return fqn, ""
 
     def __getitem__(self, fqn: str) -> Compressed:
-        m = self.partial.read_layer(fqn)
-        return codec_for(m).to_compressed(m, self.reports[fqn]["loss"])
+        layer, part = self._layer(fqn)
+        if self._last is None or self._last[0] != layer:
+            self._last = (layer, self.partial.read_layer(layer))
+        m = self._last[1]
+        return codec_for(m).to_compressed(m, self.reports[fqn]["loss"], part)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
+        return iter(self.reports)
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self.reports)
 
     def report(self, fqn: str) -> LayerReport:
         r = dict(self.reports[fqn])
@@ -218,6 +287,8 @@ class _Output:
     source: Checkpoint
     writer: fmt.CheckpointWriter
     recipe: Recipe
+    # expert results of blocks not complete yet: module name -> {site fqn: (site, c, report)}
+    pending: dict[str, dict[str, tuple]] = dataclasses.field(default_factory=dict)
 
     def write_dense(self, names: list[str]) -> None:
         """Copy the tensors that stay as they are, one at a time."""
@@ -234,16 +305,39 @@ class _Output:
         self.writer.commit()
 
     def sink(self, site: Site, c: Compressed, report: LayerReport) -> None:
+        if site.index is not None:
+            self._expert(site, c, report)
+            return
         bias = self.source.load(f"{site.fqn}.bias").cpu() \
             if site.module.bias is not None else None
         # writing needs the stored tensors only, not a kernel layout (load builds that)
         m = compressed_module(to_cpu(c), bias, site.module.weight.dtype, prepare=False)
-        self.writer.add_layer(site.fqn, m, {**vars(report), "shape": list(report.shape)})
+        self.writer.add_layer(site.fqn, m, _report(report))
+        self.writer.commit()
+
+    def _expert(self, site: Site, c: Compressed, report: LayerReport) -> None:
+        """Hold an expert's result until every expert of its block has one, then write the
+        block as one experts layer (its sites' reports recorded each under its own name)."""
+        block = self.pending.setdefault(site.module_name, {})
+        block[site.fqn] = (site, to_cpu(c), report)
+        if len(block) < 2 * site.module.gate_up_proj.shape[0]:
+            return
+        del self.pending[site.module_name]
+        by_bank: dict[str, list[Compressed]] = {}
+        for s, result, _ in sorted(block.values(), key=lambda v: v[0].index):
+            by_bank.setdefault(s.attr, []).append(result)
+        self.writer.add_layer(site.module_name, compressed_experts(site.module, by_bank))
+        for fqn, (_, _, r) in block.items():
+            self.writer.reports[fqn] = _report(r)
         self.writer.commit()
 
     def finish(self) -> None:
         """Shards, index, config and side files; then the folder becomes ``out_dir``."""
         self.writer.finish(self.model, self.recipe)
+
+
+def _report(r: LayerReport) -> dict:
+    return {**vars(r), "shape": list(r.shape)}
 
 
 def _fingerprint(model_dir: Path, recipe: Recipe, chunks: list, source: Checkpoint) -> str:
@@ -308,15 +402,11 @@ def compress_checkpoint(
         retarget(ep, device)
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        experts = [s.fqn for s in sites if s.index is not None and s.fqn in plan]
-        if experts:
-            raise NotImplementedError(
-                f"streamed compression of experts ({experts[0]}, ...) is not supported yet: "
-                f"their checkpoint layout is still to be written. Leave them dense with a "
-                f"None rule, or compress the model in memory with fxcompress.compile")
+        segments = estimate_memory(ep, sites, plan, mine, source, offload)
+        estimate = max((seg.total for seg in segments), default=0)
         if budget is not None:
-            check_memory(estimate_memory(ep, sites, plan, mine, source, offload), budget)
-        dense, _ = dense_tensors(model, set(plan))
+            check_memory(segments, budget)
+        dense, _ = dense_tensors(model, {*plan, *(s.module_name for s in sites if s.fqn in plan)})
         with team.guard("the uncompressed tensors"):
             if output is not None:
                 output.write_dense(dense)
@@ -331,7 +421,8 @@ def compress_checkpoint(
     order = {s.fqn: i for i, s in enumerate(sites)}
     reports = sorted([*reports, *(done.report(f) for f in done if f in plan)] if done else
                      reports, key=lambda r: order[r.fqn])
-    report = Report(recipe, reports, skipped, time.perf_counter() - t0, samples)
+    report = Report(recipe, reports, skipped, time.perf_counter() - t0, samples, estimate,
+                    offload)
     log.info("fxcompress: compressed %d linear layers of %s into %s in %.1fs", len(reports),
              model_dir, out_dir, report.seconds)
     return report

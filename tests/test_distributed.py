@@ -21,6 +21,7 @@ from fxcompress.streaming import compress_checkpoint, partial_dir
 from .models import VOCAB, build
 
 RECIPE = {r".*\.mlp\..*": GPTQ(4, 32), r".*": SparseGPT(0.5)}
+MOE_RECIPE = GPTQ(4, 32)
 FAIL_AT = "model.layers.1.mlp."  # rank 1 fails at the first of these it solves
 
 
@@ -62,7 +63,7 @@ def _worker(rank: int, world: int, init: str, model_dir: str, out: str, mode: st
     solve = run.solve
 
     def sabotaged(self, site, stats):
-        if mode != "ok" and rank == 1 and site.fqn.startswith(FAIL_AT):
+        if mode in ("raise", "kill") and rank == 1 and site.fqn.startswith(FAIL_AT):
             if mode == "kill":
                 os._exit(3)
             raise ValueError("sabotaged on purpose")
@@ -71,7 +72,8 @@ def _worker(rank: int, world: int, init: str, model_dir: str, out: str, mode: st
     run.solve = sabotaged
     result: dict = {}
     try:
-        report = compress_checkpoint(model_dir, _calibration(), RECIPE, out, progress=False,
+        recipe = MOE_RECIPE if mode == "moe" else RECIPE
+        report = compress_checkpoint(model_dir, _calibration(), recipe, out, progress=False,
                                      batch_size=2)
         result["layers"] = [[r.fqn, r.rank, r.loss] for r in report.layers]
         if mode == "ok":
@@ -101,6 +103,26 @@ def _launch(tmp_path: Path, model_dir: Path, mode: str, world: int = 2) -> list[
     return [json.loads((results / f"{r}.json").read_text())
             if (results / f"{r}.json").exists() else {"exitcode": procs[r].exitcode}
             for r in range(world)]
+
+
+def test_two_ranks_compress_experts(tmp_path):
+    """torchrun on a mixture-of-experts checkpoint (Mixtral, Hub layout): the expert solves
+    are split between the ranks, the output holds every block as compressed experts, and
+    each expert is as good as in a one-process run."""
+    checkpoint = tmp_path / "dense"
+    build("mixtral", hidden=64, layers=2).save_pretrained(checkpoint)
+    ranks = _launch(tmp_path, checkpoint, "moe")
+    assert all("error" not in r for r in ranks), ranks
+    assert ranks[0]["layers"] == ranks[1]["layers"]
+    experts = [(name, rank) for name, rank, _ in ranks[0]["layers"] if ".experts." in name]
+    assert len(experts) == 2 * 2 * 4 and {rank for _, rank in experts} == {0, 1}
+    single = compress_checkpoint(checkpoint, _calibration(), MOE_RECIPE, tmp_path / "single",
+                                 progress=False, batch_size=2)
+    for r, (name, _, loss) in zip(single.layers, ranks[0]["layers"], strict=True):
+        assert r.fqn == name and loss == pytest.approx(r.loss, rel=0.1, abs=1e-6), name
+    model = fxcompress.load(tmp_path / "out-moe")
+    assert all(type(layer.mlp.experts).__name__ == "QuantExperts"
+               for layer in model.model.layers)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import fxcompress
 from fxcompress import GPTQ, RTN, QuantExperts, Recipe, RecipeError, SparseExperts, SparseGPT
 from fxcompress.algorithms import output_error, rtn
 from fxcompress.api import plan_sites
+from fxcompress.format import CheckpointError
 from fxcompress.passes import calibrate, capture, find_sites
 from fxcompress.passes.liveness import EAGER, PRICE
 
@@ -230,10 +233,244 @@ def test_export_compressed_moe(tmp_path):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_saving_compressed_experts_is_refused_clearly(tmp_path):
-    model, _ = _compress("mixtral", GPTQ(4, 32))
-    with pytest.raises(NotImplementedError, match="compressed experts"):
-        fxcompress.save(model, tmp_path / "out")
+# ------------------------------------------------------------------------- checkpoints
+
+
+def _saved(arch, method, folder):
+    model, dense = _compress(arch, method)
+    fxcompress.save(model, folder)
+    return model, dense
+
+
+def _stored_names(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def _quantized_experts(model):
+    return [m for m in model.modules() if isinstance(m, QuantExperts)]
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("method", [GPTQ(4, 32), GPTQ(8, -1, sym=True), SparseGPT(0.5),
+                                    SparseGPT(n_m=(2, 4), quant=GPTQ(4, 32))],
+                         ids=["w4g32", "w8-channel-sym", "50%", "2:4+w4"])
+def test_saved_experts_load_back_exactly(arch, method, tmp_path):
+    """save -> load gives the same experts (every stored tensor) and the same logits; the
+    experts differ from the dense ones (something was compressed)."""
+    model, dense = _saved(arch, method, tmp_path)
+    back = fxcompress.load(tmp_path)
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantExperts, SparseExperts)):
+            loaded = back.get_submodule(name)
+            assert type(loaded) is type(m) and loaded.names == m.names
+            a, b = m.state_dict(), loaded.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+            if isinstance(m, QuantExperts):
+                assert loaded.kernel == m.kernel
+    ids = _ids()
+    with torch.no_grad():
+        y, z, d = output(model, ids), output(back, ids), output(dense, ids)
+    assert torch.equal(y, z)
+    assert (y - d).norm() / d.norm() > 1e-3
+
+
+def test_saved_experts_load_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model, _ = _saved("mixtral", GPTQ(4, 32), tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        torch.save(output(model, ids), tmp_path / "ref.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (f"import torch, fxcompress; m = fxcompress.load({str(tmp_path)!r}); "
+            f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); "
+            f"ref = torch.load({str(tmp_path / 'ref.pt')!r}); "
+            f"y = m(ids).logits.detach(); "
+            f"print(type(m.model.layers[0].mlp.experts).__name__, torch.equal(y, ref))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["QuantExperts", "True"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_experts_stored_under_the_models_checkpoint_names(arch, tmp_path):
+    """Every name transformers' save_pretrained gives the dense model is in our checkpoint:
+    dense tensors as they are, each expert linear ``X.weight`` as ``X.weight_packed`` /
+    ``weight_scale`` / ``weight_zero_point`` / ``weight_shape`` (Mixtral: ``block_sparse_moe.
+    experts.{e}.w1``, the names vLLM's Mixtral loader matches), and nothing else."""
+    model, dense = _saved(arch, GPTQ(4, 32), tmp_path)
+    dense.save_pretrained(tmp_path / "dense")
+    theirs, ours = _stored_names(tmp_path / "dense"), _stored_names(tmp_path)
+    experts = {n for n in theirs if ".experts." in n and n.endswith(".weight")}
+    assert len(experts) == 2 * EXPERTS * 3
+    if arch == "mixtral":
+        assert "model.layers.0.block_sparse_moe.experts.3.w3.weight" in experts
+    packed = {n.removesuffix("weight") + k for n in experts
+              for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+    quantized = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
+    linears = {f"{n}.{k}" for n in quantized
+               for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+    assert ours == (theirs - experts - {f"{n}.weight" for n in quantized}) | packed | linears
+
+
+def _group_of(config, name):
+    groups = [g for g in config["config_groups"].values()
+              if any(re.match(t.removeprefix("re:"), name) for t in g["targets"])]
+    assert len(groups) == 1, name
+    return groups[0]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3moe"])
+def test_transformers_and_compressed_tensors_read_symmetric_experts(arch, tmp_path):
+    """Plain transformers + compressed-tensors loads the experts (merging them into its fused
+    parameters) with exactly our dequantized weights, rounded to the fp16 it keeps them in;
+    the config names each expert linear the way vLLM's compressed-tensors MoE method checks
+    it (``<experts>.0.gate_proj``, whatever the family calls it) and ignores the router."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _saved(arch, GPTQ(4, 32, sym=True), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    block = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    for linear in ("gate_proj", "up_proj", "down_proj"):
+        group = _group_of(config, f"model.layers.1.{block}.experts.0.{linear}")
+        assert group["weights"]["group_size"] == 32 and group["weights"]["symmetric"]
+    assert f"model.layers.0.{block}.gate" in config["ignore"]
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantExperts):
+            for bank in ("gate_up_proj", "down_proj"):
+                w = getattr(theirs.get_submodule(name), bank).detach()
+                assert w.dtype == torch.float16
+                assert torch.equal(w.float(), m.dequantize(bank).half().float()), name
+    ids = _ids()
+    with torch.no_grad():
+        a, b = output(model, ids), output(theirs, ids).float()
+    assert ((a - b).norm() / a.norm()).item() < 2e-2
+
+
+def test_asymmetric_experts_in_compressed_tensors_layout(tmp_path):
+    """Asymmetric experts (the GPTQ default) store compressed-tensors' packed zero points:
+    its own decompressor turns each expert's tensors into our dequantized weight. (vLLM
+    reads them; transformers' expert loader does not take zero points yet.)"""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    model, _ = _saved("qwen3moe", GPTQ(4, 32), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    stored = load_file(tmp_path / "model.safetensors")
+    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    m = model.model.layers[1].mlp.experts
+    assert not m.sym
+    for e in range(EXPERTS):
+        for j, linear in enumerate(("gate_proj", "up_proj", "down_proj")):
+            name = f"model.layers.1.mlp.experts.{e}.{linear}"
+            group = _group_of(config, name)
+            scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+            local = {k: stored[f"{name}.{k}"] for k in ("weight_packed", "weight_scale",
+                                                        "weight_zero_point", "weight_shape")}
+            w = compressor.decompress(local, scheme)["weight"].float()
+            bank = m.dequantize("down_proj" if j == 2 else "gate_up_proj")[e]
+            ref = bank if j == 2 else bank.chunk(2)[j]
+            torch.testing.assert_close(w, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+def test_checkpoint_that_does_not_fit_the_experts_is_refused(tmp_path):
+    _saved("qwen2moe", GPTQ(4, 32), tmp_path)
+    file = tmp_path / "config.json"
+    config = json.loads(file.read_text())
+    entry = config["quantization_config"]["fxcompress"]["layers"]["model.layers.0.mlp.experts"]
+    entry["num_experts"] = EXPERTS + 1
+    file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError,
+                       match=f"model.layers.0.mlp.experts holds {EXPERTS} experts"):
+        fxcompress.load(tmp_path)
+    entry["num_experts"], entry["names"] = EXPERTS, ["gate_proj", "gate_proj", "down_proj"]
+    file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="an invalid entry"):
+        fxcompress.load(tmp_path)
+
+
+# ------------------------------------------------------------------------- streamed
+
+
+def _dense_checkpoint(arch, folder):
+    build(arch, hidden=HIDDEN).save_pretrained(folder)  # the Hub layout: experts one by one
+    return folder
+
+
+def _state(model):
+    return {k: v for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("arch", "method"), [("mixtral", GPTQ(4, 32)),
+                                              ("qwen2moe", SparseGPT(0.5)),
+                                              ("qwen3moe", SparseGPT(n_m=(2, 4),
+                                                                     quant=GPTQ(4, 32)))],
+                         ids=["mixtral-w4", "qwen2moe-50%", "qwen3moe-2:4+w4"])
+def test_streamed_experts_equal_in_memory(arch, method, tmp_path):
+    """compress_checkpoint reads the per-expert Hub checkpoint (Mixtral's block_sparse_moe
+    names included), compresses under max_memory, and writes what in-memory compile + save
+    writes: load gives the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from fxcompress.streaming import compress_checkpoint
+
+    source = _dense_checkpoint(arch, tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(source)
+    fxcompress.compile(model, _calibration(), method, progress=False, batch_size=4)
+    report = compress_checkpoint(source, _calibration(), method, tmp_path / "out",
+                                 progress=False, batch_size=4, max_memory="1GiB")
+    assert sum(r.routed is not None for r in report.layers) == 2 * 2 * EXPERTS
+    fxcompress.save(model, tmp_path / "mem")
+    assert _stored_names(tmp_path / "out") == _stored_names(tmp_path / "mem")
+    a, b = _state(fxcompress.load(tmp_path / "out")), _state(model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_experts_resume(tmp_path, monkeypatch):
+    """Interrupted while writing the second block's experts, a resumed run solves only what
+    was not written (the first block's experts are read back per expert) and ends with the
+    same checkpoint as an uninterrupted run."""
+    from fxcompress.format import CheckpointWriter
+    from fxcompress.passes.calibrate import _Run
+    from fxcompress.streaming import compress_checkpoint, partial_dir
+
+    source = _dense_checkpoint("qwen3moe", tmp_path / "dense")
+    recipe = GPTQ(4, 32)
+    compress_checkpoint(source, _calibration(), recipe, tmp_path / "whole", progress=False)
+    add, solve, calls = CheckpointWriter.add_layer, _Run.solve, {"n": 0}
+
+    def interrupt(self, name, m, report=None):
+        if name == "model.layers.1.mlp.experts":
+            raise KeyboardInterrupt
+        add(self, name, m, report)
+
+    monkeypatch.setattr(CheckpointWriter, "add_layer", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(source, _calibration(), recipe, tmp_path / "out", progress=False)
+    assert partial_dir(tmp_path / "out").exists()
+    monkeypatch.setattr(CheckpointWriter, "add_layer", add)
+
+    def count(self, *args, **kwargs):
+        calls["n"] += 1
+        return solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(_Run, "solve", count)
+    report = compress_checkpoint(source, _calibration(), recipe, tmp_path / "out",
+                                 progress=False, resume=True)
+    per_layer = 4 + 2 * EXPERTS  # q, k, v, o and the experts' two banks
+    assert calls["n"] == 2 * EXPERTS + 1  # layer 1's experts, and the head
+    assert len(report.layers) == 2 * per_layer + 1
+    a, b = _state(fxcompress.load(tmp_path / "out")), _state(fxcompress.load(tmp_path / "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unsupported_experts_are_skipped_with_reason():
