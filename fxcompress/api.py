@@ -19,7 +19,12 @@ from torch.utils import _pytree as pytree
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
 from .modules import experts_unsupported
 from .passes import calibrate, capture, find_sites, rewrite
-from .passes.calibrate import LayerReport, estimate_memory, release_freed_memory
+from .passes.calibrate import (
+    LayerReport,
+    estimate_memory,
+    release_freed_memory,
+    resident_bytes,
+)
 from .passes.capture import as_call, call_kwargs, evaluating
 from .passes.liveness import (
     EAGER,
@@ -224,9 +229,11 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
     the loaded model, estimated before any work starts: when the values kept between layers
     for all samples would not fit, more of them are recomputed, then they are offloaded — to
     CPU memory for a model on a GPU, to disk for a model on the CPU; a layer that cannot fit
-    even so raises ``MemoryBudgetError`` naming it. The estimate is in the report.
+    even so raises ``MemoryBudgetError`` naming it. The estimate is in the report: the
+    tensors at the peak, plus what the run had built when it estimated (the captured
+    program), as measured.
     """
-    t0 = time.perf_counter()
+    t0, rss0 = time.perf_counter(), resident_bytes()
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
     chunks, samples = calibration_batches(model, calibration, batch_size)
     with evaluating(model), numerics(), torch.no_grad():
@@ -235,6 +242,8 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
         plan, skipped = plan_sites(recipe, sites, others, model)
         offload, recompute, estimate = fit_memory(ep, sites, plan, chunks, max_memory,
                                                   _device(model))
+        release_freed_memory()
+        estimate += max(0, resident_bytes() - rss0)
         results, layers = calibrate(ep, sites, plan, chunks, progress=progress,
                                     offload=offload, recompute=recompute)
         del ep

@@ -273,7 +273,7 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
                   f"{args.seed}); streamed from {folder}{ranks}")
         t = time.perf_counter()
         report = compress_checkpoint(folder, calib, recipe, args.out,
-                                     max_memory=args.max_memory, offload=args.offload or "cpu",
+                                     max_memory=args.max_memory, offload=args.offload or "auto",
                                      resume=args.resume, progress=not quiet,
                                      batch_size=args.batch_size)
         seconds = time.perf_counter() - t
@@ -494,7 +494,8 @@ def parser() -> argparse.ArgumentParser:
                         "by torchrun)")
     c.add_argument("--max-memory", help="bound on the tensors held at once, e.g. 6GiB")
     c.add_argument("--offload", choices=["cpu", "disk", "none"],
-                   help="where activations of all samples wait between layers (default cpu)")
+                   help="where activations of all samples wait between layers (default: cpu, or "
+                        "disk when only that fits --max-memory)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed run into the same --out")
     _data(c)

@@ -69,12 +69,20 @@ from .modules import (
     experts_unsupported,
 )
 from .passes import capture, find_sites
-from .passes.calibrate import LayerReport, Local, Team, calibrate, release_freed_memory
+from .passes.calibrate import (
+    LayerReport,
+    Local,
+    Team,
+    calibrate,
+    release_freed_memory,
+    resident_bytes,
+)
 from .passes.calibrate import estimate_memory as calibrate_estimate
 from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes of max_memory)
     MemoryBudgetError,
     SegmentMemory,
     check_memory,
+    over_budget,
 )
 from .passes.sites import Site
 from .recipe import Method, Recipe
@@ -360,7 +368,7 @@ def compress_checkpoint(
     out_dir: str | Path,
     *,
     max_memory: int | str | None = None,
-    offload: str | None = "cpu",
+    offload: str | None = "auto",
     device: str | torch.device | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -373,7 +381,8 @@ def compress_checkpoint(
     ``calibration`` and ``recipe`` are as for :func:`fxcompress.compile`. ``max_memory``
     (bytes or ``"6GiB"``) bounds the tensor memory of the run, checked before it starts.
     ``offload``: where activations kept for all calibration samples live — ``"cpu"``,
-    ``"disk"`` or ``None``/``"none"`` (on the compute ``device``: CUDA if available). ``resume``
+    ``"disk"`` or ``None``/``"none"`` (on the compute ``device``: CUDA if available); ``"auto"``
+    (the default) is ``"cpu"``, or ``"disk"`` when only that fits ``max_memory``. ``resume``
     continues an interrupted run into the same ``out_dir`` with the same inputs. Under an
     initialised ``torch.distributed`` process group the work is spread over its ranks and
     rank 0 writes ``out_dir``; every rank returns the same :class:`~fxcompress.api.Report`.
@@ -382,8 +391,10 @@ def compress_checkpoint(
     :func:`~fxcompress.distributed.init_from_env` first.
     """
     check_launch()
-    t0 = time.perf_counter()
-    offload = None if offload == "none" else offload
+    t0, rss0 = time.perf_counter(), resident_bytes()
+    if offload not in ("auto", "cpu", "disk", "none", None):
+        raise ValueError(f"offload={offload!r}: expected 'auto', 'cpu', 'disk' or 'none'")
+    tries = ["cpu", "disk"] if offload == "auto" else [None if offload == "none" else offload]
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
@@ -402,8 +413,14 @@ def compress_checkpoint(
         retarget(ep, device)
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        segments = estimate_memory(ep, sites, plan, mine, source, offload)
-        estimate = max((seg.total for seg in segments), default=0)
+        for offload in tries:  # the first place for the frontier that fits the budget
+            segments = estimate_memory(ep, sites, plan, mine, source, offload)
+            if budget is None or over_budget(segments, budget) is None:
+                break
+        # the estimate of the run's growth: what it built so far (the model skeleton, the
+        # captured program: ~20 KiB a graph node) and the tensors at the peak
+        release_freed_memory()
+        estimate = max(0, resident_bytes() - rss0) + max((s.total for s in segments), default=0)
         if budget is not None:
             check_memory(segments, budget)
         dense, _ = dense_tensors(model, {*plan, *(s.module_name for s in sites if s.fqn in plan)})

@@ -444,5 +444,6 @@ def check_memory(segments: list[SegmentMemory], budget: int) -> None:
             f"needs about {human(seg.total)} ({human(seg.weights)} weights, "
             f"{human(seg.activations)} activations of the calibration batches, "
             f"{human(seg.solver)} Hessian and solver workspace); the whole run needs about "
-            f"{human(peak)}. Raise max_memory, use fewer or shorter calibration samples, or "
-            f"offload='disk' to keep the activations on disk.")
+            f"{human(peak)}. Raise max_memory, use fewer or shorter calibration samples, a "
+            f"smaller batch_size (the values of one batch are held while it runs), or "
+            f"offload='disk' to keep the activations between layers on disk.")
