@@ -60,26 +60,34 @@ def main() -> None:
     for out_f, in_f in SHAPES:
         w, h = problem(out_f, in_f)
         gs = 128 if in_f % 128 == 0 else 64
+        ref_gptq = timed(lambda w=w, h=h, gs=gs: reference.gptq(w, h, 4, gs)[1], args.repeats)
+        ref_sparse = timed(lambda w=w, h=h: reference.sparsegpt(w, h, 0.5)[1], args.repeats)
+        # the same algorithm as the reference (sweep, natural order), then the defaults
         cases = {
-            f"GPTQ w4 g{gs}": (lambda w=w, h=h, gs=gs: gptq(w, h, GPTQ(4, gs)).loss,
-                               lambda w=w, h=h, gs=gs: reference.gptq(w, h, 4, gs)[1]),
-            "SparseGPT 50%": (lambda w=w, h=h: sparsegpt(w, h, SparseGPT(0.5)).loss,
-                              lambda w=w, h=h: reference.sparsegpt(w, h, 0.5)[1]),
+            f"GPTQ w4 g{gs}, sweep": (GPTQ(4, gs, act_order=False), gptq, ref_gptq),
+            f"GPTQ w4 g{gs}, defaults (act-order)": (GPTQ(4, gs), gptq, ref_gptq),
+            "SparseGPT 50%, sweep": (SparseGPT(0.5, solver="sweep"), sparsegpt, ref_sparse),
+            "SparseGPT 50%, defaults (ADMM)": (SparseGPT(0.5), sparsegpt, ref_sparse),
         }
-        for name, (ours, ref) in cases.items():
-            t_ref, l_ref = timed(ref, args.repeats)
-            t_ours, l_ours = timed(ours, args.repeats)
+        for name, (method, solve, (t_ref, l_ref)) in cases.items():
+            t_ours, l_ours = timed(lambda w=w, h=h, m=method, f=solve: f(w, h, m).loss,
+                                   args.repeats)
             rows.append(f"| {out_f}x{in_f} | {name} | {t_ref:.2f} | {t_ours:.2f} | "
                         f"{t_ref / t_ours:.1f}x | {l_ref:.5g} | {l_ours:.5g} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
+    from cpu_precision import cpu_flags
+
     header = (f"median of {args.repeats} runs, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
+              f"{torch.get_num_threads()} threads, CPU flags: {cpu_flags()}. The sweep rows run "
+              f"the reference's algorithm (speed-up is the solver's); the defaults rows add "
+              f"act-order or ADMM (their loss is the gain, their time the price)")
     print("\n" + header + "\n" + table)
     if args.write:
         from _results import write_section
 
-        write_section("Solver speed", "python benchmarks/solver_speed.py --write",
+        write_section("Solver speed", f"python benchmarks/solver_speed.py --threads "
+                      f"{torch.get_num_threads()} --write",
                       header + "\n\n" + table)
 
 
