@@ -35,7 +35,7 @@ def renamings(model: nn.Module) -> tuple[Rename, Rename]:
     """``(to_checkpoint, to_model)``: the name a tensor of ``model`` has in its Hugging Face
     checkpoint, and back. Identity for models transformers does not rename (and for models
     that are not transformers models)."""
-    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
 
     # prefix changes depend on how the model was loaded; save_pretrained drops them for a
     # model built from its config, as fxcompress.load builds it
@@ -44,8 +44,13 @@ def renamings(model: nn.Module) -> tuple[Rename, Rename]:
     if not forward:
         return _same, _same
     reverse = [t.reverse_transform() for t in forward[::-1]]
-    return (lambda name: apply_renamings(name, reverse)), \
-        (lambda name: apply_renamings(name, forward))
+    return (lambda name: _apply(name, reverse)), (lambda name: _apply(name, forward))
+
+
+def _apply(name: str, transforms: list[Any]) -> str:
+    for t in transforms:  # every matching renaming fires, in order (as transformers does)
+        name, _ = t.rename_source_key(name)
+    return name
 
 
 def _same(name: str) -> str:
