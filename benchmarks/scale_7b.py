@@ -130,6 +130,7 @@ def generate(folder: Path, layers: int, seed: int = 0) -> Path:
 # Where the phases of a streamed run happen: (module, attribute path, phase).
 PHASES = [
     ("fxcompress.passes.calibrate", "_Run.run_segment", "forward"),
+    ("fxcompress.passes.calibrate", "_Run._accumulate", "hessian"),
     ("fxcompress.passes.calibrate", "_Run.statistics", "hessian"),
     ("fxcompress.algorithms.hessian", "Hessian.value", "hessian"),
     ("fxcompress.passes.calibrate", "_Run.solve", "solve"),
@@ -140,13 +141,16 @@ PHASES = [
 
 
 class _Timers:
-    """Wraps the functions of :data:`PHASES` to add up their wall time per phase, and records
-    when each compressed layer reaches the writer."""
+    """Wraps the functions of :data:`PHASES` to add up their wall time per phase (a call
+    inside another counts for its own phase only: Hessians accumulate inside the forward
+    pass), and records when each compressed layer reaches the writer, calling ``on_layer``."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_layer) -> None:
         self.seconds: dict[str, float] = {}
         self.done: list[tuple[str, float]] = []
         self.missing: list[str] = []
+        self.inner: list[float] = []  # time spent in nested timed calls, per open call
+        self.on_layer = on_layer
         for module, path, phase in PHASES:
             owner = importlib.import_module(module)
             *outer, attr = path.split(".")
@@ -160,12 +164,18 @@ class _Timers:
     def _wrap(self, fn, phase: str, sink: bool):
         def timed(*args, **kwargs):
             t = time.perf_counter()
+            self.inner.append(0.0)
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+                elapsed = time.perf_counter() - t
+                own = elapsed - self.inner.pop()
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + own
+                if self.inner:
+                    self.inner[-1] += elapsed
                 if sink:
                     self.done.append((args[1].fqn, time.perf_counter()))
+                    self.on_layer()
         return timed
 
 
@@ -177,19 +187,25 @@ def _vm(key: str) -> float:
 
 
 def child(argv: list[str], report: Path) -> None:
-    """Run ``fxcompress`` with ``argv`` in this process, timed; write the numbers to ``report``."""
+    """Run ``fxcompress`` with ``argv`` in this process, timed. The numbers of this run are
+    appended to the list in ``report`` (one entry per run of a resumed job) and rewritten
+    after every compressed layer, so a killed run still leaves what it did."""
     from fxcompress import cli
 
-    timers = _Timers()
-    baseline = _vm("VmRSS")
-    t0 = time.perf_counter()
-    rc = cli.main(argv)
-    total = time.perf_counter() - t0
-    report.write_text(json.dumps({
-        "rc": rc, "seconds": total, "phases": timers.seconds, "done": timers.done,
-        "start": t0, "peak_rss_mib": _vm("VmHWM"), "baseline_rss_mib": baseline,
-        "missing_timers": timers.missing, "argv": argv,
-    }))
+    runs = json.loads(report.read_text()) if report.exists() and "--resume" in argv else []
+    baseline, t0 = _vm("VmRSS"), time.perf_counter()
+
+    def write(rc: int | None = None) -> None:
+        entry = {"rc": rc, "seconds": time.perf_counter() - t0, "phases": timers.seconds,
+                 "done": timers.done, "start": t0, "peak_rss_mib": _vm("VmHWM"),
+                 "baseline_rss_mib": baseline, "missing_timers": timers.missing,
+                 "argv": argv}
+        tmp = report.with_name(report.name + ".tmp")
+        tmp.write_text(json.dumps([*runs, entry]))
+        os.replace(tmp, report)
+
+    timers = _Timers(write)
+    write(cli.main(argv))
 
 
 def _layer_times(done: list[tuple[str, float]], start: float) -> list[tuple[int, float]]:
@@ -240,8 +256,7 @@ def main() -> None:
     report = out.with_name(out.name + ".timing.json")
     print("fxcompress " + " ".join(argv), flush=True)
     subprocess.run([sys.executable, __file__, "--child", str(report), *argv], check=True)
-    r = json.loads(report.read_text())
-    body = summary(r, args.layers, size)
+    body = summary(json.loads(report.read_text()), args.layers, size)
     print("\n" + body)
     if args.write:
         from _results import write_section
@@ -250,34 +265,46 @@ def main() -> None:
                       "python benchmarks/scale_7b.py " + " ".join(sys.argv[1:]), body)
 
 
-def summary(r: dict, layers: int, size: int) -> str:
-    """The numbers of one run as Markdown, with the extrapolation to 32 layers."""
+def summary(runs: list[dict], layers: int, size: int) -> str:
+    """The numbers of a job (its runs, if it was resumed, added up) as Markdown, with the
+    extrapolation to 32 layers."""
     import torch
 
-    phases = r["phases"]
-    other = r["seconds"] - sum(phases.values())
-    per_layer = _layer_times([tuple(d) for d in r["done"]], r["start"])
+    phases: dict[str, float] = {}
+    for r in runs:
+        for name, s in r["phases"].items():
+            phases[name] = phases.get(name, 0.0) + s
+    seconds = sum(r["seconds"] for r in runs)
+    other = seconds - sum(phases.values())
+    per_layer = [t for r in runs for t in _layer_times([tuple(d) for d in r["done"]],
+                                                       r["start"])]
+    complete = runs[-1]["rc"] == 0
     lines = [f"Checkpoint: {size / 1e9:.2f} GB bf16, {layers} layers of Llama-2-7B shape; "
-             f"command `fxcompress {' '.join(r['argv'])}`; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, load average "
-             f"{os.getloadavg()[0]:.1f} at the end.", "",
+             f"command `fxcompress {' '.join(runs[0]['argv'])}`"
+             + (f" ({len(runs)} runs, resumed with `--resume`)" if len(runs) > 1 else "")
+             + f"; torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+             f"{os.getloadavg()[0]:.1f} at the end."
+             + ("" if complete else " **Not complete**: the last run was stopped."), "",
              "| phase | seconds | share |", "|---|---:|---:|"]
     for name in ("forward", "hessian", "solve", "write"):
         s = phases.get(name, 0.0)
-        lines.append(f"| {name} | {s:.0f} | {s / r['seconds']:.0%} |")
-    lines.append(f"| other (load, capture, estimate) | {other:.0f} | {other / r['seconds']:.0%} |")
-    lines.append(f"| **total** | {r['seconds']:.0f} | |")
+        lines.append(f"| {name} | {s:.0f} | {s / seconds:.0%} |")
+    lines.append(f"| other (load, capture, estimate) | {other:.0f} | {other / seconds:.0%} |")
+    lines.append(f"| **total** | {seconds:.0f} | |")
     lines += ["", "| layer | seconds |", "|---:|---:|"]
     lines += [f"| {layer} | {s:.0f} |" for layer, s in per_layer]
     steady = [s for layer, s in per_layer if layer > 0] or [s for _, s in per_layer]
+    peak = max(r["peak_rss_mib"] for r in runs)
+    lines += ["", f"Peak RSS {peak:.0f} MiB (baseline after imports "
+                  f"{runs[0]['baseline_rss_mib']:.0f} MiB)."]
     if steady:
         mean = sum(steady) / len(steady)
-        fixed = r["seconds"] - sum(s for _, s in per_layer)
-        lines += ["", f"Peak RSS {r['peak_rss_mib']:.0f} MiB (baseline after imports "
-                      f"{r['baseline_rss_mib']:.0f} MiB). Extrapolated 32-layer run: "
-                      f"{fixed:.0f} s + 32 x {mean:.0f} s = {(fixed + 32 * mean) / 3600:.1f} h."]
-    if r["missing_timers"]:
-        lines.append(f"Not timed (not found): {', '.join(r['missing_timers'])}.")
+        fixed = seconds - sum(s for _, s in per_layer)
+        lines[-1] += (f" Extrapolated 32-layer run: {fixed:.0f} s + 32 x {mean:.0f} s = "
+                      f"{(fixed + 32 * mean) / 3600:.1f} h.")
+    missing = sorted({m for r in runs for m in r["missing_timers"]})
+    if missing:
+        lines.append(f"Not timed (not found): {', '.join(missing)}.")
     return "\n".join(lines)
 
 

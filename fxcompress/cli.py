@@ -223,6 +223,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     recipe = resolve(args.recipe)
     if _streamed(args):
         return _compress_streamed(args, recipe)
+    if args.compute_dtype not in ("auto", "float32"):
+        raise ValueError(f"--compute-dtype {args.compute_dtype}: an in-memory run loads the "
+                         f"model in float32; add --stream to calibrate in another dtype")
     model, tokenizer, folder = load_model(args.model, not args.quiet, dense=True)
     calib = _calibration(tokenizer, args)
     _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed {args.seed})")
@@ -275,7 +278,8 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
         report = compress_checkpoint(folder, calib, recipe, args.out,
                                      max_memory=args.max_memory, offload=args.offload or "auto",
                                      resume=args.resume, progress=not quiet,
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size,
+                                     compute_dtype=args.compute_dtype)
         seconds = time.perf_counter() - t
         if lead:
             out = Path(args.out)
@@ -498,6 +502,10 @@ def parser() -> argparse.ArgumentParser:
                         "disk when only that fits --max-memory)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed run into the same --out")
+    c.add_argument("--compute-dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="what a streamed run calibrates in (default: float32 on CPU, the "
+                        "checkpoint's dtype on CUDA); the output keeps the checkpoint's dtype")
     _data(c)
     _evaluation(c)
     _common(c)

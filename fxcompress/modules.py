@@ -529,10 +529,10 @@ class SparseExperts(nn.Module):
                                                             dtype=torch.bool, device=device))
 
     @classmethod
-    def from_compressed(cls, module: nn.Module, results: dict[str, list[Compressed]]
-                        ) -> SparseExperts:
+    def from_compressed(cls, module: nn.Module, results: dict[str, list[Compressed]],
+                        dtype: torch.dtype | None = None) -> SparseExperts:
         out, hidden = expert_orientation(module, "gate_up_proj")
-        dtype = module.gate_up_proj.dtype
+        dtype = dtype or module.gate_up_proj.dtype
         m = cls(len(results["gate_up_proj"]), hidden, out // 2,
                 experts_activation(module), device="meta", dtype=dtype,
                 names=checkpoint_expert_names(module))
@@ -555,11 +555,13 @@ class SparseExperts(nn.Module):
                 f"sparsity={1 - kept.float().mean().item():.2f}")
 
 
-def compressed_experts(module: nn.Module, results: dict[str, list[Compressed]]) -> nn.Module:
-    """The module that computes ``module``'s experts with their compressed weights."""
+def compressed_experts(module: nn.Module, results: dict[str, list[Compressed]],
+                       dtype: torch.dtype | None = None) -> nn.Module:
+    """The module that computes ``module``'s experts with their compressed weights (pruned
+    weights kept in ``dtype``, by default ``module``'s)."""
     if results["gate_up_proj"][0].quantized:
         return QuantExperts.from_compressed(module, results)
-    return SparseExperts.from_compressed(module, results)
+    return SparseExperts.from_compressed(module, results, dtype)
 
 
 def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype,

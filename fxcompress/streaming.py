@@ -196,23 +196,28 @@ class Checkpoint:
                 return alias
         raise KeyError(f"tensor {name!r} is not in the checkpoint {self.dir}")
 
-    def load(self, name: str) -> Tensor:
+    def load(self, name: str, index: int | None = None) -> Tensor:
+        """The tensor ``name`` in the model's dtype on :attr:`device`; with ``index``, only
+        its slice ``[index]`` (one expert of a 3-D bank), read without the rest."""
         release_freed_memory()
         if name in self.fused:  # (E, out, in): expert e's linears stacked along out
             rows, transposed = self.fused[name]
             dtype = self.dtypes[name]
             out = torch.stack([torch.cat([self._read(k).to(dtype) for k in row])
-                               for row in rows])
-            return (out.transpose(1, 2).contiguous() if transposed else out).to(self.device)
-        t = self._read(self._stored_name(name))
+                               for row in (rows if index is None else [rows[index]])])
+            out = out.transpose(1, 2).contiguous() if transposed else out
+            return (out if index is None else out[0]).to(self.device)
+        t = self._read(self._stored_name(name), index)
         return t.to(self.device, self.dtypes.get(name, t.dtype))
 
-    def _read(self, name: str) -> Tensor:
+    def _read(self, name: str, index: int | None = None) -> Tensor:
         from safetensors import safe_open
 
         s = self.stored[name]
         with safe_open(str(s.file), framework="pt") as f:
-            return f.get_tensor(s.key or name)
+            if index is None:
+                return f.get_tensor(s.key or name)
+            return f.get_slice(s.key or name)[index]
 
 
 def _fused_experts(model: nn.Module, stored: Mapping[str, Any]
@@ -295,6 +300,7 @@ class _Output:
     source: Checkpoint
     writer: fmt.CheckpointWriter
     recipe: Recipe
+    stored: dict[str, torch.dtype]  # the dtype each tensor is written in (the checkpoint's)
     # expert results of blocks not complete yet: module name -> {site fqn: (site, c, report)}
     pending: dict[str, dict[str, tuple]] = dataclasses.field(default_factory=dict)
 
@@ -308,7 +314,7 @@ class _Output:
                 value = state[name]  # a buffer the checkpoint does not hold
             else:
                 raise KeyError(f"parameter {name} is not in the checkpoint {self.source.dir}")
-            self.writer.add(name, value)
+            self.writer.add(name, value.to(self.stored.get(name, value.dtype)))
             del value
         self.writer.commit()
 
@@ -319,7 +325,7 @@ class _Output:
         bias = self.source.load(f"{site.fqn}.bias").cpu() \
             if site.module.bias is not None else None
         # writing needs the stored tensors only, not a kernel layout (load builds that)
-        m = compressed_module(to_cpu(c), bias, site.module.weight.dtype, prepare=False)
+        m = compressed_module(to_cpu(c), bias, self.stored[f"{site.fqn}.weight"], prepare=False)
         self.writer.add_layer(site.fqn, m, _report(report))
         self.writer.commit()
 
@@ -334,7 +340,8 @@ class _Output:
         by_bank: dict[str, list[Compressed]] = {}
         for s, result, _ in sorted(block.values(), key=lambda v: v[0].index):
             by_bank.setdefault(s.attr, []).append(result)
-        self.writer.add_layer(site.module_name, compressed_experts(site.module, by_bank))
+        dtype = self.stored[f"{site.module_name}.gate_up_proj"]
+        self.writer.add_layer(site.module_name, compressed_experts(site.module, by_bank, dtype))
         for fqn, (_, _, r) in block.items():
             self.writer.reports[fqn] = _report(r)
         self.writer.commit()
@@ -348,8 +355,10 @@ def _report(r: LayerReport) -> dict:
     return {**vars(r), "shape": list(r.shape)}
 
 
-def _fingerprint(model_dir: Path, recipe: Recipe, chunks: list, source: Checkpoint) -> str:
+def _fingerprint(model_dir: Path, recipe: Recipe, chunks: list, source: Checkpoint,
+                 compute: torch.dtype | None) -> str:
     h = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
+    h.update(str(compute).encode())
     h.update((model_dir / fmt.CONFIG_NAME).read_bytes())
     for name, s in sorted(source.stored.items()):
         h.update(f"{name}:{s.dtype}:{s.shape}".encode())
@@ -374,6 +383,7 @@ def compress_checkpoint(
     progress: bool = True,
     batch_size: int | None = None,
     max_shard_size: int | str = fmt.DEFAULT_SHARD_SIZE,
+    compute_dtype: str | torch.dtype | None = "auto",
 ) -> Report:
     """Compress the Hugging Face checkpoint in ``model_dir`` into ``out_dir`` (a folder
     :func:`fxcompress.load` reads), holding one layer at a time; see the module docstring.
@@ -383,7 +393,12 @@ def compress_checkpoint(
     ``offload``: where activations kept for all calibration samples live — ``"cpu"``,
     ``"disk"`` or ``None``/``"none"`` (on the compute ``device``: CUDA if available); ``"auto"``
     (the default) is ``"cpu"``, or ``"disk"`` when only that fits ``max_memory``. ``resume``
-    continues an interrupted run into the same ``out_dir`` with the same inputs. Under an
+    continues an interrupted run into the same ``out_dir`` with the same inputs.
+    ``compute_dtype``: what calibration computes in — ``"auto"`` (the default) is float32 on
+    CPU for a 16-bit checkpoint (bf16/fp16 matrix products run 10–100× slower than float32 on
+    CPUs without native bf16 arithmetic, and float32 is the more accurate), the checkpoint's
+    own dtype on CUDA; ``None`` the checkpoint's dtype; or a dtype. Whatever it is, the output
+    stores what stays dense in the checkpoint's dtype. Under an
     initialised ``torch.distributed`` process group the work is spread over its ranks and
     rank 0 writes ``out_dir``; every rank returns the same :class:`~fxcompress.api.Report`.
     Under a launcher (``torchrun``: ``WORLD_SIZE`` > 1) with no process group it raises
@@ -402,12 +417,17 @@ def compress_checkpoint(
     team: Team = Distributed() if active() else Local()
     device = torch.device(device) if device is not None else _default_device(team)
     model = skeleton(model_dir)
+    stored = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items() if t is not None}
+    compute = _compute_dtype(compute_dtype, device, stored)
+    if compute is not None:
+        model.to(compute)  # floating point tensors only; the config keeps the checkpoint's
     source = Checkpoint(model_dir, model, device)
     _load_buffers(model, source)
     chunks, samples = calibration_batches(model, calibration, batch_size, ranks=team.world)
     mine = team.shard(chunks) if isinstance(team, Distributed) else chunks
     output, done = _open_output(team, model, source, recipe, out_dir, resume,
-                                _fingerprint(model_dir, recipe, chunks, source), shard_size)
+                                _fingerprint(model_dir, recipe, chunks, source, compute),
+                                shard_size, stored)
     with numerics(), torch.no_grad():
         ep = capture(model, *chunks[0])
         retarget(ep, device)
@@ -458,6 +478,24 @@ def _discard(site: Site, c: Compressed, report: LayerReport) -> None:
     """The sink of ranks that do not write: results live on only as replaced weights."""
 
 
+def _compute_dtype(choice: str | torch.dtype | None, device: torch.device,
+                   stored: Mapping[str, torch.dtype]) -> torch.dtype | None:
+    """The dtype to compute in, or ``None`` for the checkpoint's (see ``compress_checkpoint``)."""
+    if choice == "auto":
+        half = any(d in (torch.bfloat16, torch.float16) for d in stored.values())
+        return torch.float32 if device.type == "cpu" and half else None
+    if isinstance(choice, str):
+        value = getattr(torch, choice, None)
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise ValueError(f"compute_dtype={choice!r}: expected 'auto', None or a floating "
+                             f"point dtype such as 'float32' or 'bfloat16'")
+        return value
+    if choice is not None and not (isinstance(choice, torch.dtype) and choice.is_floating_point):
+        raise ValueError(f"compute_dtype={choice!r}: expected 'auto', None or a floating point "
+                         f"dtype")
+    return choice
+
+
 def _default_device(team: Team) -> torch.device:
     if isinstance(team, Distributed):
         return team.device
@@ -465,8 +503,8 @@ def _default_device(team: Team) -> torch.device:
 
 
 def _open_output(team: Team, model: nn.Module, source: Checkpoint, recipe: Recipe,
-                 out_dir: Path, resume: bool, fingerprint: str, shard_size: int
-                 ) -> tuple[_Output | None, Done | None]:
+                 out_dir: Path, resume: bool, fingerprint: str, shard_size: int,
+                 stored: dict[str, torch.dtype]) -> tuple[_Output | None, Done | None]:
     """Rank 0 opens (or resumes) the partial output; with ``resume`` every rank reads the
     completed layers from it (a folder all ranks see)."""
     output = None
@@ -474,7 +512,7 @@ def _open_output(team: Team, model: nn.Module, source: Checkpoint, recipe: Recip
         if team.rank == 0:
             writer = fmt.CheckpointWriter(out_dir, shard_size, fingerprint=fingerprint,
                                           resume=resume)
-            output = _Output(model, source, writer, recipe)
+            output = _Output(model, source, writer, recipe, stored)
     if isinstance(team, Distributed):
         team.barrier("opening the output")
     if not resume:

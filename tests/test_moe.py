@@ -435,6 +435,29 @@ def test_streamed_experts_equal_in_memory(arch, method, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_streamed_expert_reads_only_its_own_tensors(tmp_path, monkeypatch):
+    """Solving expert e reads expert e's stored linears, not the whole bank again: every
+    stored expert tensor is read a bounded number of times (the segment's forward passes and
+    the bank's update), not once per expert of its bank."""
+    from collections import Counter
+
+    from fxcompress.streaming import Checkpoint, compress_checkpoint
+
+    source = _dense_checkpoint("mixtral", tmp_path / "dense")
+    reads, read = Counter(), Checkpoint._read
+
+    def counted(self, name, index=None):
+        reads[name] += 1
+        return read(self, name, index)
+
+    monkeypatch.setattr(Checkpoint, "_read", counted)
+    compress_checkpoint(source, _calibration(), GPTQ(4, 32), tmp_path / "out", progress=False)
+    experts = {k: n for k, n in reads.items() if ".experts." in k}
+    assert len(experts) == 2 * EXPERTS * 3  # two blocks, three linears per expert
+    per_bank = max(n for k, n in reads.items() if ".experts." not in k)
+    assert max(experts.values()) <= per_bank + 1 < EXPERTS, reads
+
+
 def test_streamed_experts_resume(tmp_path, monkeypatch):
     """Interrupted while writing the second block's experts, a resumed run solves only what
     was not written (the first block's experts are read back per expert) and ends with the

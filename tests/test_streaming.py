@@ -70,6 +70,38 @@ def test_streamed_equals_in_memory(checkpoint, in_memory, tmp_path):
     assert config["quantization_config"]["fxcompress"]["recipe"] is not None
 
 
+def test_half_precision_checkpoint_calibrated_in_float32_on_cpu(tmp_path):
+    """A bf16 checkpoint is calibrated in float32 on CPU by default (bf16 products are slow
+    there; the in-memory CLI loads float32 too) and written in bf16: the compressed layers
+    of in-memory compile on the model loaded in float32, everything else the checkpoint's own
+    bf16 values, the config still bf16. ``compute_dtype=None`` calibrates in bf16 instead."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "bf16"
+    build("qwen2", hidden=64, layers=2).to(torch.bfloat16).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    fxcompress.compile(model, _calibration(), RECIPE, progress=False, batch_size=2)
+    expected = model.state_dict()
+    compress_checkpoint(folder, _calibration(), RECIPE, tmp_path / "out", progress=False,
+                        batch_size=2)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    state = fxcompress.load(tmp_path / "out").state_dict()
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        if value.is_floating_point() and not name.endswith("_scale"):
+            assert state[name].dtype == torch.bfloat16, name
+        assert torch.equal(state[name], value.to(state[name].dtype)), name
+
+    compress_checkpoint(folder, _calibration(), RECIPE, tmp_path / "half", progress=False,
+                        batch_size=2, compute_dtype=None)
+    half = fxcompress.load(tmp_path / "half").state_dict()
+    packed = [n for n in half if n.endswith("weight_packed")]
+    assert packed and any(not torch.equal(half[n], state[n]) for n in packed)
+    with pytest.raises(ValueError, match="compute_dtype='int8'"):
+        compress_checkpoint(folder, _calibration(), RECIPE, tmp_path / "bad", progress=False,
+                            compute_dtype="int8")
+
+
 def test_activations_spilled_to_disk_give_the_same_result(checkpoint, in_memory, tmp_path):
     compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "out",
                         progress=False, batch_size=2, offload="disk")

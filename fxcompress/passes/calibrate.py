@@ -129,8 +129,9 @@ class WeightSource(Protocol):
 
     device: torch.device
 
-    def load(self, name: str) -> Tensor:
-        """The tensor stored under ``name`` (a state-dict name), on :attr:`device`."""
+    def load(self, name: str, index: int | None = None) -> Tensor:
+        """The tensor stored under ``name`` (a state-dict name), on :attr:`device`; with
+        ``index``, only ``tensor[index]`` (one expert of a 3-D bank), read alone."""
         ...
 
     def nbytes(self, name: str) -> int:
@@ -375,11 +376,12 @@ class Params:
     def lazy(self, node: fx.Node) -> bool:
         return node in self.names
 
-    def load(self, node: fx.Node) -> Tensor:
-        """The value of ``node``, loaded now if it is not resident (not kept resident)."""
+    def load(self, node: fx.Node, index: int | None = None) -> Tensor:
+        """The value of ``node`` (with ``index``, its slice ``[index]``), loaded now if it is
+        not resident (not kept resident)."""
         if node in self:
-            return self[node]
-        return self.source.load(self.names[node])
+            return self[node] if index is None else self[node][index]
+        return self.source.load(self.names[node], index)
 
     def fetch(self, nodes: set[fx.Node]) -> None:
         for n in sorted(nodes - set(self.live), key=lambda n: n.name):
@@ -584,9 +586,11 @@ class _Run:
 
     def weight(self, s: Site) -> Tensor:
         """``s``'s weight as ``(out, in)`` float32."""
-        param = s.param
-        param = (self.params.load(s.weight) if param.is_meta else param).detach()
-        return s.matrix(param).float()
+        if not s.param.is_meta:
+            return s.matrix(s.param.detach()).float()
+        # an expert reads only its own slice of the bank, not the whole bank once per expert
+        w = self.params.load(s.weight, s.index)
+        return (w.t() if s.transposed else w).float()
 
     def all_tokens(self, x: fx.Node, s: Site, names: str) -> Hessian:
         """The Hessian of expert ``s`` over *every* token of its block: the rule for an expert
