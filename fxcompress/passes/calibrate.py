@@ -335,6 +335,12 @@ class Frontier:
             value = torch.load(value, mmap=True, weights_only=True)
         return value if self.device is None else _to(value, self.device)
 
+    def release(self, node: fx.Node, chunk: int) -> None:
+        """Forget chunk ``chunk``'s value of ``node`` (read for the last time)."""
+        value, self.values[node][chunk] = self.values[node][chunk], None
+        if isinstance(value, Path):
+            value.unlink(missing_ok=True)
+
     def drop(self, node: fx.Node) -> None:
         for value in self.values.pop(node):
             if isinstance(value, Path):
@@ -499,6 +505,7 @@ class _Run:
         replaced = interp.replaced
         paths = [(self.kept, replaced)] + ([(self.dense, {})] if self.dense is not None else [])
         handed = [n for n in seg.keep if n not in before]
+        spent = [n for n in before - set(seg.keep) if n in self.kept]  # read here, last time
         if seg.run or needs:
             for c in range(self.kept.chunks):
                 x = []
@@ -513,6 +520,8 @@ class _Run:
                         x.append(env[seg.barrier])
                     for n in handed:
                         kept.put(n, c, env[n])
+                    for n in spent:  # the frontier shrinks as it grows: chunk by chunk
+                        kept.release(n, c)
                     interp.env = env = None
                 if needs:
                     self._accumulate(needs, *x)
@@ -827,9 +836,9 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
             return 0
         return weights.nbytes(specs[p.name])
 
-    def solve(s: Site) -> int:  # a meta parameter is loaded whole (all experts) to solve
+    def solve(s: Site) -> int:  # a meta parameter is read to solve (an expert: its slice)
         w, param = s.shape[0] * s.shape[1], s.param
-        stored = param.numel() * param.dtype.itemsize if param.is_meta else 0
+        stored = w * param.dtype.itemsize if param.is_meta else 0
         as_fp32 = 4 * w if param.dtype != torch.float32 else 0
         return stored + as_fp32 + plan[s.fqn].workspace(s.shape)
 

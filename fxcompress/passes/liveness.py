@@ -358,7 +358,7 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
     out = []
     for k, seg in enumerate(live.segments):
         before = live.frontier_before(k)
-        frontier_run = paths * _held(list(before) + seg.keep, costs)
+        frontier_run = paths * _frontier_peak(before, seg.keep, costs)
         frontier_solve = paths * _held(seg.keep, costs)
         chunk = max(_chunk_peak(seg, set(before), c, costs) for c in range(costs.chunks))
         loaded = sum(costs.loaded(p) for p, f in first.items()
@@ -390,6 +390,20 @@ def _held(values: Sequence[fx.Node], costs: Costs) -> int:
         return 0
     roots = {root(v) for v in values}
     return sum(costs.chunk_bytes(r, c) for r in roots for c in range(costs.chunks))
+
+
+def _frontier_peak(before: Sequence[fx.Node], keep: Sequence[fx.Node], costs: Costs) -> int:
+    """Frontier bytes in memory while a segment runs: chunk by chunk, the values it reads for
+    the last time are released as the values it hands on are added (``calibrate._Run.
+    run_segment``); the peak is after the chunk where their sum is largest."""
+    if costs.offload == "disk":
+        return 0
+    old, new = {root(v) for v in before}, {root(v) for v in keep}
+    staying = sum(costs.chunk_bytes(r, c) for r in old & new for c in range(costs.chunks))
+    going = [sum(costs.chunk_bytes(r, c) for r in old - new) for c in range(costs.chunks)]
+    coming = [sum(costs.chunk_bytes(r, c) for r in new - old) for c in range(costs.chunks)]
+    return staying + max((sum(going[c:]) + sum(coming[:c + 1]) for c in range(costs.chunks)),
+                         default=0)
 
 
 def _chunk_peak(seg: Segment, before: set[fx.Node], c: int, costs: Costs) -> int:

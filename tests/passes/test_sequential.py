@@ -112,3 +112,53 @@ def test_dense_output_sees_the_dense_models_inputs():
             continue
         torch.testing.assert_close(st.cross, cross, rtol=1e-3, atol=1e-4 * cross.abs().max())
         assert cross.abs().max() > 1e-3 * h.abs().max()  # a real drift was measured
+
+
+def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
+    """The values kept for all chunks across barriers, both paths of dense-output included,
+    never exceed what the memory estimate plans for them, and reach it: chunk by chunk, a
+    segment releases what it read for the last time as it adds what it hands on."""
+    from fxcompress.passes import liveness
+    from fxcompress.passes.calibrate import Frontier, estimate_memory
+
+    model = build("llama", hidden=64, layers=2)
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
+    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
+    ep = capture(model, *calls[0])
+    sites, _ = find_sites(ep, model)
+    plan = {s.fqn: GPTQ(4, 32) for s in sites if s.fqn != "lm_head"}  # dense-output default
+    planned, frontier_peak = [], liveness._frontier_peak
+
+    def record(before, keep, costs):
+        planned.append(frontier_peak(before, keep, costs))
+        return planned[-1]
+
+    monkeypatch.setattr(liveness, "_frontier_peak", record)
+    estimate_memory(ep, sites, plan, calls)
+    frontiers, held = [], [0]
+
+    def measure():
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for f in frontiers for slots in f.values.values() for v in slots
+                    if v is not None for t in torch.utils._pytree.tree_leaves(v)
+                    if isinstance(t, torch.Tensor)}
+        held[0] = max(held[0], sum(storages.values()))
+
+    init, put, release = Frontier.__init__, Frontier.put, Frontier.release
+
+    def tracked(method):
+        def call(self, *args, **kwargs):
+            method(self, *args, **kwargs)
+            measure()
+        return call
+
+    def created(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        frontiers.append(self)
+
+    monkeypatch.setattr(Frontier, "__init__", created)
+    monkeypatch.setattr(Frontier, "put", tracked(put))
+    monkeypatch.setattr(Frontier, "release", tracked(release))
+    calibrate(ep, sites, plan, calls, progress=False)
+    assert len(frontiers) == 2  # the compressed and the dense path
+    assert 0.9 * 2 * max(planned) <= held[0] <= 2 * max(planned)
