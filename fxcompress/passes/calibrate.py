@@ -304,10 +304,15 @@ class Frontier:
     one chunk's values."""
 
     def __init__(self, chunks: int, offload: str | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, base: Frontier | None = None):
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
         self.chunks, self.offload, self.device = chunks, offload, device
+        # with a base (the compressed path's frontier), a float32 value is kept as its
+        # difference from the base's value of the same node and chunk, in bf16: half the
+        # bytes, rounded to 2^-9 of the (small) difference, not of the value
+        self.base = base
+        self.compacted: set[fx.Node] = set()
         self.values: dict[fx.Node, list[Any]] = {}
         self._tmp = None
         if offload == "disk":
@@ -321,6 +326,10 @@ class Frontier:
 
     def put(self, node: fx.Node, chunk: int, value: Any) -> None:
         slots = self.values.setdefault(node, [None] * self.chunks)
+        if self.base is not None and isinstance(value, Tensor) \
+                and value.dtype == torch.float32 and node in self.base:
+            value = (value - self.base.get(node, chunk).to(value.device)).to(torch.bfloat16)
+            self.compacted.add(node)
         if self.offload == "cpu":
             value = _to(value, "cpu")
         elif self.offload == "disk" and _has_tensor(value):
@@ -333,6 +342,9 @@ class Frontier:
         value = self.values[node][chunk]
         if isinstance(value, Path):
             value = torch.load(value, mmap=True, weights_only=True)
+        if node in self.compacted:
+            base = self.base.get(node, chunk)
+            value = base + value.to(base.device, torch.float32)
         return value if self.device is None else _to(value, self.device)
 
     def release(self, node: fx.Node, chunk: int) -> None:
@@ -520,9 +532,10 @@ class _Run:
                         x.append(env[seg.barrier])
                     for n in handed:
                         kept.put(n, c, env[n])
+                    interp.env = env = None
+                for kept, _ in paths[::-1]:  # the dense path reads the compressed one's
                     for n in spent:  # the frontier shrinks as it grows: chunk by chunk
                         kept.release(n, c)
-                    interp.env = env = None
                 if needs:
                     self._accumulate(needs, *x)
                 del x
@@ -765,7 +778,8 @@ def calibrate(
                       None)
     needs = frozenset().union(*(m.needs() for m in plan.values()))
     kept = Frontier(len(chunks), offload, device)
-    dense = Frontier(len(chunks), offload, device) if CROSS in needs else None
+    # the dense path's frontier: its drift from the compressed one, in bf16 (half the bytes)
+    dense = Frontier(len(chunks), offload, device, base=kept) if CROSS in needs else None
     used = {p for p in placeholders if p.name in user and p.users}
     for i, p in enumerate(placeholders):
         if p in used:

@@ -354,12 +354,12 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
         for n in seg.run:
             for a in n.all_input_nodes:
                 first.setdefault(a, k)
-    paths = 2 if costs.dense else 1
+    paths = [False, True] if costs.dense else [False]  # the dense path's frontier is compact
     out = []
     for k, seg in enumerate(live.segments):
         before = live.frontier_before(k)
-        frontier_run = paths * _frontier_peak(before, seg.keep, costs)
-        frontier_solve = paths * _held(seg.keep, costs)
+        frontier_run = sum(_frontier_peak(before, seg.keep, costs, p) for p in paths)
+        frontier_solve = sum(_held(seg.keep, costs, p) for p in paths)
         chunk = max(_chunk_peak(seg, set(before), c, costs) for c in range(costs.chunks))
         loaded = sum(costs.loaded(p) for p, f in first.items()
                      if f <= k <= live.last_segment.get(p, -1))
@@ -368,7 +368,7 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
         held = sum(costs.result(s) for f, s in sites.items()
                    if costs.keep_results and barrier_of[f] < k)
         stats = costs.statistics(seg.barrier) if seg.barrier is not None else 0
-        x = paths * costs.chunk_bytes(seg.barrier, 0) if stats else 0
+        x = len(paths) * costs.chunk_bytes(seg.barrier, 0) if stats else 0
         run = SegmentMemory("", loaded + in_use + held, frontier_run + chunk + x, stats)
         layer, solve = "the output", SegmentMemory("", 0, 0, 0)
         if seg.barrier is not None:
@@ -384,24 +384,33 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
     return out
 
 
-def _held(values: Sequence[fx.Node], costs: Costs) -> int:
+def _kept(r: fx.Node, c: int, costs: Costs, compact: bool) -> int:
+    """Bytes of chunk ``c``'s value of ``r`` in a frontier (a compact one keeps float32
+    tensors as bf16: ``calibrate.Frontier``)."""
+    val = r.meta.get("val")
+    half = compact and isinstance(val, torch.Tensor) and val.dtype == torch.float32
+    return costs.chunk_bytes(r, c) // (2 if half else 1)
+
+
+def _held(values: Sequence[fx.Node], costs: Costs, compact: bool = False) -> int:
     """Frontier bytes in memory: every chunk's value of each storage once."""
     if costs.offload == "disk":
         return 0
     roots = {root(v) for v in values}
-    return sum(costs.chunk_bytes(r, c) for r in roots for c in range(costs.chunks))
+    return sum(_kept(r, c, costs, compact) for r in roots for c in range(costs.chunks))
 
 
-def _frontier_peak(before: Sequence[fx.Node], keep: Sequence[fx.Node], costs: Costs) -> int:
+def _frontier_peak(before: Sequence[fx.Node], keep: Sequence[fx.Node], costs: Costs,
+                   compact: bool = False) -> int:
     """Frontier bytes in memory while a segment runs: chunk by chunk, the values it reads for
     the last time are released as the values it hands on are added (``calibrate._Run.
     run_segment``); the peak is after the chunk where their sum is largest."""
     if costs.offload == "disk":
         return 0
     old, new = {root(v) for v in before}, {root(v) for v in keep}
-    staying = sum(costs.chunk_bytes(r, c) for r in old & new for c in range(costs.chunks))
-    going = [sum(costs.chunk_bytes(r, c) for r in old - new) for c in range(costs.chunks)]
-    coming = [sum(costs.chunk_bytes(r, c) for r in new - old) for c in range(costs.chunks)]
+    staying = sum(_kept(r, c, costs, compact) for r in old & new for c in range(costs.chunks))
+    going = [sum(_kept(r, c, costs, compact) for r in old - new) for c in range(costs.chunks)]
+    coming = [sum(_kept(r, c, costs, compact) for r in new - old) for c in range(costs.chunks)]
     return staying + max((sum(going[c:]) + sum(coming[:c + 1]) for c in range(costs.chunks)),
                          default=0)
 
