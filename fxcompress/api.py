@@ -34,7 +34,7 @@ from .passes.liveness import (
     over_budget,
 )
 from .passes.sites import Site
-from .recipe import Method, Recipe, RecipeError
+from .recipe import CROSS, Method, Recipe, RecipeError
 from .sizes import human, parse_size
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Report:
     samples: int = 0
     estimate: int | None = None  # peak bytes the run was estimated to add, before it started
     offload: str | None = None  # where the values kept between layers lived
+    compact_dense: bool = False  # dense-output's dense frontier kept compact to fit memory
 
     def expert_tokens(self) -> dict[str, int]:
         """Calibration tokens routed to each compressed expert, by site name."""
@@ -227,7 +228,9 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
 
     ``max_memory`` (bytes or a size like ``"2GiB"``) bounds the memory compression adds to
     the loaded model, estimated before any work starts: when the values kept between layers
-    for all samples would not fit, more of them are recomputed, then they are offloaded — to
+    for all samples would not fit, dense-output's dense copy of them is kept compact (its
+    bf16 difference from the compressed one), more of them are recomputed, then they are
+    offloaded — to
     CPU memory for a model on a GPU, to disk for a model on the CPU; a layer that cannot fit
     even so raises ``MemoryBudgetError`` naming it. The estimate is in the report: the
     tensors at the peak, plus what the run had built when it estimated (the captured
@@ -240,18 +243,19 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
         ep = capture(model, *chunks[0])
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        offload, recompute, estimate = fit_memory(ep, sites, plan, chunks, max_memory,
-                                                  _device(model))
+        offload, recompute, compact, estimate = fit_memory(ep, sites, plan, chunks,
+                                                           max_memory, _device(model))
         release_freed_memory()
         estimate += max(0, resident_bytes() - rss0)
         results, layers = calibrate(ep, sites, plan, chunks, progress=progress,
-                                    offload=offload, recompute=recompute)
+                                    offload=offload, recompute=recompute,
+                                    compact_dense=compact)
         del ep
         count = rewrite(model, sites, results)
         del results
         release_freed_memory()
     report = Report(recipe, layers, skipped, time.perf_counter() - t0, samples, estimate,
-                    offload)
+                    offload, compact)
     model.fxcompress_report = report
     log.info("fxcompress: compressed %d linear layers in %.1fs", count, report.seconds)
     return model
@@ -263,16 +267,20 @@ def _device(model: nn.Module) -> torch.device:
 
 def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list,
                max_memory: int | str | None, device: torch.device
-               ) -> tuple[str | None, float, int]:
+               ) -> tuple[str | None, float, bool, int]:
     """How an in-memory calibration runs within ``max_memory`` (see :func:`compile`): the
-    frontier's place and the recompute price, from the liveness plan's estimate, trying the
-    default first, then recomputing whatever saves memory, then offloading. Returns
-    ``(offload, price, estimated peak bytes)``, the peak including the final rewrite."""
+    frontier's place, the recompute price and whether the dense frontier is compact, from
+    the liveness plan's estimate, trying the default first, then a compact dense frontier,
+    then recomputing whatever saves memory, then offloading. Returns ``(offload, price,
+    compact_dense, estimated peak bytes)``, the peak including the final rewrite."""
     offloaded = "cpu" if device.type == "cuda" else "disk"
-    tries = [(None, PRICE), (None, EAGER), (offloaded, PRICE), (offloaded, EAGER)]
+    dense = any(CROSS in m.needs() for m in plan.values())
+    tries = [(None, PRICE, False), *([(None, PRICE, True)] if dense else []),
+             *((o, p, dense) for o, p in ((None, EAGER), (offloaded, PRICE), (offloaded, EAGER)))]
     budget = None if max_memory is None else parse_size(max_memory, "max_memory")
-    for offload, price in tries:
-        segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price)
+    for offload, price, compact in tries:
+        segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price,
+                                   compact_dense=compact)
         held = [plan[s.fqn].held(s.shape) for s in sites if s.fqn in plan]
         segments.append(SegmentMemory("the rewrite into compressed modules",
                                       sum(held) + max(held, default=0), 0, 0))
@@ -281,5 +289,6 @@ def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list
     if budget is not None:
         check_memory(segments, budget)
     peak = max(s.total for s in segments)
-    log.info("fxcompress: estimated peak %s (frontier %s)", human(peak), offload or "in place")
-    return offload, price, peak
+    log.info("fxcompress: estimated peak %s (frontier %s%s)", human(peak),
+             offload or "in place", ", dense copy compact" if compact else "")
+    return offload, price, compact, peak

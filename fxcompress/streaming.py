@@ -85,7 +85,7 @@ from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes
     over_budget,
 )
 from .passes.sites import Site
-from .recipe import Method, Recipe
+from .recipe import CROSS, Method, Recipe
 from .sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -243,12 +243,12 @@ def _fused_experts(model: nn.Module, stored: Mapping[str, Any]
 
 def estimate_memory(ep: ExportedProgram, sites: list[Site], plan: Mapping[str, Method],
                     chunks: list[tuple[tuple, dict]], source: Checkpoint,
-                    offload: str | None) -> list[SegmentMemory]:
+                    offload: str | None, compact_dense: bool = False) -> list[SegmentMemory]:
     """Peak tensor bytes of every segment of a streamed calibration: the liveness plan the
     run executes, with parameters read from ``source`` while needed and every result handed
     to the writer as it is made (:func:`fxcompress.passes.calibrate.estimate_memory`)."""
     return calibrate_estimate(ep, sites, dict(plan), chunks, offload=offload, weights=source,
-                              keep_results=False)
+                              keep_results=False, compact_dense=compact_dense)
 
 
 # ============================================================================ the output
@@ -409,7 +409,7 @@ def compress_checkpoint(
     t0, rss0 = time.perf_counter(), resident_bytes()
     if offload not in ("auto", "cpu", "disk", "none", None):
         raise ValueError(f"offload={offload!r}: expected 'auto', 'cpu', 'disk' or 'none'")
-    tries = ["cpu", "disk"] if offload == "auto" else [None if offload == "none" else offload]
+    places = ["cpu", "disk"] if offload == "auto" else [None if offload == "none" else offload]
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
@@ -433,8 +433,11 @@ def compress_checkpoint(
         retarget(ep, device)
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        for offload in tries:  # the first place for the frontier that fits the budget
-            segments = estimate_memory(ep, sites, plan, mine, source, offload)
+        dense = any(CROSS in m.needs() for m in plan.values())
+        tries = [(places[0], False), *([(places[0], True)] if dense else []),
+                 *((p, dense) for p in places[1:])]
+        for offload, compact in tries:  # the first that fits: a compact dense frontier, disk
+            segments = estimate_memory(ep, sites, plan, mine, source, offload, compact)
             if budget is None or over_budget(segments, budget) is None:
                 break
         # the estimate of the run's growth: what it built so far (the model skeleton, the
@@ -449,7 +452,8 @@ def compress_checkpoint(
                 output.write_dense(dense)
         _, reports = calibrate(ep, sites, plan, mine, progress=progress and team.rank == 0,
                                weights=source, team=team, offload=offload, done=done,
-                               sink=output.sink if output is not None else _discard)
+                               sink=output.sink if output is not None else _discard,
+                               compact_dense=compact)
         with team.guard("the checkpoint's config and index"):
             if output is not None:
                 output.finish()
@@ -459,7 +463,7 @@ def compress_checkpoint(
     reports = sorted([*reports, *(done.report(f) for f in done if f in plan)] if done else
                      reports, key=lambda r: order[r.fqn])
     report = Report(recipe, reports, skipped, time.perf_counter() - t0, samples, estimate,
-                    offload)
+                    offload, compact)
     log.info("fxcompress: compressed %d linear layers of %s into %s in %.1fs", len(reports),
              model_dir, out_dir, report.seconds)
     return report

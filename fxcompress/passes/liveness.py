@@ -332,6 +332,7 @@ class Costs:
     chunks: int
     offload: str | None  # where the frontier lives ("disk": not in memory)
     dense: bool  # a second, dense frontier (dense-output calibration)
+    compact_dense: bool  # ... kept as its bf16 difference from the compressed one
     loaded: Callable[[fx.Node], int]  # a parameter streamed in while needed (0: resident)
     solve: Callable[[Any], int]  # peak of one site's solve, its weight loaded (a Site)
     result: Callable[[Any], int]  # a site's result (codes, masks...) while it is held
@@ -354,7 +355,7 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
         for n in seg.run:
             for a in n.all_input_nodes:
                 first.setdefault(a, k)
-    paths = [False, True] if costs.dense else [False]  # the dense path's frontier is compact
+    paths = [False, costs.compact_dense] if costs.dense else [False]
     out = []
     for k, seg in enumerate(live.segments):
         before = live.frontier_before(k)

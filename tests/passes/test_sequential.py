@@ -83,18 +83,13 @@ def _inputs_of(model, module_name, calls):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("compact", [False, True], ids=["fp32-dense-frontier", "default"])
+@pytest.mark.parametrize("compact", [False, True], ids=["default", "compact"])
 def test_dense_output_sees_the_dense_models_inputs(compact, monkeypatch):
     """With dense_output, the cross moment at a layer is 2(X − X̃)ᵀX̃/n with X the *dense*
     model's input and X̃ the input of the model compressed so far, both computed by hooks:
-    exactly with a float32 dense frontier; within 0.5 % (relative, Frobenius) with the
-    default one, which keeps the dense path's values between layers as their bf16
-    difference from the compressed path's."""
-    from fxcompress.passes.calibrate import Frontier
-
-    init = Frontier.__init__
-    monkeypatch.setattr(Frontier, "__init__", lambda self, *a, base=None, **k:
-                        init(self, *a, base=base if compact else None, **k))
+    exactly by default; within 0.5 % (relative, Frobenius) with a compact dense frontier,
+    which keeps the dense path's values between layers as their bf16 difference from the
+    compressed path's."""
     model = build("llama", layers=2)
     dense = copy.deepcopy(model)
     ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
@@ -103,7 +98,7 @@ def test_dense_output_sees_the_dense_models_inputs(compact, monkeypatch):
     sites, _ = find_sites(ep, model)
     seen = {}
     plan = {s.fqn: GPTQ(2, 32, dense_output=True) for s in sites if s.fqn != "lm_head"}
-    results, _ = calibrate(ep, sites, plan, calls, progress=False,
+    results, _ = calibrate(ep, sites, plan, calls, progress=False, compact_dense=compact,
                            on_statistics=lambda name, st: seen.setdefault(name, st))
     compressed = copy.deepcopy(dense)
     for name, c in results.items():
@@ -128,9 +123,10 @@ def test_dense_output_sees_the_dense_models_inputs(compact, monkeypatch):
         assert cross.abs().max() > 1e-3 * h.abs().max()  # a real drift was measured
 
 
-def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
+@pytest.mark.parametrize("compact", [False, True], ids=["default", "compact"])
+def test_frontier_the_run_holds_is_the_estimates(compact, monkeypatch):
     """The values kept for all chunks across barriers, both paths of dense-output included
-    (the dense one in bf16), never exceed what the memory estimate plans for them, and reach
+    (a compact dense one in bf16), never exceed what the memory estimate plans for them, and reach
     it: chunk by chunk, a segment releases what it read for the last time as it adds what it
     hands on."""
     from fxcompress.passes import liveness
@@ -142,14 +138,14 @@ def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
     ep = capture(model, *calls[0])
     sites, _ = find_sites(ep, model)
     plan = {s.fqn: GPTQ(4, 32) for s in sites if s.fqn != "lm_head"}  # dense-output default
-    planned, frontier_peak = {}, liveness._frontier_peak
+    planned, frontier_peak = [], liveness._frontier_peak
 
-    def record(before, keep, costs, compact=False):
-        planned.setdefault(compact, []).append(frontier_peak(before, keep, costs, compact))
-        return planned[compact][-1]
+    def record(before, keep, costs, compact=False):  # called once per path and segment
+        planned.append(frontier_peak(before, keep, costs, compact))
+        return planned[-1]
 
     monkeypatch.setattr(liveness, "_frontier_peak", record)
-    estimate_memory(ep, sites, plan, calls)
+    estimate_memory(ep, sites, plan, calls, compact_dense=compact)
     frontiers, held = [], [0]
 
     def measure():
@@ -174,8 +170,36 @@ def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
     monkeypatch.setattr(Frontier, "__init__", created)
     monkeypatch.setattr(Frontier, "put", tracked(put))
     monkeypatch.setattr(Frontier, "release", tracked(release))
-    calibrate(ep, sites, plan, calls, progress=False)
-    assert len(frontiers) == 2  # the compressed and the dense path (kept in bf16)
-    assert frontiers[1].base is frontiers[0] and frontiers[1].compacted
-    peak = max(a + b for a, b in zip(planned[False], planned[True], strict=True))
+    calibrate(ep, sites, plan, calls, progress=False, compact_dense=compact)
+    assert len(frontiers) == 2  # the compressed and the dense path
+    assert (frontiers[1].base is frontiers[0] and bool(frontiers[1].compacted)) == compact
+    peak = max(planned[i] + planned[i + 1] for i in range(0, len(planned), 2))
     assert 0.9 * peak <= held[0] <= peak
+
+
+def test_compact_dense_frontier_chosen_only_when_memory_asks():
+    """compile(max_memory=...) keeps the float32 dense frontier when it fits, and makes it
+    compact (before recomputing or offloading anything) when only that fits; the report
+    says which."""
+    import fxcompress
+    from fxcompress.api import fit_memory
+    from fxcompress.passes.liveness import PRICE
+
+    model = build("llama", hidden=64, layers=2)
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(4))
+    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
+    ep = capture(model, *calls[0])
+    sites, _ = find_sites(ep, model)
+    plan = {s.fqn: GPTQ(4, 32) for s in sites if s.fqn != "lm_head"}
+    cpu = torch.device("cpu")
+    offload, price, compact, full = fit_memory(ep, sites, plan, calls, None, cpu)
+    assert (offload, price, compact) == (None, PRICE, False)
+    budget = full - 1
+    offload, price, compact, peak = fit_memory(ep, sites, plan, calls, budget, cpu)
+    assert (offload, price, compact) == (None, PRICE, True) and peak <= budget
+
+    fxcompress.compile(model, ids, plan, progress=False, batch_size=4, max_memory=budget)
+    assert model.fxcompress_report.compact_dense and model.fxcompress_report.offload is None
+    roomy = build("llama", hidden=64, layers=2)
+    fxcompress.compile(roomy, ids, plan, progress=False, batch_size=4, max_memory=2 * full)
+    assert not roomy.fxcompress_report.compact_dense
