@@ -271,12 +271,13 @@ def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list
     """How an in-memory calibration runs within ``max_memory`` (see :func:`compile`): the
     frontier's place, the recompute price and whether the dense frontier is compact, from
     the liveness plan's estimate, trying the default first, then a compact dense frontier,
-    then recomputing whatever saves memory, then offloading. Returns ``(offload, price,
+    then recomputing whatever saves memory, then offloading (exact again: a compact frontier
+    saves nothing the offloaded one holds in memory). Returns ``(offload, price,
     compact_dense, estimated peak bytes)``, the peak including the final rewrite."""
     offloaded = "cpu" if device.type == "cuda" else "disk"
     dense = any(CROSS in m.needs() for m in plan.values())
     tries = [(None, PRICE, False), *([(None, PRICE, True)] if dense else []),
-             *((o, p, dense) for o, p in ((None, EAGER), (offloaded, PRICE), (offloaded, EAGER)))]
+             (None, EAGER, dense), (offloaded, PRICE, False), (offloaded, EAGER, False)]
     budget = None if max_memory is None else parse_size(max_memory, "max_memory")
     for offload, price, compact in tries:
         segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price,

@@ -435,7 +435,7 @@ def compress_checkpoint(
         plan, skipped = plan_sites(recipe, sites, others, model)
         dense = any(CROSS in m.needs() for m in plan.values())
         tries = [(places[0], False), *([(places[0], True)] if dense else []),
-                 *((p, dense) for p in places[1:])]
+                 *((p, False) for p in places[1:])]
         for offload, compact in tries:  # the first that fits: a compact dense frontier, disk
             segments = estimate_memory(ep, sites, plan, mine, source, offload, compact)
             if budget is None or over_budget(segments, budget) is None:
