@@ -433,8 +433,9 @@ def compress_checkpoint(
         retarget(ep, device)
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        dense = any(CROSS in m.needs() for m in plan.values())
-        tries = [(places[0], False), *([(places[0], True)] if dense else []),
+        # a compact dense frontier saves memory only where the frontier is held in memory
+        compactable = places[0] != "disk" and any(CROSS in m.needs() for m in plan.values())
+        tries = [(places[0], False), *([(places[0], True)] if compactable else []),
                  *((p, False) for p in places[1:])]
         for offload, compact in tries:  # the first that fits: a compact dense frontier, disk
             segments = estimate_memory(ep, sites, plan, mine, source, offload, compact)
