@@ -72,6 +72,7 @@ from .passes import capture, find_sites
 from .passes.calibrate import (
     LayerReport,
     Local,
+    Snapshots,
     Team,
     calibrate,
     release_freed_memory,
@@ -89,6 +90,7 @@ from .recipe import CROSS, Method, Recipe
 from .sizes import parse_size
 
 log = logging.getLogger(__name__)
+SNAPSHOT, SNAPSHOT_EVERY = "frontier", 300.0  # a snapshot of the frontier at most every 5 min
 __all__ = ["MemoryBudgetError", "ResumeError", "compress_checkpoint", "parse_size",
            "partial_dir"]
 
@@ -451,11 +453,16 @@ def compress_checkpoint(
         with team.guard("the uncompressed tensors"):
             if output is not None:
                 output.write_dense(dense)
+        # one process's frontier is saved now and then, to resume from (ranks replay)
+        snapshots = Snapshots(output.writer.folder / SNAPSHOT, SNAPSHOT_EVERY,
+                              lambda: not output.pending) if output and team.world == 1 else None
         _, reports = calibrate(ep, sites, plan, mine, progress=progress and team.rank == 0,
                                weights=source, team=team, offload=offload, done=done,
                                sink=output.sink if output is not None else _discard,
-                               compact_dense=compact)
+                               compact_dense=compact, snapshots=snapshots)
         with team.guard("the checkpoint's config and index"):
+            if snapshots is not None:
+                snapshots.remove()
             if output is not None:
                 output.finish()
         if isinstance(team, Distributed):

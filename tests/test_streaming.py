@@ -170,6 +170,58 @@ def test_interrupted_run_resumes_to_the_same_result(checkpoint, in_memory, tmp_p
     assert not partial_dir(out).exists()
 
 
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_resume_continues_from_the_frontier_snapshot(checkpoint, in_memory, tmp_path,
+                                                     monkeypatch, caplog, offload):
+    """A resumed run does not replay the layers before the last frontier snapshot (both
+    paths of dense-output saved), and ends with the same checkpoint; a damaged snapshot is
+    reported and the run replays instead, to the same result."""
+    calibrate = importlib.import_module("fxcompress.passes.calibrate")
+    monkeypatch.setattr("fxcompress.streaming.SNAPSHOT_EVERY", 0.0)  # after every barrier
+    out = tmp_path / "out"
+    add = CheckpointWriter.add
+
+    def interrupt(self, name, t):  # die writing layer 1's up_proj: gate_proj is done
+        if name.endswith(".weight_scale") and "layers.1.mlp.up_proj" in name:
+            raise Interrupted
+        add(self, name, t)
+
+    def run_once(**kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(CheckpointWriter, "add", interrupt)
+            with pytest.raises(Interrupted):
+                compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False,
+                                    batch_size=2, offload=offload, **kwargs)
+        state = json.loads((partial_dir(out) / "frontier" / "snapshot.json").read_text())
+        assert len(state["paths"]) == 2  # the compressed and the dense frontier
+        return state["segment"]
+
+    ran = []
+    run_segment = calibrate._Run.run_segment
+
+    def record(self, k):
+        ran.append(k)
+        return run_segment(self, k)
+
+    monkeypatch.setattr(calibrate._Run, "run_segment", record)
+    last = run_once()
+    assert last > 4  # layer 0 and layer 1's attention are behind it
+    ran.clear()
+    compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False, batch_size=2,
+                        offload=offload, resume=True)
+    assert ran[0] == last + 1
+    _assert_same(out, in_memory)
+
+    run_once()
+    for f in (partial_dir(out) / "frontier").glob("1.*.pt"):
+        f.write_bytes(b"damaged")
+    ran.clear()
+    compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False, batch_size=2,
+                        offload=offload, resume=True)
+    assert ran[0] == 0 and "frontier snapshot" in caplog.text and "damaged" in caplog.text
+    _assert_same(out, in_memory)
+
+
 def test_resume_refuses_another_job(checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "out"
 

@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import pickle
 import shutil
 import tempfile
 import time
@@ -363,6 +365,118 @@ class Frontier:
             self.drop(node)
         if self._tmp is not None:
             shutil.rmtree(self._tmp.name, ignore_errors=True)
+
+
+class Snapshots:
+    """The frontier of a run saved now and then, so that an interrupted run continues from the
+    last snapshot instead of replaying the forward of every layer it completed (at 7B, two
+    minutes of CPU a layer).
+
+    A snapshot is taken after a barrier's sites are compressed, when nothing is pending
+    (``ready()``: e.g. the checkpoint writer holds no expert results of an unfinished block)
+    and at least ``every`` seconds after the last one: every path's frontier values for all
+    chunks, one file each, written to a folder beside ``folder`` and swapped in. A snapshot
+    is used only if the run plans the same frontier at that segment and every site before it
+    is among the completed ones; otherwise the run replays (logged), with the same result."""
+
+    STATE = "snapshot.json"
+
+    def __init__(self, folder: str | Path, every: float = 300.0,
+                 ready: Callable[[], bool] = lambda: True):
+        self.folder, self.every, self.ready = Path(folder), every, ready
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every and self.ready()
+
+    def save(self, k: int, live: Liveness, frontiers: Sequence[Frontier]) -> None:
+        """Snapshot the frontier after segment ``k``."""
+        tmp, old = self.folder.with_name(self.folder.name + ".tmp"), \
+            self.folder.with_name(self.folder.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        paths = []
+        for i, f in enumerate(frontiers):
+            for node in f:
+                for c, value in enumerate(f.values[node]):
+                    dest = tmp / f"{i}.{node.name}.{c}.pt"
+                    if isinstance(value, Path):
+                        shutil.copyfile(value, dest)
+                    else:
+                        torch.save(_to(value, "cpu"), dest)
+            paths.append({"nodes": [n.name for n in f], "compact": f.base is not None,
+                          "compacted": sorted(n.name for n in f.compacted)})
+        state = {"segment": k, "chunks": frontiers[0].chunks, "paths": paths,
+                 "keep": [n.name for n in live.segments[k].keep]}
+        (tmp / self.STATE).write_text(json.dumps(state))
+        shutil.rmtree(old, ignore_errors=True)
+        if self.folder.exists():
+            self.folder.rename(old)
+        tmp.rename(self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+        self.last = time.monotonic()
+        log.debug("frontier snapshot after segment %d in %s", k, self.folder)
+
+    def restore(self, run: _Run, frontiers: Sequence[Frontier]) -> int:
+        """Load the last snapshot into the (empty) ``frontiers`` and make ``run`` compute with
+        the stored weights of the sites before it; the segment to continue with (0: none
+        usable, the frontiers left empty)."""
+        try:
+            state = json.loads((self.folder / self.STATE).read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as e:
+            log.warning("fxcompress: frontier snapshot in %s unreadable (%s); replaying the "
+                        "completed layers", self.folder, e)
+            return 0
+        k, live, sched = state["segment"], run.live, run.sched
+        before = [s for seg in live.segments[:k + 1] if seg.barrier is not None
+                  for s in sched.groups[seg.barrier]]
+        why = ("it was made for another plan of the run" if k >= len(live.segments)
+               or state["keep"] != [n.name for n in live.segments[k].keep]
+               or state["chunks"] != frontiers[0].chunks or len(state["paths"]) != len(frontiers)
+               or any(p["compact"] != (f.base is not None)
+                      for p, f in zip(state["paths"], frontiers, strict=True))
+               else "layers it follows are not among the completed ones"
+               if any(s.fqn not in run.done for s in before) else None)
+        if why is not None:
+            log.warning("fxcompress: frontier snapshot in %s not used: %s; replaying the "
+                        "completed layers", self.folder, why)
+            return 0
+        nodes = {n.name: n for n in live.segments[k].keep}
+        try:
+            for i, (p, f) in enumerate(zip(state["paths"], frontiers, strict=True)):
+                for name in p["nodes"]:
+                    slots = []
+                    for c in range(f.chunks):
+                        src = self.folder / f"{i}.{name}.{c}.pt"
+                        if f.offload == "disk":  # a copy, checked as far as mmap reads it
+                            slots.append(Path(f._tmp.name) / src.name)
+                            shutil.copyfile(src, slots[-1])
+                            torch.load(slots[-1], mmap=True, weights_only=True)
+                        else:
+                            slots.append(torch.load(src, weights_only=True,
+                                                    map_location=f.device or "cpu"))
+                    f.values[nodes[name]] = slots
+                f.compacted = {nodes[n] for n in p["compacted"]}
+        except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+            for f in frontiers:
+                for n in f:
+                    f.drop(n)
+            log.warning("fxcompress: frontier snapshot in %s damaged (%s); replaying the "
+                        "completed layers", self.folder, e)
+            return 0
+        run.segment = k
+        for s in before:
+            run.replace(s, run.done[s.fqn])
+        run.firsts.clear()  # a snapshot is taken with no first projection pending
+        log.info("fxcompress: continuing after segment %d of %d from the frontier snapshot",
+                 k + 1, len(live.segments))
+        return k + 1
+
+    def remove(self) -> None:
+        for folder in (self.folder, self.folder.with_name(self.folder.name + ".tmp")):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class Params:
@@ -752,6 +866,7 @@ def calibrate(
     sink: Callable[[Site, Compressed, LayerReport], None] | None = None,
     recompute: float | None = PRICE,
     compact_dense: bool = False,
+    snapshots: Snapshots | None = None,
 ) -> tuple[dict[str, Compressed], list[LayerReport]]:
     """Compress every site named in ``plan``; ``chunks`` are batched calls of the model
     (with a :class:`Team` of several processes: this process's share of them).
@@ -765,8 +880,10 @@ def calibrate(
 
     ``weights`` supplies the parameters a meta-device program lacks, on its ``device``;
     ``offload`` keeps the frontier on CPU or disk (see :class:`Frontier`); ``done`` holds
-    results of an interrupted run to reuse; ``sink(site, compressed, report)`` takes each
-    result as it is made, and results given to it are not returned.
+    results of an interrupted run to reuse, and ``snapshots`` (see :class:`Snapshots`) where
+    the run saves its frontier now and then and, with ``done``, continues from the last one;
+    ``sink(site, compressed, report)`` takes each result as it is made, and results given to
+    it are not returned.
     """
     if not chunks:
         raise ValueError("calibration data is empty")
@@ -785,15 +902,7 @@ def calibrate(
     kept = Frontier(len(chunks), offload, device)
     dense = Frontier(len(chunks), offload, device, base=kept if compact_dense else None) \
         if CROSS in needs else None
-    used = {p for p in placeholders if p.name in user and p.users}
-    for i, p in enumerate(placeholders):
-        if p in used:
-            for c, f in enumerate(flat):
-                for frontier in (kept, dense):
-                    if frontier is not None:
-                        frontier.put(p, c, f[i])
-    del flat
-
+    frontiers = [f for f in (kept, dense) if f is not None]
     sched = schedule(gm, sites, plan)
     live = plan_of_schedule(ep, sched, chunks[0], recompute)
     todo = sum(len(g) for g in sched.groups.values())
@@ -803,9 +912,18 @@ def calibrate(
     bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
     # RTN and magnitude pruning look at the weights only: no forward pass is needed
     data_free = run.data_free = not needs
+    start = snapshots.restore(run, frontiers) if snapshots and done and not data_free else 0
+    if start == 0:
+        used = {p for p in placeholders if p.name in user and p.users}
+        for i, p in enumerate(placeholders):
+            if p in used:
+                for c, f in enumerate(flat):
+                    for frontier in frontiers:
+                        frontier.put(p, c, f[i])
+    del flat
     try:
         with torch.no_grad():
-            for k, seg in enumerate(live.segments):
+            for k, seg in enumerate(live.segments[start:], start):
                 x, run.segment = seg.barrier, k
                 names = ", ".join(s.fqn for s in sched.groups[x]) if x is not None else "output"
                 if not data_free:
@@ -815,6 +933,9 @@ def calibrate(
                 if x is not None:
                     run.compress_group(x)
                     release_freed_memory()
+                    if snapshots is not None and not data_free and not run.firsts \
+                            and snapshots.due():
+                        snapshots.save(k, live, frontiers)
     finally:
         bar.close()
         kept.close()
