@@ -34,7 +34,7 @@ from .passes.liveness import (
     over_budget,
 )
 from .passes.sites import Site
-from .recipe import CROSS, Method, Recipe, RecipeError
+from .recipe import Method, Recipe, RecipeError
 from .sizes import human, parse_size
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ class Report:
     samples: int = 0
     estimate: int | None = None  # peak bytes the run was estimated to add, before it started
     offload: str | None = None  # where the values kept between layers lived
-    compact_dense: bool = False  # dense-output's dense frontier kept compact to fit memory
 
     def expert_tokens(self) -> dict[str, int]:
         """Calibration tokens routed to each compressed expert, by site name."""
@@ -228,9 +227,7 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
 
     ``max_memory`` (bytes or a size like ``"2GiB"``) bounds the memory compression adds to
     the loaded model, estimated before any work starts: when the values kept between layers
-    for all samples would not fit, dense-output's dense copy of them is kept compact (its
-    bf16 difference from the compressed one), more of them are recomputed, then they are
-    offloaded — to
+    for all samples would not fit, more of them are recomputed, then they are offloaded — to
     CPU memory for a model on a GPU, to disk for a model on the CPU; a layer that cannot fit
     even so raises ``MemoryBudgetError`` naming it. The estimate is in the report: the
     tensors at the peak, plus what the run had built when it estimated (the captured
@@ -243,19 +240,18 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
         ep = capture(model, *chunks[0])
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        offload, recompute, compact, estimate = fit_memory(ep, sites, plan, chunks,
-                                                           max_memory, _device(model))
+        offload, recompute, estimate = fit_memory(ep, sites, plan, chunks, max_memory,
+                                                  _device(model))
         release_freed_memory()
         estimate += max(0, resident_bytes() - rss0)
         results, layers = calibrate(ep, sites, plan, chunks, progress=progress,
-                                    offload=offload, recompute=recompute,
-                                    compact_dense=compact)
+                                    offload=offload, recompute=recompute)
         del ep
         count = rewrite(model, sites, results)
         del results
         release_freed_memory()
     report = Report(recipe, layers, skipped, time.perf_counter() - t0, samples, estimate,
-                    offload, compact)
+                    offload)
     model.fxcompress_report = report
     log.info("fxcompress: compressed %d linear layers in %.1fs", count, report.seconds)
     return model
@@ -267,21 +263,16 @@ def _device(model: nn.Module) -> torch.device:
 
 def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list,
                max_memory: int | str | None, device: torch.device
-               ) -> tuple[str | None, float, bool, int]:
+               ) -> tuple[str | None, float, int]:
     """How an in-memory calibration runs within ``max_memory`` (see :func:`compile`): the
-    frontier's place, the recompute price and whether the dense frontier is compact, from
-    the liveness plan's estimate, trying the default first, then a compact dense frontier,
-    then recomputing whatever saves memory, then offloading (exact again: a compact frontier
-    saves nothing the offloaded one holds in memory). Returns ``(offload, price,
-    compact_dense, estimated peak bytes)``, the peak including the final rewrite."""
+    frontier's place and the recompute price, from the liveness plan's estimate, trying the
+    default first, then recomputing whatever saves memory, then offloading. Returns
+    ``(offload, price, estimated peak bytes)``, the peak including the final rewrite."""
     offloaded = "cpu" if device.type == "cuda" else "disk"
-    dense = any(CROSS in m.needs() for m in plan.values())
-    tries = [(None, PRICE, False), *([(None, PRICE, True)] if dense else []),
-             (None, EAGER, dense), (offloaded, PRICE, False), (offloaded, EAGER, False)]
+    tries = [(None, PRICE), (None, EAGER), (offloaded, PRICE), (offloaded, EAGER)]
     budget = None if max_memory is None else parse_size(max_memory, "max_memory")
-    for offload, price, compact in tries:
-        segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price,
-                                   compact_dense=compact)
+    for offload, price in tries:
+        segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price)
         held = [plan[s.fqn].held(s.shape) for s in sites if s.fqn in plan]
         segments.append(SegmentMemory("the rewrite into compressed modules",
                                       sum(held) + max(held, default=0), 0, 0))
@@ -290,6 +281,5 @@ def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list
     if budget is not None:
         check_memory(segments, budget)
     peak = max(s.total for s in segments)
-    log.info("fxcompress: estimated peak %s (frontier %s%s)", human(peak),
-             offload or "in place", ", dense copy compact" if compact else "")
-    return offload, price, compact, peak
+    log.info("fxcompress: estimated peak %s (frontier %s)", human(peak), offload or "in place")
+    return offload, price, peak

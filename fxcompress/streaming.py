@@ -86,7 +86,7 @@ from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes
     over_budget,
 )
 from .passes.sites import Site
-from .recipe import CROSS, Method, Recipe
+from .recipe import Method, Recipe
 from .sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -245,12 +245,12 @@ def _fused_experts(model: nn.Module, stored: Mapping[str, Any]
 
 def estimate_memory(ep: ExportedProgram, sites: list[Site], plan: Mapping[str, Method],
                     chunks: list[tuple[tuple, dict]], source: Checkpoint,
-                    offload: str | None, compact_dense: bool = False) -> list[SegmentMemory]:
+                    offload: str | None) -> list[SegmentMemory]:
     """Peak tensor bytes of every segment of a streamed calibration: the liveness plan the
     run executes, with parameters read from ``source`` while needed and every result handed
     to the writer as it is made (:func:`fxcompress.passes.calibrate.estimate_memory`)."""
     return calibrate_estimate(ep, sites, dict(plan), chunks, offload=offload, weights=source,
-                              keep_results=False, compact_dense=compact_dense)
+                              keep_results=False)
 
 
 # ============================================================================ the output
@@ -435,12 +435,8 @@ def compress_checkpoint(
         retarget(ep, device)
         sites, others = find_sites(ep, model)
         plan, skipped = plan_sites(recipe, sites, others, model)
-        # a compact dense frontier saves memory only where the frontier is held in memory
-        compactable = places[0] != "disk" and any(CROSS in m.needs() for m in plan.values())
-        tries = [(places[0], False), *([(places[0], True)] if compactable else []),
-                 *((p, False) for p in places[1:])]
-        for offload, compact in tries:  # the first that fits: a compact dense frontier, disk
-            segments = estimate_memory(ep, sites, plan, mine, source, offload, compact)
+        for offload in places:  # the first that fits
+            segments = estimate_memory(ep, sites, plan, mine, source, offload)
             if budget is None or over_budget(segments, budget) is None:
                 break
         # the estimate of the run's growth: what it built so far (the model skeleton, the
@@ -459,7 +455,7 @@ def compress_checkpoint(
         _, reports = calibrate(ep, sites, plan, mine, progress=progress and team.rank == 0,
                                weights=source, team=team, offload=offload, done=done,
                                sink=output.sink if output is not None else _discard,
-                               compact_dense=compact, snapshots=snapshots)
+                               snapshots=snapshots)
         with team.guard("the checkpoint's config and index"):
             if snapshots is not None:
                 snapshots.remove()
@@ -471,7 +467,7 @@ def compress_checkpoint(
     reports = sorted([*reports, *(done.report(f) for f in done if f in plan)] if done else
                      reports, key=lambda r: order[r.fqn])
     report = Report(recipe, reports, skipped, time.perf_counter() - t0, samples, estimate,
-                    offload, compact)
+                    offload)
     log.info("fxcompress: compressed %d linear layers of %s into %s in %.1fs", len(reports),
              model_dir, out_dir, report.seconds)
     return report

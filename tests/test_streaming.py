@@ -111,22 +111,17 @@ def test_activations_spilled_to_disk_give_the_same_result(checkpoint, in_memory,
 def test_offload_to_disk_chosen_when_only_that_fits(checkpoint, in_memory, tmp_path,
                                                     monkeypatch):
     """The default offload ("auto") keeps the frontier in memory unless only disk fits
-    max_memory (a bound on tensor bytes), keeping dense-output's dense frontier compact
-    first when that is enough; the estimate is in the report either way (here without the
-    resident program, which the estimate adds as measured)."""
+    max_memory (a bound on tensor bytes); the estimate is in the report either way (here
+    without the resident program, which the estimate adds as measured)."""
     monkeypatch.setattr("fxcompress.streaming.resident_bytes", lambda: 0)
     runs = {o: compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / o,
                                    progress=False, batch_size=2, offload=o)
             for o in ("cpu", "disk")}
     cpu, disk = runs["cpu"].estimate, runs["disk"].estimate
     assert 0 < disk < cpu
-    compact = compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "compact",
-                                  progress=False, batch_size=2, max_memory=cpu - 1)
-    assert compact.offload == "cpu" and compact.compact_dense and disk < compact.estimate < cpu
     report = compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "auto",
-                                 progress=False, batch_size=2,
-                                 max_memory=(compact.estimate + disk) // 2)
-    assert report.offload == "disk" and report.estimate == disk and not report.compact_dense
+                                 progress=False, batch_size=2, max_memory=cpu - 1)
+    assert report.offload == "disk" and report.estimate == disk
     _assert_same(tmp_path / "auto", in_memory)
     assert compress_checkpoint(checkpoint, _calibration(), RECIPE, tmp_path / "roomy",
                                progress=False, batch_size=2, max_memory=2 * cpu).offload == "cpu"

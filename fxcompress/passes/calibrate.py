@@ -271,10 +271,11 @@ def schedule(gm: fx.GraphModule, sites: Sequence[Site], plan: Mapping[str, Metho
     barriers: list[tuple[int, fx.Node]] = []
     pinned: dict[fx.Node, set[fx.Node]] = {}
     for x, group in groups.items():
-        pos = min((position[s.node] for s in group if s.node in position),
-                  default=position.get(x, -1) + 1)
+        runs = [position[s.node] for s in group if s.node in position]
+        pos = min(runs, default=position.get(x, -1) + 1)
         barriers.append((pos, x))
-        last_use[x] = max(last_use[x], pos)
+        if runs:  # read again by its compressed sites (unless nothing needs their outputs)
+            last_use[x] = max(last_use[x], pos)
         if all(s.index is None for s in group):
             continue
         pins = pinned[x] = {x} | {s.routing for s in group if s.routing is not None}
@@ -306,15 +307,10 @@ class Frontier:
     one chunk's values."""
 
     def __init__(self, chunks: int, offload: str | None = None,
-                 device: torch.device | None = None, base: Frontier | None = None):
+                 device: torch.device | None = None):
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
         self.chunks, self.offload, self.device = chunks, offload, device
-        # with a base (the compressed path's frontier), a float32 value is kept as its
-        # difference from the base's value of the same node and chunk, in bf16: half the
-        # bytes, rounded to 2^-9 of the (small) difference, not of the value
-        self.base = base
-        self.compacted: set[fx.Node] = set()
         self.values: dict[fx.Node, list[Any]] = {}
         self._tmp = None
         if offload == "disk":
@@ -328,10 +324,6 @@ class Frontier:
 
     def put(self, node: fx.Node, chunk: int, value: Any) -> None:
         slots = self.values.setdefault(node, [None] * self.chunks)
-        if self.base is not None and isinstance(value, Tensor) \
-                and value.dtype == torch.float32 and node in self.base:
-            value = (value - self.base.get(node, chunk).to(value.device)).to(torch.bfloat16)
-            self.compacted.add(node)
         if self.offload == "cpu":
             value = _to(value, "cpu")
         elif self.offload == "disk" and _has_tensor(value):
@@ -344,9 +336,6 @@ class Frontier:
         value = self.values[node][chunk]
         if isinstance(value, Path):
             value = torch.load(value, mmap=True, weights_only=True)
-        if node in self.compacted:
-            base = self.base.get(node, chunk)
-            value = base + value.to(base.device, torch.float32)
         return value if self.device is None else _to(value, self.device)
 
     def release(self, node: fx.Node, chunk: int) -> None:
@@ -389,7 +378,11 @@ class Snapshots:
     def due(self) -> bool:
         return time.monotonic() - self.last >= self.every and self.ready()
 
-    def save(self, k: int, live: Liveness, frontiers: Sequence[Frontier]) -> None:
+    @staticmethod
+    def _plans(run: _Run) -> list[Liveness]:
+        return [run.live, run.dense_live or run.live]
+
+    def save(self, k: int, run: _Run, frontiers: Sequence[Frontier]) -> None:
         """Snapshot the frontier after segment ``k``."""
         tmp, old = self.folder.with_name(self.folder.name + ".tmp"), \
             self.folder.with_name(self.folder.name + ".old")
@@ -404,10 +397,9 @@ class Snapshots:
                         shutil.copyfile(value, dest)
                     else:
                         torch.save(_to(value, "cpu"), dest)
-            paths.append({"nodes": [n.name for n in f], "compact": f.base is not None,
-                          "compacted": sorted(n.name for n in f.compacted)})
-        state = {"segment": k, "chunks": frontiers[0].chunks, "paths": paths,
-                 "keep": [n.name for n in live.segments[k].keep]}
+            paths.append({"nodes": [n.name for n in f],
+                          "keep": [n.name for n in self._plans(run)[i].segments[k].keep]})
+        state = {"segment": k, "chunks": frontiers[0].chunks, "paths": paths}
         (tmp / self.STATE).write_text(json.dumps(state))
         shutil.rmtree(old, ignore_errors=True)
         if self.folder.exists():
@@ -432,20 +424,20 @@ class Snapshots:
         k, live, sched = state["segment"], run.live, run.sched
         before = [s for seg in live.segments[:k + 1] if seg.barrier is not None
                   for s in sched.groups[seg.barrier]]
+        plans = self._plans(run)
         why = ("it was made for another plan of the run" if k >= len(live.segments)
-               or state["keep"] != [n.name for n in live.segments[k].keep]
                or state["chunks"] != frontiers[0].chunks or len(state["paths"]) != len(frontiers)
-               or any(p["compact"] != (f.base is not None)
-                      for p, f in zip(state["paths"], frontiers, strict=True))
+               or any(p["keep"] != [n.name for n in plan.segments[k].keep]
+                      for p, plan in zip(state["paths"], plans, strict=False))
                else "layers it follows are not among the completed ones"
                if any(s.fqn not in run.done for s in before) else None)
         if why is not None:
             log.warning("fxcompress: frontier snapshot in %s not used: %s; replaying the "
                         "completed layers", self.folder, why)
             return 0
-        nodes = {n.name: n for n in live.segments[k].keep}
         try:
             for i, (p, f) in enumerate(zip(state["paths"], frontiers, strict=True)):
+                nodes = {n.name: n for n in plans[i].segments[k].keep}
                 for name in p["nodes"]:
                     slots = []
                     for c in range(f.chunks):
@@ -458,7 +450,6 @@ class Snapshots:
                             slots.append(torch.load(src, weights_only=True,
                                                     map_location=f.device or "cpu"))
                     f.values[nodes[name]] = slots
-                f.compacted = {nodes[n] for n in p["compacted"]}
         except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
             for f in frontiers:
                 for n in f:
@@ -609,6 +600,7 @@ class _Run:
     on_statistics: Callable[[str, Statistics], None] | None
     bar: Any
     live: Liveness
+    dense_live: Liveness | None = None  # the dense path's plan (None: ``live``)
     results: dict[str, Compressed] = field(default_factory=dict)
     sums: dict[str, Hessian] = field(default_factory=dict)  # statistics of the next barrier
     segment: int = 0  # the segment running or just run
@@ -617,25 +609,39 @@ class _Run:
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
+    @functools.cached_property
+    def last_read(self) -> dict[fx.Node, int]:
+        """The last segment that reads each value or parameter, on either path."""
+        last = dict(self.live.last_segment)
+        for n, k in (self.dense_live.last_segment if self.dense_live else {}).items():
+            last[n] = max(last.get(n, -1), k)
+        return last
+
     def run_segment(self, k: int) -> None:
         """Segment ``k`` of the liveness plan, chunk by chunk: run its nodes (recomputed ones
         included), accumulate the statistics of its barrier input as each chunk produces it,
         and hand on its frontier. With a dense frontier, each chunk runs a second time with
-        the original weights, and the cross moment takes both."""
-        seg, interp = self.live.segments[k], self.interp
-        needs = self._needs(seg.barrier)
-        before = set(self.live.frontier_before(k))
-        weights = {a for n in seg.run for a in n.all_input_nodes if self.params.lazy(a)
-                   and (self.dense is not None or not self._replaced_weight(n, a))}
-        self.params.fetch(weights)
-        replaced = interp.replaced
-        paths = [(self.kept, replaced)] + ([(self.dense, {})] if self.dense is not None else [])
-        handed = [n for n in seg.keep if n not in before]
-        spent = [n for n in before - set(seg.keep) if n in self.kept]  # read here, last time
-        if seg.run or needs:
+        the original weights, through the dense path's own segment ``k`` (which may run on
+        past the barrier: :func:`~fxcompress.passes.liveness.dense_segments`), and the cross
+        moment takes both."""
+        interp, replaced = self.interp, self.interp.replaced
+        paths = [(self.kept, replaced, self.live)]
+        if self.dense is not None:  # the dense path computes with the originals
+            paths.append((self.dense, {}, self.dense_live or self.live))
+        x = self.live.segments[k].barrier
+        needs = self._needs(x)
+        self.params.fetch({a for _, weights_of, live in paths for n in live.segments[k].run
+                           for a in n.all_input_nodes if self.params.lazy(a)
+                           and not (weights_of and self._replaced_weight(n, a))})
+        steps = []
+        for kept, weights_of, live in paths:
+            seg, before = live.segments[k], set(live.frontier_before(k))
+            steps.append((kept, weights_of, seg, [n for n in seg.keep if n not in before],
+                          [n for n in before - set(seg.keep) if n in kept]))
+        if any(seg.run for *_, seg, _, _ in steps) or needs:
             for c in range(self.kept.chunks):
-                x = []
-                for kept, weights_of in paths:  # the dense path computes with the originals
+                xs = []
+                for kept, weights_of, seg, handed, _ in steps:
                     interp.replaced = weights_of
                     interp.env = env = _ChunkEnv(c, kept, self.params)
                     for n, free in zip(seg.run, seg.free, strict=True):
@@ -643,24 +649,24 @@ class _Run:
                         for a in free:
                             env.pop(a, None)
                     if needs:
-                        x.append(env[seg.barrier])
+                        xs.append(env[x])
                     for n in handed:
                         kept.put(n, c, env[n])
                     interp.env = env = None
-                for kept, _ in paths[::-1]:  # the dense path reads the compressed one's
+                for kept, _, _, _, spent in steps:
                     for n in spent:  # the frontier shrinks as it grows: chunk by chunk
                         kept.release(n, c)
                 if needs:
-                    self._accumulate(needs, *x)
-                del x
+                    self._accumulate(needs, *xs)
+                del xs
                 release_freed_memory()
         interp.env, interp.replaced = {}, replaced
-        for kept, _ in paths:
+        for kept, _, seg, _, _ in steps:
             for n in [n for n in kept if n not in seg.keep]:
                 kept.drop(n)
         for n in [n for n in replaced if self.live.last_segment.get(n, -1) <= k]:
             del replaced[n]
-        self.params.release(self.live.last_segment, k)
+        self.params.release(self.last_read, k)
 
     def _replaced_weight(self, node: fx.Node, arg: fx.Node) -> bool:
         return node in self.interp.replaced and \
@@ -865,7 +871,6 @@ def calibrate(
     done: Mapping[str, Compressed] | None = None,
     sink: Callable[[Site, Compressed, LayerReport], None] | None = None,
     recompute: float | None = PRICE,
-    compact_dense: bool = False,
     snapshots: Snapshots | None = None,
 ) -> tuple[dict[str, Compressed], list[LayerReport]]:
     """Compress every site named in ``plan``; ``chunks`` are batched calls of the model
@@ -873,10 +878,6 @@ def calibrate(
 
     ``recompute`` is what one byte of frontier is worth in flop-equivalents of recomputation
     (see :mod:`~fxcompress.passes.liveness`); ``None`` keeps every value later segments read.
-    ``compact_dense`` keeps dense-output's dense frontier as its bf16 difference from the
-    compressed one (half its bytes; the dense inputs rounded to 2^-9 of their drift, which
-    moved SmolLM2 w4's perplexity 30.72 → 31.25 and Moby-Dick 65.34 → 65.05): the memory
-    fits choose it only when the float32 frontier does not fit.
 
     ``weights`` supplies the parameters a meta-device program lacks, on its ``device``;
     ``offload`` keeps the frontier on CPU or disk (see :class:`Frontier`); ``done`` holds
@@ -900,15 +901,14 @@ def calibrate(
                       None)
     needs = frozenset().union(*(m.needs() for m in plan.values()))
     kept = Frontier(len(chunks), offload, device)
-    dense = Frontier(len(chunks), offload, device, base=kept if compact_dense else None) \
-        if CROSS in needs else None
+    dense = Frontier(len(chunks), offload, device) if CROSS in needs else None
     frontiers = [f for f in (kept, dense) if f is not None]
     sched = schedule(gm, sites, plan)
-    live = plan_of_schedule(ep, sched, chunks[0], recompute)
+    live, dense_live = _plans(ep, sched, chunks[0], recompute, dense is not None)
     todo = sum(len(g) for g in sched.groups.values())
     bar = tqdm(total=todo, disable=not progress, desc="fxcompress", unit="layer")
     run = _Run(sched, plan, params, kept, dense, _Interpreter(gm), team, done or {}, sink,
-               on_statistics, bar, live)
+               on_statistics, bar, live, dense_live)
     bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
     # RTN and magnitude pruning look at the weights only: no forward pass is needed
     data_free = run.data_free = not needs
@@ -935,7 +935,7 @@ def calibrate(
                     release_freed_memory()
                     if snapshots is not None and not data_free and not run.firsts \
                             and snapshots.due():
-                        snapshots.save(k, live, frontiers)
+                        snapshots.save(k, run, frontiers)
     finally:
         bar.close()
         kept.close()
@@ -944,24 +944,31 @@ def calibrate(
     return run.results, run.reports
 
 
+def _plans(ep: ExportedProgram, sched: Schedule, chunk: tuple[tuple, dict],
+           recompute: float | None, dense: bool) -> tuple[Liveness, Liveness | None]:
+    """The liveness plan of the compressed path and, with dense-output, the dense path's (its
+    segments run on past the barriers: :func:`~fxcompress.passes.liveness.dense_segments`)."""
+    live = plan_of_schedule(ep, sched, chunk, recompute)
+    return live, plan_of_schedule(ep, sched, chunk, recompute, dense=True) if dense else None
+
+
 # ============================================================================ the estimate
 
 
 def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, Method],
                     chunks: Sequence[tuple[tuple, dict]], *, offload: str | None = None,
                     weights: WeightSource | None = None, keep_results: bool = True,
-                    recompute: float | None = PRICE, compact_dense: bool = False
-                    ) -> list[SegmentMemory]:
+                    recompute: float | None = PRICE) -> list[SegmentMemory]:
     """Peak bytes :func:`calibrate` will hold in each segment with the same arguments, from
     the same liveness plan it runs: frontier, one chunk's values, statistics, the solves,
     parameters streamed from ``weights`` and the results it holds (``keep_results``: they
     are returned rather than handed to a sink)."""
     _flat_inputs(ep, chunks)  # a malformed batch: calibrate's error naming it, before any work
     sched = schedule(ep.graph_module, sites, plan)
-    live = plan_of_schedule(ep, sched, chunks[0], recompute)
+    needs = frozenset().union(*(m.needs() for m in plan.values()))
+    live, dense_live = _plans(ep, sched, chunks[0], recompute, CROSS in needs)
     binds = [liveness.symbols(ep, c) for c in chunks]
     specs = {s.arg.name: s.target for s in ep.graph_signature.input_specs}
-    needs = frozenset().union(*(m.needs() for m in plan.values()))
     site_weights = {s.weight for s in sites}
 
     @functools.cache
@@ -989,8 +996,8 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
         return sum(4 * s.shape[1] ** 2 for s in keys.values()) * len(stats)
 
     costs = Costs(
-        chunk_bytes, len(chunks), offload, CROSS in needs, compact_dense, loaded, solve,
+        chunk_bytes, len(chunks), offload, CROSS in needs, loaded, solve,
         result=lambda s: plan[s.fqn].held(s.shape), keep_results=keep_results,
         replaced=lambda s: s.shape[0] * s.shape[1] * s.param.dtype.itemsize,
         statistics=statistics, op_workspace=lambda n, c: liveness.op_workspace(n, binds[c]))
-    return liveness.estimate(live, sched.groups, costs)
+    return liveness.estimate(live, sched.groups, costs, dense_live)

@@ -190,28 +190,35 @@ def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
          last_use: Mapping[fx.Node, int], segments: Sequence[tuple[int, int, fx.Node | None]],
          inputs: Sequence[fx.Node], nbytes: Callable[[fx.Node], int],
          cost: Callable[[fx.Node], float], price: float | None,
-         pinned: Mapping[fx.Node, set[fx.Node]] | None = None) -> Liveness:
+         pinned: Mapping[fx.Node, set[fx.Node]] | None = None,
+         later: Sequence[Sequence[int]] | None = None) -> Liveness:
     """The liveness of a schedule (``order``/``position``/``last_use`` of
     ``calibrate.Schedule``, its ``segments()``), starting from the user ``inputs``.
 
     ``nbytes(v)``: bytes of ``v``'s value for one chunk; ``cost(v)``: flop-equivalents of
     recomputing it; ``price``: flop-equivalents one byte of frontier is worth (``None``: never
     recompute); ``pinned[x]``: values that must be held for all chunks at ``x``'s barrier
-    (the statistics of ``x`` are made there from them, not as the chunks run)."""
+    (the statistics of ``x`` are made there from them, not as the chunks run);
+    ``later[k]``: positions past its barrier where segment ``k`` may end instead (the dense
+    path's, :func:`dense_segments`) — it ends where its frontier has the fewest bytes."""
     pinned = pinned or {}
     frontier = [n for n in inputs if last_use.get(n, -1) >= 0]
     out = Liveness(list(frontier), [])
     crossing = set(frontier)  # values computed before the barrier and read after it
-    for start, end, x in segments:
-        crossing |= {n for n in order[start:end] if last_use[n] >= end}
-        crossing = {n for n in crossing if last_use[n] >= end}
+    start = 0
+    for k, (_, barrier_end, x) in enumerate(segments):
         before = set(frontier)
         pins = pinned.get(x, set()) if x is not None else set()
-        if price is None:
-            keep = crossing | pins
-        else:
-            keep = _cut(crossing | pins | ({x} if x is not None else set()), before, x,
-                        nbytes, cost, price, pins)
+        best = None
+        for end in (barrier_end, *(later[k] if later else ())):
+            cross = {n for n in crossing | set(order[start:end]) if last_use[n] >= end}
+            read_after = {x} if x is not None and last_use[x] >= end else set()
+            keep = cross | pins if price is None else \
+                _cut(cross | pins | read_after, before, x, nbytes, cost, price, pins)
+            size = sum(nbytes(r) for r in {root(v) for v in keep})
+            if best is None or size < best[0]:
+                best = (size, end, cross, keep)
+        _, end, crossing, keep = best
         targets = ({x} if x is not None else set()) | (keep - before)
         run = sorted(_needed(targets, before), key=position.__getitem__)
         own = set(order[start:end])
@@ -222,20 +229,55 @@ def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
             for a in (n, *n.all_input_nodes):
                 out.last_segment[a] = len(out.segments)
         out.segments.append(seg)
-        frontier = seg.keep
+        frontier, start = seg.keep, end
     return out
 
 
 def plan_of_schedule(ep: ExportedProgram, schedule: Any, chunk: tuple[tuple, dict],
-                     price: float | None) -> Liveness:
-    """:func:`plan` for a ``calibrate.Schedule`` of ``ep``, sizes taken from ``chunk``."""
+                     price: float | None, dense: bool = False) -> Liveness:
+    """:func:`plan` for a ``calibrate.Schedule`` of ``ep``, sizes taken from ``chunk``; with
+    ``dense``, the plan of dense-output's dense path (:func:`dense_segments`)."""
     bind = symbols(ep, chunk)
     user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
     inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user and n.users]
     nbytes = functools.cache(lambda n: value_bytes(n, bind))
     cost = functools.cache(lambda n: recompute_cost(n, bind))
-    return plan(schedule.order, schedule.position, schedule.last_use, schedule.segments(),
-                inputs, nbytes, cost, price, schedule.pinned)
+    segments = schedule.segments()
+    later = dense_segments(schedule.order, schedule.last_use, segments, inputs,
+                           schedule.pinned, nbytes) if dense else None
+    return plan(schedule.order, schedule.position, schedule.last_use, segments,
+                inputs, nbytes, cost, price, schedule.pinned, later)
+
+
+def dense_segments(order: Sequence[fx.Node], last_use: Mapping[fx.Node, int],
+                   segments: Sequence[tuple[int, int, fx.Node | None]],
+                   inputs: Sequence[fx.Node], pinned: Mapping[fx.Node, set[fx.Node]],
+                   nbytes: Callable[[fx.Node], int]) -> list[list[int]]:
+    """Where else the dense path's segments may end. That path computes with the original
+    weights: it must reach each barrier input ``x`` chunk by chunk along with the compressed
+    path (the cross moment takes both), but nothing it computes waits for a compression, so
+    a segment may run on past its barrier — through the linears compressed there, with their
+    original weights — up to the next barrier's input. The candidate is the position in that
+    range where the fewest bytes cross (before recomputation, which :func:`plan` weighs for
+    it and for the barrier). After ``down_proj``'s barrier the compressed path holds the MLP
+    intermediate (or recomputes it); the dense path can hand on the layer's output instead.
+    A barrier whose values are pinned (experts) is not moved: its statistics read them."""
+    position = {n: i for i, n in enumerate(order)}
+    out = []
+    for k, (_, end, x) in enumerate(segments):
+        nxt = segments[k + 1][2] if k + 1 < len(segments) else None
+        if x in pinned or nxt not in position or position[nxt] <= end:
+            out.append([])
+            continue
+        crossing = {n for n in (*inputs, *order[:end]) if last_use.get(n, -1) >= end}
+        best, fewest = None, None
+        for p in range(end + 1, position[nxt] + 1):
+            crossing = {v for v in crossing | {order[p - 1]} if last_use[v] >= p}
+            size = sum(nbytes(r) for r in {root(v) for v in crossing})
+            if fewest is None or size < fewest:
+                best, fewest = p, size
+        out.append([best])
+    return out
 
 
 def _needed(targets: set[fx.Node], available: set[fx.Node]) -> set[fx.Node]:
@@ -332,7 +374,6 @@ class Costs:
     chunks: int
     offload: str | None  # where the frontier lives ("disk": not in memory)
     dense: bool  # a second, dense frontier (dense-output calibration)
-    compact_dense: bool  # ... kept as its bf16 difference from the compressed one
     loaded: Callable[[fx.Node], int]  # a parameter streamed in while needed (0: resident)
     solve: Callable[[Any], int]  # peak of one site's solve, its weight loaded (a Site)
     result: Callable[[Any], int]  # a site's result (codes, masks...) while it is held
@@ -343,27 +384,33 @@ class Costs:
 
 
 def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
-             costs: Costs) -> list[SegmentMemory]:
+             costs: Costs, dense_live: Liveness | None = None) -> list[SegmentMemory]:
     """Peak bytes of every segment of a run planned by ``live``: what the run holds, from the
     same plan it runs (see the module docstring). ``groups`` maps each barrier input to the
-    sites compressed there."""
+    sites compressed there; ``dense_live`` is the dense path's own plan (default: ``live``)."""
     barrier_of = {s.fqn: k for k, seg in enumerate(live.segments)
                   if seg.barrier is not None for s in groups[seg.barrier]}
     sites = {s.fqn: s for g in groups.values() for s in g}
+    # the plan of each path; a parameter is resident from the first segment that reads it
+    # on either path to the last
+    paths = [live] + ([dense_live or live] if costs.dense else [])
     first: dict[fx.Node, int] = {}
-    for k, seg in enumerate(live.segments):
-        for n in seg.run:
-            for a in n.all_input_nodes:
-                first.setdefault(a, k)
-    paths = [False, costs.compact_dense] if costs.dense else [False]
+    last: dict[fx.Node, int] = {}
+    for plan_ in paths:
+        for k, seg in enumerate(plan_.segments):
+            for n in seg.run:
+                for a in n.all_input_nodes:
+                    first[a] = min(first.get(a, k), k)
+        for a, k in plan_.last_segment.items():
+            last[a] = max(last.get(a, -1), k)
     out = []
     for k, seg in enumerate(live.segments):
-        before = live.frontier_before(k)
-        frontier_run = sum(_frontier_peak(before, seg.keep, costs, p) for p in paths)
-        frontier_solve = sum(_held(seg.keep, costs, p) for p in paths)
-        chunk = max(_chunk_peak(seg, set(before), c, costs) for c in range(costs.chunks))
-        loaded = sum(costs.loaded(p) for p, f in first.items()
-                     if f <= k <= live.last_segment.get(p, -1))
+        frontier_run = sum(_frontier_peak(p.frontier_before(k), p.segments[k].keep, costs)
+                           for p in paths)
+        frontier_solve = sum(_held(p.segments[k].keep, costs) for p in paths)
+        chunk = max(_chunk_peak(p.segments[k], set(p.frontier_before(k)), c, costs)
+                    for p in paths for c in range(costs.chunks))
+        loaded = sum(costs.loaded(p) for p, f in first.items() if f <= k <= last.get(p, -1))
         in_use = sum(costs.replaced(s) for f, s in sites.items()
                      if barrier_of[f] < k <= live.last_segment.get(s.node, -1))
         held = sum(costs.result(s) for f, s in sites.items()
@@ -385,33 +432,25 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
     return out
 
 
-def _kept(r: fx.Node, c: int, costs: Costs, compact: bool) -> int:
-    """Bytes of chunk ``c``'s value of ``r`` in a frontier (a compact one keeps float32
-    tensors as bf16: ``calibrate.Frontier``)."""
-    val = r.meta.get("val")
-    half = compact and isinstance(val, torch.Tensor) and val.dtype == torch.float32
-    return costs.chunk_bytes(r, c) // (2 if half else 1)
-
-
-def _held(values: Sequence[fx.Node], costs: Costs, compact: bool = False) -> int:
+def _held(values: Sequence[fx.Node], costs: Costs) -> int:
     """Frontier bytes in memory: every chunk's value of each storage once."""
     if costs.offload == "disk":
         return 0
     roots = {root(v) for v in values}
-    return sum(_kept(r, c, costs, compact) for r in roots for c in range(costs.chunks))
+    return sum(costs.chunk_bytes(r, c) for r in roots for c in range(costs.chunks))
 
 
-def _frontier_peak(before: Sequence[fx.Node], keep: Sequence[fx.Node], costs: Costs,
-                   compact: bool = False) -> int:
+def _frontier_peak(before: Sequence[fx.Node], keep: Sequence[fx.Node], costs: Costs) -> int:
     """Frontier bytes in memory while a segment runs: chunk by chunk, the values it reads for
     the last time are released as the values it hands on are added (``calibrate._Run.
     run_segment``); the peak is after the chunk where their sum is largest."""
     if costs.offload == "disk":
         return 0
     old, new = {root(v) for v in before}, {root(v) for v in keep}
-    staying = sum(_kept(r, c, costs, compact) for r in old & new for c in range(costs.chunks))
-    going = [sum(_kept(r, c, costs, compact) for r in old - new) for c in range(costs.chunks)]
-    coming = [sum(_kept(r, c, costs, compact) for r in new - old) for c in range(costs.chunks)]
+    size = costs.chunk_bytes
+    staying = sum(size(r, c) for r in old & new for c in range(costs.chunks))
+    going = [sum(size(r, c) for r in old - new) for c in range(costs.chunks)]
+    coming = [sum(size(r, c) for r in new - old) for c in range(costs.chunks)]
     return staying + max((sum(going[c:]) + sum(coming[:c + 1]) for c in range(costs.chunks)),
                          default=0)
 
