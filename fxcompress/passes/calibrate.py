@@ -413,24 +413,25 @@ class Snapshots:
         """Load the last snapshot into the (empty) ``frontiers`` and make ``run`` compute with
         the stored weights of the sites before it; the segment to continue with (0: none
         usable, the frontiers left empty)."""
+        live, sched, plans = run.live, run.sched, self._plans(run)
         try:
             state = json.loads((self.folder / self.STATE).read_text())
+            k = state["segment"]
+            same = k < len(live.segments) and state["chunks"] == frontiers[0].chunks \
+                and len(state["paths"]) == len(frontiers) \
+                and all(p["keep"] == [n.name for n in plan.segments[k].keep]
+                        for p, plan in zip(state["paths"], plans, strict=False))
         except FileNotFoundError:
             return 0
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("fxcompress: frontier snapshot in %s unreadable (%s); replaying the "
                         "completed layers", self.folder, e)
             return 0
-        k, live, sched = state["segment"], run.live, run.sched
         before = [s for seg in live.segments[:k + 1] if seg.barrier is not None
                   for s in sched.groups[seg.barrier]]
-        plans = self._plans(run)
-        why = ("it was made for another plan of the run" if k >= len(live.segments)
-               or state["chunks"] != frontiers[0].chunks or len(state["paths"]) != len(frontiers)
-               or any(p["keep"] != [n.name for n in plan.segments[k].keep]
-                      for p, plan in zip(state["paths"], plans, strict=False))
-               else "layers it follows are not among the completed ones"
-               if any(s.fqn not in run.done for s in before) else None)
+        why = "it was made for another plan of the run" if not same else \
+            "layers it follows are not among the completed ones" \
+            if any(s.fqn not in run.done for s in before) else None
         if why is not None:
             log.warning("fxcompress: frontier snapshot in %s not used: %s; replaying the "
                         "completed layers", self.folder, why)
