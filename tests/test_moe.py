@@ -157,6 +157,51 @@ def test_expert_hessians_are_built_from_routed_rows(samples, recompute):
                 assert torch.allclose(got_h, ref, rtol=1e-3, atol=1e-5), (experts, name, e)
 
 
+def test_streamed_estimate_counts_expert_results_until_their_block_is_written(monkeypatch):
+    """Streamed, results go to the writer as made, but an expert's wait until every expert
+    of its block has one (the block is written whole): the estimate holds the block's first
+    projections' results from their barrier through the second projections', and not after.
+    (Every other cost is set to zero here, so what is left is the results held.)"""
+    import dataclasses
+
+    from fxcompress.passes import liveness
+    from fxcompress.passes.calibrate import estimate_memory, schedule
+
+    estimate = liveness.estimate
+
+    def results_only(live, groups, costs, dense_live=None):
+        zero = dataclasses.replace(
+            costs, chunk_bytes=lambda n, c: 0, loaded=lambda p: 0, solve=lambda s: 0,
+            replaced=lambda s: 0, statistics=lambda x: 0, op_workspace=lambda n, c: 0)
+        return estimate(live, groups, zero, dense_live)
+
+    monkeypatch.setattr(liveness, "estimate", results_only)
+    model = build("qwen3moe", hidden=HIDDEN)
+    chunks = [((), {"input_ids": _calibration(), "use_cache": False})]
+    ep = capture(model, *chunks[0])
+    sites, _ = find_sites(ep, model)
+    method = GPTQ(4, 32)
+    plan = {s.fqn: method for s in sites if s.fqn != "lm_head"}
+    handed = estimate_memory(ep, sites, plan, chunks, keep_results=False)
+    sched = schedule(ep.graph_module, sites, plan)
+    bounds = sched.segments()
+    at = {s.fqn: k for k, (_, _, x) in enumerate(bounds) if x is not None
+          for s in sched.groups[x]}
+
+    def made(k):  # results of the group solved at the end of segment k
+        x = bounds[k][2]
+        return sum(method.held(s.shape) for s in sched.groups[x]) if x is not None else 0
+
+    block = "model.layers.0.mlp.experts"
+    first = [s for s in sites if s.module_name == block and s.attr == "gate_up_proj"]
+    pending = sum(method.held(s.shape) for s in first)
+    solved, written = at[first[0].fqn], max(at[s.fqn] for s in sites if s.module_name == block)
+    assert pending > 0 and solved < written
+    for k in range(solved + 1, written + 1):
+        assert handed[k].weights == pending + made(k), k  # what the writer holds
+    assert handed[written + 1].weights == made(written + 1)  # the block was written
+
+
 def _block_input(model, ids):
     seen = {}
     block = model.model.layers[0].mlp

@@ -377,7 +377,9 @@ class Costs:
     loaded: Callable[[fx.Node], int]  # a parameter streamed in while needed (0: resident)
     solve: Callable[[Any], int]  # peak of one site's solve, its weight loaded (a Site)
     result: Callable[[Any], int]  # a site's result (codes, masks...) while it is held
-    keep_results: bool  # results stay until the end (False: handed to a writer as made)
+    keep_results: bool  # results stay until the end (False: handed to a writer as made;
+    # an expert's wait there until every expert of its block has one, as the block is
+    # written whole)
     replaced: Callable[[Any], int]  # the dense weight a compressed site computes with
     statistics: Callable[[fx.Node], int]  # the statistics of a barrier input (sums, values)
     op_workspace: Callable[[fx.Node, int], int] = lambda n, c: 0  # scratch inside one op
@@ -403,6 +405,10 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
                     first[a] = min(first.get(a, k), k)
         for a, k in plan_.last_segment.items():
             last[a] = max(last.get(a, -1), k)
+    block_end: dict[str, int] = {}  # experts module -> the barrier its last expert is made
+    for f, s in sites.items():
+        if s.index is not None:
+            block_end[s.module_name] = max(block_end.get(s.module_name, -1), barrier_of[f])
     out = []
     for k, seg in enumerate(live.segments):
         frontier_run = sum(_frontier_peak(p.frontier_before(k), p.segments[k].keep, costs)
@@ -413,8 +419,8 @@ def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
         loaded = sum(costs.loaded(p) for p, f in first.items() if f <= k <= last.get(p, -1))
         in_use = sum(costs.replaced(s) for f, s in sites.items()
                      if barrier_of[f] < k <= live.last_segment.get(s.node, -1))
-        held = sum(costs.result(s) for f, s in sites.items()
-                   if costs.keep_results and barrier_of[f] < k)
+        held = sum(costs.result(s) for f, s in sites.items() if barrier_of[f] < k and (
+            costs.keep_results or s.index is not None and k <= block_end[s.module_name]))
         stats = costs.statistics(seg.barrier) if seg.barrier is not None else 0
         x = len(paths) * costs.chunk_bytes(seg.barrier, 0) if stats else 0
         run = SegmentMemory("", loaded + in_use + held, frontier_run + chunk + x, stats)
