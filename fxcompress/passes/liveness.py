@@ -48,7 +48,11 @@ from torch.utils import _pytree as pytree
 
 from ..sizes import human
 
-PRICE = 64.0  # default: flop-equivalents of recomputation one byte of frontier is worth
+# default: flop-equivalents of recomputation one byte of frontier is worth. At 1024 the MLP
+# intermediate of a narrow model is recomputed from the normed hidden state (SmolLM2, hidden
+# 576: 576 flops a byte saved; estimated peak at 128 x 512 tokens 987 -> 660 MiB, ~7 TFLOP
+# more) and a wide one's is kept (Llama-2-7B: 4096 flops a byte)
+PRICE = 1024.0
 EAGER = 1e12  # when memory is short: recompute whatever saves a byte
 ELEMENT_COST = 64  # flop-equivalents of reading/writing one element (memory-bound ops)
 MATMULS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "einsum"}

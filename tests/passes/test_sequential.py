@@ -171,8 +171,8 @@ def test_dense_path_hands_on_the_layer_output_past_the_barrier(monkeypatch):
     """The dense path of dense-output computes with the original weights, so its segment at
     ``down_proj``'s barrier runs on through ``down_proj`` and the residual add and hands on
     the layer's output, where the compressed path must keep the 4×-wide MLP intermediate
-    (or recompute it): the dense frontier there is a fraction of the compressed one. The
-    estimate counts each path with its own plan."""
+    (at a price that does not recompute it, as for wide models): the dense frontier there
+    is a fraction of the compressed one. The estimate counts each path with its own plan."""
     from fxcompress.passes import liveness
     from fxcompress.passes.calibrate import _plans, estimate_memory, schedule
 
@@ -183,7 +183,8 @@ def test_dense_path_hands_on_the_layer_output_past_the_barrier(monkeypatch):
     sites, _ = find_sites(ep, model)
     plan = {s.fqn: GPTQ(4, 32) for s in sites if s.fqn != "lm_head"}
     sched = schedule(ep.graph_module, sites, plan)
-    live, dense = _plans(ep, sched, calls[0], liveness.PRICE, True)
+    price = 64.0  # keep the intermediate: recomputing it costs 64 flops a byte here
+    live, dense = _plans(ep, sched, calls[0], price, True)
     bind = liveness.symbols(ep, calls[0])
 
     def held(nodes):
@@ -202,8 +203,8 @@ def test_dense_path_hands_on_the_layer_output_past_the_barrier(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(liveness, "estimate", lambda live, groups, costs, dense_live=None:
                   shared(live, groups, costs, None))
-        before = max(s.total for s in estimate_memory(ep, sites, plan, calls))
-    after = max(s.total for s in estimate_memory(ep, sites, plan, calls))
+        before = max(s.total for s in estimate_memory(ep, sites, plan, calls, recompute=price))
+    after = max(s.total for s in estimate_memory(ep, sites, plan, calls, recompute=price))
     assert after < before
 
 
