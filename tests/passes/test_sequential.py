@@ -167,6 +167,18 @@ def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
     assert 0.9 * peak <= held[0] <= peak
 
 
+def _llama_w4(seed: int):
+    """A 2-layer llama, 12 samples in batches of 4, its program, sites and a GPTQ w4 plan
+    (dense-output by default) for every linear but the head."""
+    model = build("llama", hidden=64, layers=2)
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(seed))
+    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
+    ep = capture(model, *calls[0])
+    sites, _ = find_sites(ep, model)
+    return model, ids, calls, ep, sites, {s.fqn: GPTQ(4, 32) for s in sites
+                                          if s.fqn != "lm_head"}
+
+
 def test_dense_path_hands_on_the_layer_output_past_the_barrier(monkeypatch):
     """The dense path of dense-output computes with the original weights, so its segment at
     ``down_proj``'s barrier runs on through ``down_proj`` and the residual add and hands on
@@ -176,12 +188,7 @@ def test_dense_path_hands_on_the_layer_output_past_the_barrier(monkeypatch):
     from fxcompress.passes import liveness
     from fxcompress.passes.calibrate import _plans, estimate_memory, schedule
 
-    model = build("llama", hidden=64, layers=2)
-    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(4))
-    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
-    ep = capture(model, *calls[0])
-    sites, _ = find_sites(ep, model)
-    plan = {s.fqn: GPTQ(4, 32) for s in sites if s.fqn != "lm_head"}
+    model, ids, calls, ep, sites, plan = _llama_w4(seed=4)
     sched = schedule(ep.graph_module, sites, plan)
     price = 64.0  # keep the intermediate: recomputing it costs 64 flops a byte here
     live, dense = _plans(ep, sched, calls[0], price, True)
@@ -215,12 +222,7 @@ def test_memory_fallbacks_recompute_before_offloading():
     from fxcompress.api import fit_memory
     from fxcompress.passes.liveness import EAGER, PRICE
 
-    model = build("llama", hidden=64, layers=2)
-    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(4))
-    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
-    ep = capture(model, *calls[0])
-    sites, _ = find_sites(ep, model)
-    plan = {s.fqn: GPTQ(4, 32) for s in sites if s.fqn != "lm_head"}
+    model, ids, calls, ep, sites, plan = _llama_w4(seed=4)
     cpu = torch.device("cpu")
     offload, price, full = fit_memory(ep, sites, plan, calls, None, cpu)
     assert (offload, price) == (None, PRICE)
