@@ -378,10 +378,6 @@ class Snapshots:
     def due(self) -> bool:
         return time.monotonic() - self.last >= self.every and self.ready()
 
-    @staticmethod
-    def _plans(run: _Run) -> list[Liveness]:
-        return [run.live, run.dense_live or run.live]
-
     def save(self, k: int, run: _Run, frontiers: Sequence[Frontier]) -> None:
         """Snapshot the frontier after segment ``k``."""
         tmp, old = self.folder.with_name(self.folder.name + ".tmp"), \
@@ -398,7 +394,7 @@ class Snapshots:
                     else:
                         torch.save(_to(value, "cpu"), dest)
             paths.append({"nodes": [n.name for n in f],
-                          "keep": [n.name for n in self._plans(run)[i].segments[k].keep]})
+                          "keep": [n.name for n in run.plans[i].segments[k].keep]})
         state = {"segment": k, "chunks": frontiers[0].chunks, "paths": paths}
         (tmp / self.STATE).write_text(json.dumps(state))
         shutil.rmtree(old, ignore_errors=True)
@@ -413,14 +409,14 @@ class Snapshots:
         """Load the last snapshot into the (empty) ``frontiers`` and make ``run`` compute with
         the stored weights of the sites before it; the segment to continue with (0: none
         usable, the frontiers left empty)."""
-        live, sched, plans = run.live, run.sched, self._plans(run)
+        live, sched, plans = run.live, run.sched, run.plans
         try:
             state = json.loads((self.folder / self.STATE).read_text())
             k = state["segment"]
             same = k < len(live.segments) and state["chunks"] == frontiers[0].chunks \
                 and len(state["paths"]) == len(frontiers) \
                 and all(p["keep"] == [n.name for n in plan.segments[k].keep]
-                        for p, plan in zip(state["paths"], plans, strict=False))
+                        for p, plan in zip(state["paths"], plans, strict=True))
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -610,12 +606,18 @@ class _Run:
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
 
+    @property
+    def plans(self) -> list[Liveness]:
+        """The plan of each path: the compressed one, and the dense one's with dense-output."""
+        return [self.live] + ([self.dense_live or self.live] if self.dense is not None else [])
+
     @functools.cached_property
     def last_read(self) -> dict[fx.Node, int]:
         """The last segment that reads each value or parameter, on either path."""
-        last = dict(self.live.last_segment)
-        for n, k in (self.dense_live.last_segment if self.dense_live else {}).items():
-            last[n] = max(last.get(n, -1), k)
+        last: dict[fx.Node, int] = {}
+        for plan in self.plans:
+            for n, k in plan.last_segment.items():
+                last[n] = max(last.get(n, -1), k)
         return last
 
     def run_segment(self, k: int) -> None:
@@ -626,9 +628,8 @@ class _Run:
         past the barrier: :func:`~fxcompress.passes.liveness.dense_segments`), and the cross
         moment takes both."""
         interp, replaced = self.interp, self.interp.replaced
-        paths = [(self.kept, replaced, self.live)]
-        if self.dense is not None:  # the dense path computes with the originals
-            paths.append((self.dense, {}, self.dense_live or self.live))
+        # the dense path computes with the originals
+        paths = list(zip([self.kept, self.dense], [replaced, {}], self.plans, strict=False))
         x = self.live.segments[k].barrier
         needs = self._needs(x)
         self.params.fetch({a for _, weights_of, live in paths for n in live.segments[k].run

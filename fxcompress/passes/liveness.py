@@ -268,16 +268,18 @@ def dense_segments(order: Sequence[fx.Node], last_use: Mapping[fx.Node, int],
     A barrier whose values are pinned (experts) is not moved: its statistics read them."""
     position = {n: i for i, n in enumerate(order)}
     out = []
+    crossing, at = {n for n in inputs if last_use.get(n, -1) >= 0}, 0  # crossing ``at``
     for k, (_, end, x) in enumerate(segments):
+        crossing = {v for v in crossing | set(order[at:end]) if last_use[v] >= end}
+        at = end
         nxt = segments[k + 1][2] if k + 1 < len(segments) else None
         if x in pinned or nxt not in position or position[nxt] <= end:
             out.append([])
             continue
-        crossing = {n for n in (*inputs, *order[:end]) if last_use.get(n, -1) >= end}
-        best, fewest = None, None
+        best, fewest, scan = None, None, crossing
         for p in range(end + 1, position[nxt] + 1):
-            crossing = {v for v in crossing | {order[p - 1]} if last_use[v] >= p}
-            size = sum(nbytes(r) for r in {root(v) for v in crossing})
+            scan = {v for v in scan | {order[p - 1]} if last_use[v] >= p}
+            size = sum(nbytes(r) for r in {root(v) for v in scan})
             if fewest is None or size < fewest:
                 best, fewest = p, size
         out.append([best])
