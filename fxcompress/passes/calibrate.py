@@ -43,6 +43,7 @@ checkpoint writer), and sites already compressed by an interrupted run can be gi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -62,7 +63,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from ..algorithms import Compressed, Cross, Hessian, Statistics
+from ..algorithms import Compressed, Cross, Hessian, Moment, Statistics
 from ..kernels.ops import activation
 from ..modules import EXPERT_BANKS, experts_activation
 from ..recipe import CROSS, HESSIAN, Method
@@ -71,6 +72,7 @@ from .liveness import PRICE, Costs, Liveness, SegmentMemory, plan_of_schedule
 from .sites import Site, weight_path
 
 log = logging.getLogger(__name__)
+MOMENT = "moment:"  # key prefix of a site's output moment among the partial sums
 OFFLOAD = (None, "cpu", "disk")
 FIRST, SECOND = EXPERT_BANKS  # an experts block's projections: gate_up, then down
 
@@ -632,6 +634,7 @@ class _Run:
         paths = list(zip([self.kept, self.dense], [replaced, {}], self.plans, strict=False))
         x = self.live.segments[k].barrier
         needs = self._needs(x)
+        moments = {s.node: s for s in self._moment_sites(k, x)}
         self.params.fetch({a for _, weights_of, live in paths for n in live.segments[k].run
                            for a in n.all_input_nodes if self.params.lazy(a)
                            and not (weights_of and self._replaced_weight(n, a))})
@@ -642,16 +645,19 @@ class _Run:
                           [n for n in before - set(seg.keep) if n in kept]))
         if any(seg.run for *_, seg, _, _ in steps) or needs:
             for c in range(self.kept.chunks):
-                xs = []
-                for kept, weights_of, seg, handed, _ in steps:
+                xs, ys = [], {}
+                for path, (kept, weights_of, seg, handed, _) in enumerate(steps):
                     interp.replaced = weights_of
                     interp.env = env = _ChunkEnv(c, kept, self.params)
                     for n, free in zip(seg.run, seg.free, strict=True):
                         env[n] = interp.run_node(n)
+                        if path and n in moments:  # the dense layer's output, bias taken off
+                            b = moments[n].bias
+                            ys[moments[n].fqn] = env[n] if b is None else env[n] - env[b]
                         for a in free:
                             env.pop(a, None)
                     if needs:
-                        xs.append(env[x])
+                        xs.append(None if ys else env[x])  # the moments replace the drift
                     for n in handed:
                         kept.put(n, c, env[n])
                     interp.env = env = None
@@ -659,8 +665,8 @@ class _Run:
                     for n in spent:  # the frontier shrinks as it grows: chunk by chunk
                         kept.release(n, c)
                 if needs:
-                    self._accumulate(needs, *xs)
-                del xs
+                    self._accumulate(needs, *xs, ys)
+                del xs, ys
                 release_freed_memory()
         interp.env, interp.replaced = {}, replaced
         for kept, _, seg, _, _ in steps:
@@ -682,17 +688,39 @@ class _Run:
         todo = [s for s in self.sched.groups[x] if s.fqn not in self.done]
         return frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
 
+    def _moment_sites(self, k: int, x: fx.Node | None) -> list[Site]:
+        """The sites of barrier ``x`` whose dense-output statistic is the output moment
+        (:class:`~fxcompress.algorithms.Moment`, ``n·out·in`` flops) instead of the cross
+        moment (``n·in²``): all that need it, when the dense path computes each one's output
+        in segment ``k`` (its plan runs on past the barrier) and together they are narrower
+        out than in — ``down_proj``. Otherwise none."""
+        if x is None or self.dense is None or x in self.sched.pinned:
+            return []
+        todo = [s for s in self.sched.groups[x]
+                if s.fqn not in self.done and CROSS in self.plan[s.fqn].needs()]
+        ran = set(self.plans[1].segments[k].run)
+        if not todo or any(s.kind != "linear" or s.node not in ran for s in todo) \
+                or sum(s.shape[0] for s in todo) >= todo[0].shape[1]:
+            return []
+        return todo
+
     def _accumulate(self, needs: frozenset[str], x_tilde: Tensor,
-                    x: Tensor | None = None) -> None:
-        """Add one chunk to this process's partial sums (made on the values' device)."""
+                    x: Tensor | None = None, ys: Mapping[str, Tensor] | None = None) -> None:
+        """Add one chunk to this process's partial sums (made on the values' device): H, and
+        with dense-output the cross moment of the dense input ``x`` or, given the dense
+        outputs ``ys`` of the sites (by name), their output moments."""
         if not self.sums:
             features, device = x_tilde.shape[-1], x_tilde.device
             self.sums[HESSIAN] = Hessian.zeros(features, device)
-            if CROSS in needs:
+            for name, y in (ys or {}).items():
+                self.sums[MOMENT + name] = Moment.zeros((y.shape[-1], features), device)
+            if CROSS in needs and not ys:
                 self.sums[CROSS] = Cross.zeros(features, device)
         self.sums[HESSIAN].add(x_tilde)
         if CROSS in self.sums:
             self.sums[CROSS].add(x_tilde, x)
+        for name, y in (ys or {}).items():
+            self.sums[MOMENT + name].add(x_tilde, y)
 
     def statistics(self, x: fx.Node, todo: list[Site]) -> dict[int | None, dict[str, Hessian]]:
         """This process's partial sums of what the sites still to solve need of ``x``: one set
@@ -758,9 +786,14 @@ class _Run:
                  "block", s.fqn, self.routed[(x, s.index)], s.shape[1], h.count)
         return h
 
-    def solve(self, s: Site, stats: Statistics | None) -> tuple[Compressed, LayerReport]:
+    def solve(self, s: Site, stats: Statistics | None, moment: Tensor | None = None
+              ) -> tuple[Compressed, LayerReport]:
         t = time.perf_counter()
         method = self.plan[s.fqn]
+        if stats is not None:  # a group's sites may differ in dense_output
+            dense = CROSS in method.needs()
+            stats = dataclasses.replace(stats, cross=stats.cross if dense else None,
+                                        moment=moment if dense else None)
         c = method.solve(self.weight(s), stats, s.fqn)
         seconds = time.perf_counter() - t
         count = stats.count if stats is not None else 0
@@ -779,6 +812,7 @@ class _Run:
         with self.team.guard(names):
             sums = self.statistics(x, todo)
         stats: dict[int | None, Statistics] = {}
+        moments: dict[str, Tensor] = {}  # by site: the output moments, when made
         for key, parts in sums.items():
             for partial in parts.values():
                 self.team.reduce(partial, names)
@@ -790,20 +824,23 @@ class _Run:
                     h = self.all_tokens(x, next(s for s in todo if s.index == key), names)
             stats[key] = Statistics(h.take(), h.count,
                                     parts[CROSS].take() if CROSS in parts else None)
+            moments.update({name[len(MOMENT):]: m.take() for name, m in parts.items()
+                            if name.startswith(MOMENT)})
             del h
         del sums
         if self.on_statistics is not None:
             for s in group:
                 if s.index in stats:
-                    self.on_statistics(s.fqn, stats[s.index])
+                    self.on_statistics(s.fqn, dataclasses.replace(
+                        stats[s.index], moment=moments.get(s.fqn)))
         owners = self.team.owners([self.plan[s.fqn].cost(s.shape) for s in todo])
         mine: dict[str, tuple[Compressed, LayerReport]] = {}
         with self.team.guard(names) as step:
             for s, owner in zip(todo, owners, strict=True):
                 if owner == self.team.rank:
                     step.layer = s.fqn
-                    mine[s.fqn] = self.solve(s, stats.get(s.index))
-        del stats
+                    mine[s.fqn] = self.solve(s, stats.get(s.index), moments.get(s.fqn))
+        del stats, moments
         shared = [(s, *self.team.share(owner, mine.pop(s.fqn, None), s.fqn))
                   for s, owner in zip(todo, owners, strict=True)]
         with self.team.guard(names) as step:
