@@ -689,20 +689,11 @@ class _Run:
         return frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
 
     def _moment_sites(self, k: int, x: fx.Node | None) -> list[Site]:
-        """The sites of barrier ``x`` whose dense-output statistic is the output moment
-        (:class:`~fxcompress.algorithms.Moment`, ``n·out·in`` flops) instead of the cross
-        moment (``n·in²``): all that need it, when the dense path computes each one's output
-        in segment ``k`` (its plan runs on past the barrier) and together they are narrower
-        out than in — ``down_proj``. Otherwise none."""
+        """:func:`moment_sites` of barrier ``x`` (segment ``k``) among the sites to solve."""
         if x is None or self.dense is None or x in self.sched.pinned:
             return []
-        todo = [s for s in self.sched.groups[x]
-                if s.fqn not in self.done and CROSS in self.plan[s.fqn].needs()]
-        ran = set(self.plans[1].segments[k].run)
-        if not todo or any(s.kind != "linear" or s.node not in ran for s in todo) \
-                or sum(s.shape[0] for s in todo) >= todo[0].shape[1]:
-            return []
-        return todo
+        return moment_sites([s for s in self.sched.groups[x] if s.fqn not in self.done],
+                            self.plan, set(self.plans[1].segments[k].run))
 
     def _accumulate(self, needs: frozenset[str], x_tilde: Tensor,
                     x: Tensor | None = None, ys: Mapping[str, Tensor] | None = None) -> None:
@@ -886,6 +877,20 @@ class _Run:
         self.interp.replaced[s.node][1][s.index] = w_hat
 
 
+def moment_sites(group: Sequence[Site], plan: Mapping[str, Method],
+                 dense_run: set[fx.Node]) -> list[Site]:
+    """The sites of one barrier whose dense-output statistic is the output moment
+    (:class:`~fxcompress.algorithms.Moment`, ``n·out·in`` flops) instead of the cross moment
+    (``n·in²``): all that need it, when the dense path computes each one's output in the
+    barrier's segment (``dense_run``: its plan runs on past the barrier) and together they
+    are narrower out than in — ``down_proj``. Otherwise none."""
+    todo = [s for s in group if s.fqn in plan and CROSS in plan[s.fqn].needs()]
+    if not todo or any(s.kind != "linear" or s.node not in dense_run for s in todo) \
+            or sum(s.shape[0] for s in todo) >= todo[0].shape[1]:
+        return []
+    return todo
+
+
 def check_routed(h: Hessian, name: str) -> None:
     """An expert that no calibration token was routed to has no Hessian: that is an error
     naming it (use more or more varied calibration data, or leave its block dense), never a
@@ -1029,9 +1034,18 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
         as_fp32 = 4 * w if param.dtype != torch.float32 else 0
         return stored + as_fp32 + plan[s.fqn].workspace(s.shape)
 
+    dense_runs = {} if dense_live is None else {
+        seg.barrier: set(d.run) for seg, d in zip(live.segments, dense_live.segments,
+                                                  strict=True) if seg.barrier is not None}
+
     def statistics(x: fx.Node) -> int:  # one set of sums per expert of an experts group
         keys = {s.index: s for s in sched.groups[x] if s.fqn in plan and plan[s.fqn].needs()}
         stats = frozenset().union(*(plan[s.fqn].needs() for s in sched.groups[x]))
+        moments = [] if x in sched.pinned else \
+            moment_sites(sched.groups[x], plan, dense_runs.get(x, set()))
+        if moments:  # H and each site's output moment
+            return 4 * moments[0].shape[1] ** 2 + sum(4 * s.shape[0] * s.shape[1]
+                                                      for s in moments)
         return sum(4 * s.shape[1] ** 2 for s in keys.values()) * len(stats)
 
     costs = Costs(
