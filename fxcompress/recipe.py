@@ -175,7 +175,7 @@ class GPTQ(_HessianMethod):
               ) -> Compressed:
         from .algorithms import gptq
 
-        return gptq(w, stats.hessian, self, name, stats.cross, stats.moment)
+        return gptq(w, stats.hessian, self, name, stats.cross)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class SparseGPT(_HessianMethod):
               ) -> Compressed:
         from .algorithms import sparsegpt
 
-        return sparsegpt(w, stats.hessian, self, name, stats.cross, stats.moment)
+        return sparsegpt(w, stats.hessian, self, name, stats.cross)
 
     def _extra_per_weight(self) -> int:
         return 0 if self.quant else 5

@@ -7,7 +7,6 @@ from .hessian import (
     Cross,
     Hessian,
     HessianNotPositiveDefinite,
-    Moment,
     Statistics,
     factor,
     output_error,
@@ -15,6 +14,6 @@ from .hessian import (
 from .sparsegpt import sparsegpt
 
 __all__ = [
-    "Compressed", "Cross", "Hessian", "HessianNotPositiveDefinite", "Moment", "factor", "gptq",
-    "magnitude", "magnitude_mask", "output_error", "rtn", "sparsegpt", "Statistics",
+    "Compressed", "Cross", "Hessian", "HessianNotPositiveDefinite", "factor", "gptq", "magnitude",
+    "magnitude_mask", "output_error", "rtn", "sparsegpt", "Statistics",
 ]

@@ -63,13 +63,13 @@ def select_mask(score: Tensor, sparsity: float, n_m: tuple[int, int] | None,
 def admm_prune(w: Tensor, h: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
                *, damp: float = 0.1, rho: float = 1.0, iters: int = 20, reselect: int = 15,
                keep: Tensor | None = None, name: str | None = None,
-               cross: Tensor | None = None, moment: Tensor | None = None) -> Compressed:
+               cross: Tensor | None = None) -> Compressed:
     """Prune ``w`` (out, in) given ``h`` (in, in) to kept ``values`` and their ``mask``.
     ``reselect`` iterations choose the mask from ``|W + U|`` with the dropped fraction rising
     cubically to the target (unless a ``keep`` mask is given: then it is fixed); the
     remaining iterations refine the weights. The loss is measured on the undamped H."""
-    if cross is not None or moment is not None:  # the dense-output target W* (and dead columns)
-        f = factor(w, h, damp, name, cross, moment=moment)
+    if cross is not None:  # the dense-output target W* (and the dead columns)
+        f = factor(w, h, damp, name, cross)
         wt, dead, damp = f.w, f.dead, f.damp
         del f
     else:  # inputs that never fire: their weights cannot matter, drop them first

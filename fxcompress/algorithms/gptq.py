@@ -36,11 +36,9 @@ from .sweep import Sweep
 
 
 def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
-         name: str | None = None, cross: Tensor | None = None,
-         moment: Tensor | None = None) -> Compressed:
+         name: str | None = None, cross: Tensor | None = None) -> Compressed:
     """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
-    ``cross`` or the output moment ``moment`` of dense-output calibration, fit the dense
-    layer's output (``hessian.factor``).
+    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
 
     Several weights sharing ``h`` (q/k/v, gate/up) may be given as a sequence: they are swept
     as one stacked weight (one factorisation, one pass of per-column work) and the result
@@ -50,7 +48,7 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
     gs = grid.check(cfg.bits, cfg.group_size, cols)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order \
         else None
-    f = factor(w, h, cfg.damp, name, cross, perm, moment)
+    f = factor(w, h, cfg.damp, name, cross, perm)
     rows, dev = f.wt.shape[1], f.wt.device
 
     # Group parameters fitted before the sweep (per-channel, or act-order static groups).

@@ -28,12 +28,6 @@ so the usual sweep runs unchanged on the corrected weight W* with the usual H. `
 computes W* with the same damped factor it returns, ``W* = W + W C (H + λI)⁻¹``: the damping
 regularises the *correction* towards W (a ridge regression of the drift), so a layer whose
 inputs did not drift keeps exactly its weight.
-
-Only the product ``W C`` enters W*, and ``W C = 2 (X Wᵀ)ᵀ X̃ / n - W H``. When the dense
-layer's output ``Y = X Wᵀ`` is at hand (the dense path computes it anyway) and the layer is
-narrower out than in (``down_proj``: 576 × 1536 on SmolLM2, 4096 × 11008 on Llama-2-7B), the
-*output moment* ``M = 2 YᵀX̃ / n`` (:class:`Moment`, out × in) costs ``n·out·in`` flops where
-``C`` costs ``n·in²``: 62 % fewer for ``down_proj``, which is most of the cross moment's work.
 """
 
 from __future__ import annotations
@@ -137,31 +131,6 @@ class Cross(Hessian):
         return s.div_(self.count)
 
 
-class Moment(Hessian):
-    """Running ``Σ 2·yᵀx̃`` over the dense layer's output ``y = x Wᵀ`` (original weight, dense
-    input) and the compressed model's input ``x̃`` of the same rows: the output moment of
-    dense-output calibration, ``(out, in)``. ``W C = M - W H`` (module docstring)."""
-
-    @classmethod
-    def zeros(cls, shape: tuple[int, int],  # type: ignore[override]
-              device: torch.device | str = "cpu") -> Moment:
-        return cls(torch.zeros(*shape, dtype=torch.float32, device=device))
-
-    def add(self, x_tilde: Tensor, y: Tensor) -> None:  # type: ignore[override]
-        out, n = self.sum.shape
-        if y.shape[-1] != out or x_tilde.shape[-1] != n or y.shape[:-1] != x_tilde.shape[:-1]:
-            raise ValueError(f"dense outputs {tuple(y.shape)} and compressed activations "
-                             f"{tuple(x_tilde.shape)} do not fit an output moment of shape "
-                             f"{tuple(self.sum.shape)}")
-        xt = x_tilde.reshape(-1, n).to(self.sum.device, torch.float32)
-        self.sum.addmm_(y.reshape(-1, out).to(self.sum.device, torch.float32).t(), xt,
-                        alpha=2.0)
-        self.count += xt.shape[0]
-
-    value = Cross.value
-    take = Cross.take
-
-
 @dataclass
 class Statistics:
     """What calibration measured at one layer input, in the form the solvers take."""
@@ -169,7 +138,6 @@ class Statistics:
     hessian: Tensor  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
     count: int  # rows of X̃ (tokens)
     cross: Tensor | None = None  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs
-    moment: Tensor | None = None  # or M = 2 (X Wᵀ)ᵀ X̃ / n, of this layer's own W (out, in)
 
 
 @dataclass
@@ -201,11 +169,10 @@ class Factor:
 
 def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
            name: str | None = None, cross: Tensor | None = None,
-           order: Tensor | None = None, moment: Tensor | None = None) -> Factor:
+           order: Tensor | None = None) -> Factor:
     """Fix dead columns, damp, and factor ``H`` (columns visited in ``order`` when given, e.g.
-    act-order's decreasing ``diag H``); with the cross moment ``cross`` (or the output moment
-    ``moment`` of the stacked rows of ``w``) of dense-output calibration, also replace ``w``
-    by the target ``W*``; see the module docstring. Several
+    act-order's decreasing ``diag H``); with the cross moment ``cross`` of dense-output
+    calibration, also replace ``w`` by the target ``W*``; see the module docstring. Several
     weights that share ``H`` (q/k/v, gate/up) may be given as a sequence: their rows are
     stacked.
 
@@ -221,12 +188,6 @@ def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
     if cross is not None and cross.shape != h.shape:
         raise ValueError(f"cross moment of shape {tuple(cross.shape)} does not fit a Hessian "
                          f"of shape {tuple(h.shape)}{layer}")
-    rows = sum(p.shape[0] for p in parts)
-    if moment is not None and (cross is not None or moment.shape != (rows, cols)):
-        raise ValueError(f"output moment of shape {tuple(moment.shape)} does not fit a weight "
-                         f"of shape {(rows, cols)}{layer}" + (" (give it or a cross moment, "
-                                                              "not both)" if cross is not None
-                                                              else ""))
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp64 on request
     diag = torch.diagonal(h).to(dtype)
     if order is not None:
@@ -241,8 +202,8 @@ def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
             vd = a.diagonal().clone()
             a.triu_().div_(vd)
             wt = _transposed(parts, order, dtype)
-            if cross is not None or moment is not None:
-                wt += _dense_correction_t(wt, cross, a, vd, order, moment, h)
+            if cross is not None:
+                wt += _dense_correction_t(wt, cross, a, vd, order)
             wt[dead] = 0.0
             return Factor(wt, a, vd, dead, d)
         del a
@@ -282,29 +243,18 @@ def _transposed(parts: list[Tensor], order: Tensor | None, dtype: torch.dtype) -
     return wt
 
 
-def _dense_correction_t(wt: Tensor, cross: Tensor | None, vn: Tensor, vd: Tensor,
-                        order: Tensor | None, moment: Tensor | None = None,
-                        h: Tensor | None = None) -> Tensor:
+def _dense_correction_t(wt: Tensor, cross: Tensor, vn: Tensor, vd: Tensor,
+                        order: Tensor | None) -> Tensor:
     """``(W C (V Vᵀ)⁻¹)ᵀ = V⁻ᵀ V⁻¹ Cᵀ Wᵀ`` in sweep order: what dense-output calibration adds
     to ``Wᵀ`` (two unit triangular solves with ``V = Vn · diag(vd)``; ``C`` is read in
-    permuted column panels, never copied whole). With the output moment instead, ``Cᵀ Wᵀ =
-    Mᵀ - H Wᵀ`` (``wt`` is still ``Wᵀ`` here, and ``H`` symmetric)."""
-    if order is None and moment is None:
+    permuted column panels, never copied whole)."""
+    if order is None:
         m_t = cross.to(wt.dtype).t() @ wt
     else:
         m_t = torch.empty_like(wt)
         for r0 in range(0, wt.shape[0], _PANEL):
-            r1 = min(r0 + _PANEL, wt.shape[0])
-            cols = torch.arange(r0, r1, device=wt.device) if order is None else order[r0:r1]
-            if moment is None:
-                panel = cross.index_select(1, cols)
-                panel = panel if order is None else panel.index_select(0, order)
-                torch.mm(panel.to(wt.dtype).t(), wt, out=m_t[r0:r1])
-            else:
-                panel = h.index_select(0, cols)
-                panel = panel if order is None else panel.index_select(1, order)
-                m_t[r0:r1] = moment.index_select(1, cols).t().to(wt.dtype)
-                m_t[r0:r1].addmm_(panel.to(wt.dtype), wt, alpha=-1.0)
+            panel = cross.index_select(1, order[r0:r0 + _PANEL]).index_select(0, order)
+            torch.mm(panel.to(wt.dtype).t(), wt, out=m_t[r0:r0 + _PANEL])
     z = torch.linalg.solve_triangular(vn, m_t, upper=True, unitriangular=True)
     z /= vd[:, None].square()
     # Vnᵀ X = Z as Xᵀ Vn = Zᵀ: the factor is read as stored, not transposed and copied

@@ -37,11 +37,9 @@ from .sweep import Sweep
 
 
 def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGPT(),
-              name: str | None = None, cross: Tensor | None = None,
-              moment: Tensor | None = None) -> Compressed:
+              name: str | None = None, cross: Tensor | None = None) -> Compressed:
     """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
-    ``cross`` or the output moment ``moment`` of dense-output calibration, fit the dense
-    layer's output (``hessian.factor``).
+    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
 
     A sequence of weights sharing ``h`` is swept as one stacked weight (see ``gptq``); with
     N:M sparsity the parts then equal their own solves, while unstructured masks are chosen
@@ -55,17 +53,16 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGP
     fixed = None
     if cfg.solver == "admm":
         w = w if isinstance(w, Tensor) else torch.cat(list(w))  # stacked parts: one problem
-        pruned = admm_prune(w, h, cfg.sparsity, cfg.n_m, name=name, cross=cross,
-                            moment=moment)
+        pruned = admm_prune(w, h, cfg.sparsity, cfg.n_m, name=name, cross=cross)
         if cfg.quant is None:
             return pruned
         # the kept weights are the least-squares optimum for the mask: quantizing them with
         # the plain objective ‖X̃(Q - Ẑ)ᵀ‖² is the same problem (the cross term vanishes)
-        original, w, cross, moment = w, pruned.values, None, None
+        original, w, cross = w, pruned.values, None
         fixed = pruned.mask.t().contiguous()
     q = cfg.quant
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
-    f = factor(w, h, cfg.damp, name, cross, moment=moment)
+    f = factor(w, h, cfg.damp, name, cross)
     rows, dev = f.wt.shape[1], f.wt.device
     if q:
         scale_t, zero_t = (torch.stack(t) for t in zip(*(

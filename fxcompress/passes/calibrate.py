@@ -63,7 +63,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from ..algorithms import Compressed, Cross, Hessian, Moment, Statistics
+from ..algorithms import Compressed, Cross, Hessian, Statistics
 from ..kernels.ops import activation
 from ..modules import EXPERT_BANKS, experts_activation
 from ..recipe import CROSS, HESSIAN, Method
@@ -72,7 +72,6 @@ from .liveness import PRICE, Costs, Liveness, SegmentMemory, plan_of_schedule
 from .sites import Site, weight_path
 
 log = logging.getLogger(__name__)
-MOMENT = "moment:"  # key prefix of a site's output moment among the partial sums
 OFFLOAD = (None, "cpu", "disk")
 FIRST, SECOND = EXPERT_BANKS  # an experts block's projections: gate_up, then down
 
@@ -634,7 +633,6 @@ class _Run:
         paths = list(zip([self.kept, self.dense], [replaced, {}], self.plans, strict=False))
         x = self.live.segments[k].barrier
         needs = self._needs(x)
-        moments = {s.node: s for s in self._moment_sites(k, x)}
         self.params.fetch({a for _, weights_of, live in paths for n in live.segments[k].run
                            for a in n.all_input_nodes if self.params.lazy(a)
                            and not (weights_of and self._replaced_weight(n, a))})
@@ -645,19 +643,16 @@ class _Run:
                           [n for n in before - set(seg.keep) if n in kept]))
         if any(seg.run for *_, seg, _, _ in steps) or needs:
             for c in range(self.kept.chunks):
-                xs, ys = [], {}
-                for path, (kept, weights_of, seg, handed, _) in enumerate(steps):
+                xs = []
+                for kept, weights_of, seg, handed, _ in steps:
                     interp.replaced = weights_of
                     interp.env = env = _ChunkEnv(c, kept, self.params)
                     for n, free in zip(seg.run, seg.free, strict=True):
                         env[n] = interp.run_node(n)
-                        if path and n in moments:  # the dense layer's output, bias taken off
-                            b = moments[n].bias
-                            ys[moments[n].fqn] = env[n] if b is None else env[n] - env[b]
                         for a in free:
                             env.pop(a, None)
                     if needs:
-                        xs.append(None if ys else env[x])  # the moments replace the drift
+                        xs.append(env[x])
                     for n in handed:
                         kept.put(n, c, env[n])
                     interp.env = env = None
@@ -665,8 +660,8 @@ class _Run:
                     for n in spent:  # the frontier shrinks as it grows: chunk by chunk
                         kept.release(n, c)
                 if needs:
-                    self._accumulate(needs, *xs, ys)
-                del xs, ys
+                    self._accumulate(needs, *xs)
+                del xs
                 release_freed_memory()
         interp.env, interp.replaced = {}, replaced
         for kept, _, seg, _, _ in steps:
@@ -688,30 +683,17 @@ class _Run:
         todo = [s for s in self.sched.groups[x] if s.fqn not in self.done]
         return frozenset().union(*(self.plan[s.fqn].needs() for s in todo))
 
-    def _moment_sites(self, k: int, x: fx.Node | None) -> list[Site]:
-        """:func:`moment_sites` of barrier ``x`` (segment ``k``) among the sites to solve."""
-        if x is None or self.dense is None or x in self.sched.pinned:
-            return []
-        return moment_sites([s for s in self.sched.groups[x] if s.fqn not in self.done],
-                            self.plan, set(self.plans[1].segments[k].run))
-
     def _accumulate(self, needs: frozenset[str], x_tilde: Tensor,
-                    x: Tensor | None = None, ys: Mapping[str, Tensor] | None = None) -> None:
-        """Add one chunk to this process's partial sums (made on the values' device): H, and
-        with dense-output the cross moment of the dense input ``x`` or, given the dense
-        outputs ``ys`` of the sites (by name), their output moments."""
+                    x: Tensor | None = None) -> None:
+        """Add one chunk to this process's partial sums (made on the values' device)."""
         if not self.sums:
             features, device = x_tilde.shape[-1], x_tilde.device
             self.sums[HESSIAN] = Hessian.zeros(features, device)
-            for name, y in (ys or {}).items():
-                self.sums[MOMENT + name] = Moment.zeros((y.shape[-1], features), device)
-            if CROSS in needs and not ys:
+            if CROSS in needs:
                 self.sums[CROSS] = Cross.zeros(features, device)
         self.sums[HESSIAN].add(x_tilde)
         if CROSS in self.sums:
             self.sums[CROSS].add(x_tilde, x)
-        for name, y in (ys or {}).items():
-            self.sums[MOMENT + name].add(x_tilde, y)
 
     def statistics(self, x: fx.Node, todo: list[Site]) -> dict[int | None, dict[str, Hessian]]:
         """This process's partial sums of what the sites still to solve need of ``x``: one set
@@ -777,14 +759,11 @@ class _Run:
                  "block", s.fqn, self.routed[(x, s.index)], s.shape[1], h.count)
         return h
 
-    def solve(self, s: Site, stats: Statistics | None, moment: Tensor | None = None
-              ) -> tuple[Compressed, LayerReport]:
+    def solve(self, s: Site, stats: Statistics | None) -> tuple[Compressed, LayerReport]:
         t = time.perf_counter()
         method = self.plan[s.fqn]
-        if stats is not None:  # a group's sites may differ in dense_output
-            dense = CROSS in method.needs()
-            stats = dataclasses.replace(stats, cross=stats.cross if dense else None,
-                                        moment=moment if dense else None)
+        if stats is not None and stats.cross is not None and CROSS not in method.needs():
+            stats = dataclasses.replace(stats, cross=None)  # a group's sites may differ
         c = method.solve(self.weight(s), stats, s.fqn)
         seconds = time.perf_counter() - t
         count = stats.count if stats is not None else 0
@@ -803,7 +782,6 @@ class _Run:
         with self.team.guard(names):
             sums = self.statistics(x, todo)
         stats: dict[int | None, Statistics] = {}
-        moments: dict[str, Tensor] = {}  # by site: the output moments, when made
         for key, parts in sums.items():
             for partial in parts.values():
                 self.team.reduce(partial, names)
@@ -815,23 +793,20 @@ class _Run:
                     h = self.all_tokens(x, next(s for s in todo if s.index == key), names)
             stats[key] = Statistics(h.take(), h.count,
                                     parts[CROSS].take() if CROSS in parts else None)
-            moments.update({name[len(MOMENT):]: m.take() for name, m in parts.items()
-                            if name.startswith(MOMENT)})
             del h
         del sums
         if self.on_statistics is not None:
             for s in group:
                 if s.index in stats:
-                    self.on_statistics(s.fqn, dataclasses.replace(
-                        stats[s.index], moment=moments.get(s.fqn)))
+                    self.on_statistics(s.fqn, stats[s.index])
         owners = self.team.owners([self.plan[s.fqn].cost(s.shape) for s in todo])
         mine: dict[str, tuple[Compressed, LayerReport]] = {}
         with self.team.guard(names) as step:
             for s, owner in zip(todo, owners, strict=True):
                 if owner == self.team.rank:
                     step.layer = s.fqn
-                    mine[s.fqn] = self.solve(s, stats.get(s.index), moments.get(s.fqn))
-        del stats, moments
+                    mine[s.fqn] = self.solve(s, stats.get(s.index))
+        del stats
         shared = [(s, *self.team.share(owner, mine.pop(s.fqn, None), s.fqn))
                   for s, owner in zip(todo, owners, strict=True)]
         with self.team.guard(names) as step:
@@ -875,20 +850,6 @@ class _Run:
             if s.attr == FIRST:  # the all-token rule of the second projection reads it
                 self.firsts[s.module_name] = value
         self.interp.replaced[s.node][1][s.index] = w_hat
-
-
-def moment_sites(group: Sequence[Site], plan: Mapping[str, Method],
-                 dense_run: set[fx.Node]) -> list[Site]:
-    """The sites of one barrier whose dense-output statistic is the output moment
-    (:class:`~fxcompress.algorithms.Moment`, ``n·out·in`` flops) instead of the cross moment
-    (``n·in²``): all that need it, when the dense path computes each one's output in the
-    barrier's segment (``dense_run``: its plan runs on past the barrier) and together they
-    are narrower out than in — ``down_proj``. Otherwise none."""
-    todo = [s for s in group if s.fqn in plan and CROSS in plan[s.fqn].needs()]
-    if not todo or any(s.kind != "linear" or s.node not in dense_run for s in todo) \
-            or sum(s.shape[0] for s in todo) >= todo[0].shape[1]:
-        return []
-    return todo
 
 
 def check_routed(h: Hessian, name: str) -> None:
@@ -1034,18 +995,9 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
         as_fp32 = 4 * w if param.dtype != torch.float32 else 0
         return stored + as_fp32 + plan[s.fqn].workspace(s.shape)
 
-    dense_runs = {} if dense_live is None else {
-        seg.barrier: set(d.run) for seg, d in zip(live.segments, dense_live.segments,
-                                                  strict=True) if seg.barrier is not None}
-
     def statistics(x: fx.Node) -> int:  # one set of sums per expert of an experts group
         keys = {s.index: s for s in sched.groups[x] if s.fqn in plan and plan[s.fqn].needs()}
         stats = frozenset().union(*(plan[s.fqn].needs() for s in sched.groups[x]))
-        moments = [] if x in sched.pinned else \
-            moment_sites(sched.groups[x], plan, dense_runs.get(x, set()))
-        if moments:  # H and each site's output moment
-            return 4 * moments[0].shape[1] ** 2 + sum(4 * s.shape[0] * s.shape[1]
-                                                      for s in moments)
         return sum(4 * s.shape[1] ** 2 for s in keys.values()) * len(stats)
 
     costs = Costs(

@@ -204,9 +204,7 @@ def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
     recompute); ``pinned[x]``: values that must be held for all chunks at ``x``'s barrier
     (the statistics of ``x`` are made there from them, not as the chunks run);
     ``later[k]``: positions past its barrier where segment ``k`` may end instead (the dense
-    path's, :func:`dense_segments`) — it ends where its frontier has the fewest bytes, past
-    the barrier on a tie (what the barrier's frontier would recompute is computed once
-    there, and the dense-output statistics can use the layer's output)."""
+    path's, :func:`dense_segments`) — it ends where its frontier has the fewest bytes."""
     pinned = pinned or {}
     frontier = [n for n in inputs if last_use.get(n, -1) >= 0]
     out = Liveness(list(frontier), [])
@@ -222,8 +220,8 @@ def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
             keep = cross | pins if price is None else \
                 _cut(cross | pins | read_after, before, x, nbytes, cost, price, pins)
             size = sum(nbytes(r) for r in {root(v) for v in keep})
-            if best is None or size < best[0] or (size == best[0] and end > barrier_end):
-                best = (size, end, cross, keep)  # on a tie, past the barrier: less recompute
+            if best is None or size < best[0]:
+                best = (size, end, cross, keep)
         _, end, crossing, keep = best
         targets = ({x} if x is not None else set()) | (keep - before)
         run = sorted(_needed(targets, before), key=position.__getitem__)

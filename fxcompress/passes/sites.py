@@ -74,15 +74,6 @@ class Site:
         w = self.param.shape[-2:]
         return (w[1], w[0]) if self.transposed else (w[0], w[1])
 
-    @property
-    def bias(self) -> fx.Node | None:
-        """The bias node a linear site's call adds to ``x Wᵀ`` (None: none, or an expert)."""
-        if self.kind != "linear":
-            return None
-        if self.node.target is aten.addmm.default:
-            return self.node.args[0]
-        return self.node.args[2] if len(self.node.args) > 2 else None
-
     def matrix(self, param: Tensor) -> Tensor:
         """This site's ``(out, in)`` weight inside ``param`` (a view)."""
         w = param if self.index is None else param[self.index]

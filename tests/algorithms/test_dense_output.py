@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxcompress import GPTQ, SparseGPT
-from fxcompress.algorithms import Cross, Hessian, Moment, Statistics, factor
+from fxcompress.algorithms import Cross, Statistics, factor
 
 DT = torch.float64
 
@@ -94,66 +94,6 @@ def test_cross_moment_accumulates_in_batches():
     torch.testing.assert_close(c.value(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
     with pytest.raises(ValueError, match="features"):
         c.add(x_tilde[:, :5], x[:, :5])
-
-
-def _moment(w: torch.Tensor, x_tilde: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """M = 2 (X Wᵀ)ᵀ X̃ / n, the output moment of the dense layer."""
-    return 2 * (x @ w.t().to(x.dtype)).t() @ x_tilde / len(x)
-
-
-@pytest.mark.parametrize("act_order", [False, True])
-def test_output_moment_gives_the_cross_moments_target(act_order):
-    """``factor`` with the output moment M makes the same W* as with the cross moment C
-    (``W C = M − W H``), in the sweep's permuted order too, for stacked weights as well; on
-    a 300-wide layer (more than one panel of the correction)."""
-    x_tilde, x = _inputs(2000, 300, drift=0.2, seed=9)
-    g = torch.Generator().manual_seed(10)
-    parts = [torch.randn(40, 300, generator=g, dtype=DT), torch.randn(24, 300, generator=g,
-                                                                       dtype=DT)]
-    stats = _stats(x_tilde, x)
-    order = torch.randperm(300, generator=g) if act_order else None
-    moment = _moment(torch.cat(parts), x_tilde, x)
-    ref = factor(parts, stats.hessian, cross=stats.cross, order=order).w
-    got = factor(parts, stats.hessian, order=order, moment=moment).w
-    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
-    assert (ref - factor(parts, stats.hessian, order=order).w).norm() > 0.05 * ref.norm()
-    with pytest.raises(ValueError, match="output moment of shape"):
-        factor(parts, stats.hessian, moment=moment[:40])
-    with pytest.raises(ValueError, match="not both"):
-        factor(parts, stats.hessian, cross=stats.cross, moment=moment)
-
-
-@pytest.mark.parametrize("method", [GPTQ(3, 16), SparseGPT(0.5), SparseGPT(n_m=(2, 4),
-                                    quant=GPTQ(4, 16)), SparseGPT(0.5, solver="sweep")],
-                         ids=str)
-def test_methods_solve_alike_from_either_moment(method):
-    """In float32, as calibration accumulates them, both forms give the same compressed
-    layer up to rounding: the dense-output objective of the two results within 0.5 %."""
-    x_tilde, x = _inputs(4096, 96, drift=0.15, seed=11, dtype=torch.float32)
-    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(12))
-    h, c, m = Hessian.zeros(96), Cross.zeros(96), Moment.zeros((40, 96))
-    for a, b in zip(x_tilde.split(1000), x.split(1000), strict=True):
-        h.add(a)
-        c.add(a, b)
-        m.add(a, b @ w.t())
-    with_cross = method.solve(w, Statistics(h.value(), h.count, c.value())).dense()
-    with_moment = method.solve(w, Statistics(h.value(), h.count, moment=m.value())).dense()
-    ours, theirs = (_objective(q, w, x_tilde, x) for q in (with_moment, with_cross))
-    assert abs(ours - theirs) <= 5e-3 * theirs
-    plain = method.solve(w, Statistics(h.value(), h.count)).dense()
-    assert ours < 0.97 * _objective(plain, w, x_tilde, x)
-
-
-def test_output_moment_accumulates_in_batches():
-    x_tilde, x = _inputs(256, 12, drift=0.2, seed=13, dtype=torch.float32)
-    w = torch.randn(5, 12)
-    m = Moment.zeros((5, 12))
-    for a, b in zip(x_tilde.split(100), x.split(100), strict=True):
-        m.add(a, b @ w.t())
-    expected = _moment(w, x_tilde, x)
-    torch.testing.assert_close(m.value(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
-    with pytest.raises(ValueError, match="output moment of shape"):
-        m.add(x_tilde, x[:, :4])
 
 
 METHODS = [GPTQ(4, 16), GPTQ(3, 16, act_order=True), GPTQ(4, -1), SparseGPT(0.5),

@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import torch
 
 from fxcompress import GPTQ
@@ -86,8 +85,7 @@ def _inputs_of(model, module_name, calls):
 def test_dense_output_sees_the_dense_models_inputs():
     """With dense_output, the cross moment at a layer is 2(X − X̃)ᵀX̃/n with X the *dense*
     model's input and X̃ the input of the model compressed so far, both computed by hooks
-    (the dense path runs its own plan, past the barriers). At down_proj (narrower out than
-    in) it is the output moment 2(XWᵀ)ᵀX̃/n instead, which gives the same W·C = M − W·H."""
+    (the dense path runs its own plan, past the barriers)."""
     model = build("llama", layers=2)
     dense = copy.deepcopy(model)
     ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
@@ -113,53 +111,8 @@ def test_dense_output_sees_the_dense_models_inputs():
         if name.endswith("q_proj"):  # nothing compressed before it: no drift at all
             assert torch.count_nonzero(st.cross) == 0
             continue
-        assert cross.abs().max() > 1e-3 * h.abs().max()  # a real drift was measured
-        if name.endswith("down_proj"):
-            w = dense.get_submodule(name).weight.detach()
-            assert st.cross is None and w.shape[0] < w.shape[1]
-            moment = 2 * (x @ w.t()).t() @ x_tilde / n
-            torch.testing.assert_close(st.moment, moment, rtol=1e-3,
-                                       atol=1e-4 * moment.abs().max())
-            wc = w @ cross
-            torch.testing.assert_close(st.moment - w @ st.hessian, wc, rtol=1e-3,
-                                       atol=1e-3 * wc.abs().max())
-            continue
-        assert st.moment is None
         torch.testing.assert_close(st.cross, cross, rtol=1e-3, atol=1e-4 * cross.abs().max())
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "opt"])
-def test_output_moment_takes_the_bias_off_the_dense_output(arch):
-    """GPT-2's Conv1D ``c_proj`` (``addmm``) and OPT's ``fc2`` are narrower out than in and
-    have a bias: their output moment is made from the dense output less the bias, so
-    ``M − W·H`` equals ``W·C`` of the cross moment measured by hooks on both models."""
-    model = build(arch, layers=2)
-    dense = copy.deepcopy(model)
-    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(3))
-    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
-    ep = capture(model, *calls[0])
-    sites, _ = find_sites(ep, model)
-    seen = {}
-    plan = {s.fqn: GPTQ(3, 32, dense_output=True) for s in sites if s.fqn != "lm_head"}
-    results, _ = calibrate(ep, sites, plan, calls, progress=False,
-                           on_statistics=lambda name, st: seen.setdefault(name, st))
-    compressed = copy.deepcopy(dense)
-    for s in sites:
-        if s.fqn in results:
-            compressed.get_submodule(s.fqn).weight.data = s.stored(
-                results[s.fqn].dense())
-    with_moment = [s for s in sites if s.fqn in seen and seen[s.fqn].moment is not None]
-    assert {s.fqn.rsplit(".", 1)[1] for s in with_moment} == \
-        {"c_proj" if arch == "gpt2" else "fc2"}
-    assert [s.fqn for s in with_moment if s.bias is None] == []
-    for s in with_moment[1:]:  # layer 1: the inputs drifted
-        st = seen[s.fqn]
-        x, x_tilde = _inputs_of(dense, s.fqn, calls), _inputs_of(compressed, s.fqn, calls)
-        w = s.matrix(s.param.detach())
-        wc = w @ (2 * (x - x_tilde).t() @ x_tilde / x.shape[0])
-        assert st.cross is None and wc.abs().max() > 1e-3 * (w @ st.hessian).abs().max()
-        torch.testing.assert_close(st.moment - w @ st.hessian, wc, rtol=1e-3,
-                                   atol=2e-3 * wc.abs().max())
+        assert cross.abs().max() > 1e-3 * h.abs().max()  # a real drift was measured
 
 
 def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
