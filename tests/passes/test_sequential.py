@@ -233,3 +233,22 @@ def test_memory_fallbacks_recompute_before_offloading():
 
     fxcompress.compile(model, ids, plan, progress=False, batch_size=4, max_memory=peak)
     assert model.fxcompress_report.offload is None
+
+
+def test_a_site_without_dense_output_ignores_its_group_mates_cross_moment():
+    """q/k/v share one input: when only q_proj asks for dense-output, k_proj and v_proj are
+    still solved on the plain objective (the same result as when no site asks for it)."""
+    model = build("llama", layers=2)
+    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(4))
+    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
+    ep = capture(model, *calls[0])
+    sites, _ = find_sites(ep, model)
+    plain = {s.fqn: GPTQ(3, 32, dense_output=False) for s in sites if s.fqn != "lm_head"}
+    q = "model.layers.1.self_attn.q_proj"
+    mixed = {**plain, q: GPTQ(3, 32, dense_output=True)}
+    ref, _ = calibrate(ep, sites, plain, calls, progress=False)
+    got, _ = calibrate(ep, sites, mixed, calls, progress=False)
+    for p in "kv":
+        name = f"model.layers.1.self_attn.{p}_proj"
+        assert torch.equal(got[name].dense(), ref[name].dense()), name
+    assert not torch.equal(got[q].dense(), ref[q].dense())
