@@ -238,12 +238,8 @@ def test_memory_fallbacks_recompute_before_offloading():
 def test_a_site_without_dense_output_ignores_its_group_mates_cross_moment():
     """q/k/v share one input: when only q_proj asks for dense-output, k_proj and v_proj are
     still solved on the plain objective (the same result as when no site asks for it)."""
-    model = build("llama", layers=2)
-    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(4))
-    calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
-    ep = capture(model, *calls[0])
-    sites, _ = find_sites(ep, model)
-    plain = {s.fqn: GPTQ(3, 32, dense_output=False) for s in sites if s.fqn != "lm_head"}
+    _, _, calls, ep, sites, w4 = _llama_w4(seed=4)
+    plain = {name: GPTQ(3, 32, dense_output=False) for name in w4}
     q = "model.layers.1.self_attn.q_proj"
     mixed = {**plain, q: GPTQ(3, 32, dense_output=True)}
     ref, _ = calibrate(ep, sites, plain, calls, progress=False)
@@ -252,3 +248,22 @@ def test_a_site_without_dense_output_ignores_its_group_mates_cross_moment():
         name = f"model.layers.1.self_attn.{p}_proj"
         assert torch.equal(got[name].dense(), ref[name].dense()), name
     assert not torch.equal(got[q].dense(), ref[q].dense())
+
+
+def test_recomputing_gives_the_same_results_as_keeping():
+    """docs/SCALING.md: recomputed values are computed with the same weights as the first
+    time, so the liveness plan (keep everything, the default price, recompute eagerly) does
+    not change a single code."""
+    from fxcompress.passes.calibrate import _plans, schedule
+    from fxcompress.passes.liveness import EAGER, PRICE
+
+    _, _, calls, ep, sites, plan = _llama_w4(seed=5)
+    sched = schedule(ep.graph_module, sites, plan)
+    recomputed = [sum(len(s.recomputed) for live in _plans(ep, sched, calls[0], r, True)
+                      for s in live.segments) for r in (None, PRICE, EAGER)]
+    assert recomputed[0] == 0 and 0 < recomputed[1] <= recomputed[2]
+    runs = [calibrate(ep, sites, plan, calls, progress=False, recompute=r)[0]
+            for r in (None, PRICE, EAGER)]
+    for name in plan:
+        for got in runs[1:]:
+            assert torch.equal(got[name].dense(), runs[0][name].dense()), name
