@@ -22,6 +22,7 @@ from .passes import calibrate, capture, find_sites, rewrite
 from .passes.calibrate import (
     LayerReport,
     estimate_memory,
+    folds,
     release_freed_memory,
     resident_bytes,
 )
@@ -273,9 +274,11 @@ def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list
     budget = None if max_memory is None else parse_size(max_memory, "max_memory")
     for offload, price in tries:
         segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price)
-        held = [plan[s.fqn].held(s.shape) for s in sites if s.fqn in plan]
-        segments.append(SegmentMemory("the rewrite into compressed modules",
-                                      sum(held) + max(held, default=0), 0, 0))
+        planned = [s for s in sites if s.fqn in plan]
+        held = [plan[s.fqn].held(s.shape, folds(s, plan[s.fqn])) for s in planned]
+        masks = [s.shape[0] * s.shape[1] for s in planned if folds(s, plan[s.fqn])]
+        segments.append(SegmentMemory("the rewrite into compressed modules",  # folded: masks
+                                      sum(held) + max(held, default=0) + sum(masks), 0, 0))
         if budget is None or over_budget(segments, budget) is None:
             break
     if budget is not None:

@@ -249,12 +249,14 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_compressed(cls, c: Compressed, bias: Tensor | None = None,
                         dtype: torch.dtype = torch.float32) -> SparseLinear:
-        if c.values is None or c.mask is None:
+        if c.values is None:
             raise ValueError("SparseLinear needs a pruned, unquantized Compressed result")
         out_features, in_features = c.shape
         m = cls(in_features, out_features, bias is not None, device="meta", dtype=dtype)
-        m.weight = nn.Parameter(c.values.to(dtype) * c.mask)
-        m.mask = c.mask.clone()
+        # values are zero where pruned: a result in the target dtype (an in-memory run's,
+        # folded into the original weight) becomes the weight without a copy
+        m.weight = nn.Parameter(c.values.to(dtype))
+        m.mask = c.keep()
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().to(c.values.device, dtype))
         return m

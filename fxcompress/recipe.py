@@ -77,9 +77,16 @@ class Method:
         small buffers."""
         return 17 * shape[0] * shape[1] + _SMALL
 
-    def held(self, shape: tuple[int, int]) -> int:
+    @property
+    def prunes_in_place(self) -> bool:
+        """Whether results hold kept fp32 values (pruning without quantization), which an
+        in-memory run writes into the layer's own weight rather than hold beside it."""
+        return False
+
+    def held(self, shape: tuple[int, int], folded: bool = False) -> int:
         """Bytes of a solve's result while it is held (until it is written or swapped in):
-        one byte a weight for integer codes or a keep-mask, four for kept fp32 values."""
+        one byte a weight for integer codes or a keep-mask, four for kept fp32 values;
+        nothing for pruned values ``folded`` into the layer's own weight."""
         return shape[0] * shape[1]
 
 
@@ -233,9 +240,14 @@ class SparseGPT(_HessianMethod):
     def _extra_per_weight(self) -> int:
         return 0 if self.quant else 5
 
-    def held(self, shape: tuple[int, int]) -> int:
-        """The keep-mask, and codes or the kept fp32 values."""
-        return shape[0] * shape[1] * (2 if self.quant else 5)
+    @property
+    def prunes_in_place(self) -> bool:
+        return self.quant is None
+
+    def held(self, shape: tuple[int, int], folded: bool = False) -> int:
+        """The keep-mask, and codes or the kept fp32 values (nothing when folded: the values
+        are in the layer's weight, and the mask is their support)."""
+        return shape[0] * shape[1] * (2 if self.quant else 0 if folded else 5)
 
 
 @dataclass(frozen=True)
@@ -261,9 +273,14 @@ class Magnitude(Method):
     def workspace(self, shape: tuple[int, int]) -> int:
         return 26 * shape[0] * shape[1] + _SMALL
 
-    def held(self, shape: tuple[int, int]) -> int:
-        """The keep-mask, and codes or the kept fp32 values."""
-        return shape[0] * shape[1] * (2 if self.quant else 5)
+    @property
+    def prunes_in_place(self) -> bool:
+        return self.quant is None
+
+    def held(self, shape: tuple[int, int], folded: bool = False) -> int:
+        """The keep-mask, and codes or the kept fp32 values (nothing when folded: the values
+        are in the layer's weight, and the mask is their support)."""
+        return shape[0] * shape[1] * (2 if self.quant else 0 if folded else 5)
 
 
 def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:

@@ -27,8 +27,12 @@ class Compressed:
     bits: int | None = None
     group_size: int | None = None  # effective size (in_features for per-channel)
     sym: bool = False
-    mask: Tensor | None = None  # bool (out, in): True where the weight is kept
-    values: Tensor | None = None  # float32 (out, in): pruned, not quantized weights
+    # bool (out, in): True where the weight is kept; None for pruned ``values`` that are
+    # nonzero exactly where kept (``calibrate``'s fold drops it then: see :meth:`keep`)
+    mask: Tensor | None = None
+    # (out, in) pruned, not quantized weights, zero where ``mask`` is False: float32, or after
+    # an in-memory run the layer's own weight in its dtype (``calibrate``'s fold)
+    values: Tensor | None = None
     damp: float | None = None  # relative damping that was used (None: no Hessian)
     row_loss: Tensor | None = None  # (out,) the loss of each output row
 
@@ -50,6 +54,10 @@ class Compressed:
         if start != self.shape[0]:
             raise ValueError(f"split sizes {sizes} do not add up to {self.shape[0]} rows")
         return parts
+
+    def keep(self) -> Tensor | None:
+        """The keep-mask (None: not pruned), made from the values' support where dropped."""
+        return self.values != 0 if self.mask is None and self.values is not None else self.mask
 
     @property
     def quantized(self) -> bool:
@@ -77,8 +85,9 @@ class Compressed:
                                     grid.expand(self.zero.float(), g))
             return w if self.mask is None else w.mul_(self.mask)
         if self.values is not None:
-            return self.values
+            return self.values.float()
         raise ValueError("Compressed holds neither codes nor values")
 
     def sparsity(self) -> float:
-        return 0.0 if self.mask is None else 1.0 - self.mask.float().mean().item()
+        keep = self.keep()
+        return 0.0 if keep is None else 1.0 - keep.float().mean().item()

@@ -606,6 +606,7 @@ class _Run:
     firsts: dict[str, Tensor] = field(default_factory=dict)  # compressed gate_up per block
     reports: list[LayerReport] = field(default_factory=list)
     data_free: bool = False  # no site needs activations: nothing is run, nothing replaced
+    unfolded: list[tuple[Site, Compressed]] = field(default_factory=list)  # see fold()
 
     @property
     def plans(self) -> list[Liveness]:
@@ -670,6 +671,7 @@ class _Run:
         for n in [n for n in replaced if self.live.last_segment.get(n, -1) <= k]:
             del replaced[n]
         self.params.release(self.last_read, k)
+        self.fold()
 
     def _replaced_weight(self, node: fx.Node, arg: fx.Node) -> bool:
         return node in self.interp.replaced and \
@@ -829,6 +831,9 @@ class _Run:
             self.sink(s, c, report)
         else:
             self.results[s.fqn] = c
+            if folds(s, c):
+                self.unfolded.append((s, c))
+                self.fold()
         self.bar.set_postfix_str(f"{s.fqn} loss={c.loss:.3g} {report.seconds:.2f}s")
         self.bar.update()
 
@@ -850,6 +855,34 @@ class _Run:
             if s.attr == FIRST:  # the all-token rule of the second projection reads it
                 self.firsts[s.module_name] = value
         self.interp.replaced[s.node][1][s.index] = w_hat
+
+    def fold(self) -> None:
+        """Write held pruned values into their layers' own parameters once neither path reads
+        the originals any more (the dense path can, after the compressed one has switched to
+        the result), and let the result point at that storage: a run then holds no second
+        fp32 weight per pruned layer (nor its keep-mask, when that is the weight's support),
+        and the rewrite makes its ``SparseLinear`` of the same storage. The user's model
+        changes in place, as ``fxcompress.compile`` says it does."""
+        waiting = []
+        for s, c in self.unfolded:
+            if not self.data_free and self.last_read.get(s.weight, -1) > self.segment:
+                waiting.append((s, c))
+                continue
+            param = s.param.detach()
+            param.copy_(c.values)  # zero where pruned (Compressed.values)
+            c.values = param
+            if torch.equal(param != 0, c.mask):  # no kept weight is zero (in its dtype)
+                c.mask = None  # the support is the mask: made again by the rewrite
+        self.unfolded = waiting
+
+
+def folds(s: Site, c: Compressed | Method) -> bool:
+    """Whether a held result of ``s`` (or of its method, for the estimate) is folded into the
+    site's parameter (:meth:`_Run.fold`): pruned, unquantized values of a linear owning an
+    unshared, resident ``(out, in)`` weight."""
+    pruned = c.values is not None if isinstance(c, Compressed) else c.prunes_in_place
+    return (pruned and s.index is None and not s.transposed and not s.tied
+            and not s.param.is_meta)
 
 
 def check_routed(h: Hessian, name: str) -> None:
@@ -1002,7 +1035,8 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
 
     costs = Costs(
         chunk_bytes, len(chunks), offload, CROSS in needs, loaded, solve,
-        result=lambda s: plan[s.fqn].held(s.shape), keep_results=keep_results,
+        result=lambda s: plan[s.fqn].held(s.shape, keep_results and folds(s, plan[s.fqn])),
+        keep_results=keep_results,
         replaced=lambda s: s.shape[0] * s.shape[1] * s.param.dtype.itemsize,
         statistics=statistics, op_workspace=lambda n, c: liveness.op_workspace(n, binds[c]))
     return liveness.estimate(live, sched.groups, costs, dense_live)

@@ -1,6 +1,7 @@
 """fxcompress.compile end to end on small models of each supported architecture."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -177,3 +178,65 @@ def test_data_free_methods_run_no_forward_pass(monkeypatch):
     torch.testing.assert_close(up.weight, baselines.magnitude(weight, Magnitude(0.5)).dense())
     with pytest.raises(AssertionError, match="data-free"):  # GPTQ needs the data
         fxcompress.compile(build("llama"), _calibration(), GPTQ(4, 32), progress=False)
+
+
+@pytest.mark.parametrize("arch, method", [
+    ("llama", SparseGPT(0.5)),
+    ("qwen2", SparseGPT(n_m=(2, 4))),
+    ("llama", SparseGPT(0.5, dense_output=False)),
+    ("opt", fxcompress.Magnitude(0.6)),
+], ids=["llama-50", "qwen2-2:4", "llama-50-plain", "opt-magnitude"])
+def test_pruned_values_are_folded_into_the_original_weights(monkeypatch, arch, method):
+    """An in-memory run writes each layer's pruned values into the layer's own weight once
+    neither path reads the original any more: the compressed model's ``SparseLinear`` weights
+    are the original storage (no second fp32 copy nor a mask is held), and the result is that of
+    a run holding the values beside the originals. A fold before the dense path's last read
+    of a weight (dense-output calibration) would change every later layer's statistics."""
+    calibrate_pass = sys.modules["fxcompress.passes.calibrate"]  # the package's name is the verb
+    model = build(arch, layers=3)
+    held = copy.deepcopy(model)
+    originals = {n: m.weight.data_ptr() for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear)}
+    embedding = model.get_input_embeddings().weight
+    tied = {n for n, m in model.named_modules() if getattr(m, "weight", None) is embedding}
+    embedding = embedding.detach().clone()
+    calib = _calibration(n=16, seq=24)
+    with monkeypatch.context() as m:
+        m.setattr(calibrate_pass, "folds", lambda s, c: False)
+        fxcompress.compile(held, calib, method, progress=False)
+    seen = {}
+
+    def rewrite(model, sites, results):  # what the run held at its end
+        seen.update({n: (c.mask, c.values.data_ptr()) for n, c in results.items()})
+        return api_rewrite(model, sites, results)
+
+    api_rewrite = sys.modules["fxcompress.api"].rewrite
+    monkeypatch.setattr(sys.modules["fxcompress.api"], "rewrite", rewrite)
+    fxcompress.compile(model, calib, method, progress=False)
+    pruned = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    # no second weight held, nor a mask: the folded weight's support is the mask
+    assert seen == {n: (None, originals[n]) for n in pruned}
+    assert set(pruned) == set(originals) - tied
+    for name, m in pruned.items():
+        ref = held.get_submodule(name)
+        assert m.weight.data_ptr() == originals[name], name
+        assert torch.equal(m.mask, ref.mask) and torch.equal(m.weight, ref.weight), name
+        assert ref.weight.data_ptr() != originals[name]
+        assert not m.weight[~m.mask].any()
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # a tied head: not
+
+
+def test_a_kept_zero_weight_keeps_the_mask():
+    """The fold drops a result's mask only when it is the weight's support: a layer whose
+    kept weights include exact zeros keeps the algorithm's mask (the requested sparsity)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :48] = 0  # 75 % zeros: magnitude pruning at 50 % keeps some
+    x = torch.randn(64, 64)
+    fxcompress.compile(model, [x[i:i + 16] for i in range(0, 64, 16)], fxcompress.Magnitude(0.5),
+                       progress=False)
+    first, second = model[0], model[2]
+    assert isinstance(first, SparseLinear) and isinstance(second, SparseLinear)
+    assert first.sparsity() == second.sparsity() == 0.5
+    assert (first.weight == 0).float().mean() == 0.75
