@@ -23,6 +23,7 @@ from .passes.calibrate import (
     LayerReport,
     estimate_memory,
     folds,
+    held_bytes,
     release_freed_memory,
     resident_bytes,
 )
@@ -275,10 +276,11 @@ def fit_memory(ep: Any, sites: list[Site], plan: dict[str, Method], chunks: list
     for offload, price in tries:
         segments = estimate_memory(ep, sites, plan, chunks, offload=offload, recompute=price)
         planned = [s for s in sites if s.fqn in plan]
-        held = [plan[s.fqn].held(s.shape, folds(s, plan[s.fqn])) for s in planned]
+        held = [held_bytes(s, plan[s.fqn], True) for s in planned]
         masks = [s.shape[0] * s.shape[1] for s in planned if folds(s, plan[s.fqn])]
-        segments.append(SegmentMemory("the rewrite into compressed modules",  # folded: masks
-                                      sum(held) + max(held, default=0) + sum(masks), 0, 0))
+        # the results held, the kernel layouts their modules add, the masks of folded ones
+        segments.append(SegmentMemory("the rewrite into compressed modules",
+                                      2 * sum(held) + sum(masks), 0, 0))
         if budget is None or over_budget(segments, budget) is None:
             break
     if budget is not None:

@@ -80,17 +80,17 @@ class QuantLinear(nn.Module):
         if not c.quantized:
             raise ValueError("QuantLinear needs a quantized Compressed result")
         out_features, in_features = c.shape
-        device = c.codes.device
+        device = c.scale.device
         m = cls(in_features, out_features, c.bits, c.group_size, c.sym, bias is not None,
-                dynamic_groups=not c.static_groups, sparse=c.mask is not None, device="meta",
+                dynamic_groups=not c.static_groups, sparse=c.pruned, device="meta",
                 dtype=dtype)
-        m.weight_packed = pack.pack(c.codes, c.bits)
+        m.weight_packed = c.packed if c.packed is not None else pack.pack(c.codes, c.bits)
         m.weight_scale = c.scale.to(torch.float16)
         m.weight_zero_point = c.zero.to(torch.uint8)
         if m.weight_g_idx is not None:
             m.weight_g_idx = c.g_idx.to(torch.int32)
         if m.weight_bitmask is not None:
-            m.weight_bitmask = pack.pack_bitmask(c.mask)
+            m.weight_bitmask = c.bitmask if c.bitmask is not None else pack.pack_bitmask(c.mask)
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
         if prepare:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -83,11 +84,17 @@ class Method:
         in-memory run writes into the layer's own weight rather than hold beside it."""
         return False
 
-    def held(self, shape: tuple[int, int], folded: bool = False) -> int:
+    def held(self, shape: tuple[int, int], compact: bool = False, folded: bool = False) -> int:
         """Bytes of a solve's result while it is held (until it is written or swapped in):
-        one byte a weight for integer codes or a keep-mask, four for kept fp32 values;
-        nothing for pruned values ``folded`` into the layer's own weight."""
-        return shape[0] * shape[1]
+        one byte a weight for integer codes or a keep-mask, four for kept fp32 values; packed
+        codes and mask when ``compact`` (an in-memory run's results but experts'); nothing
+        for pruned values ``folded`` into the layer's own weight."""
+        return _codes(shape, getattr(self, "bits", 8), compact)
+
+
+def _codes(shape: tuple[int, int], bits: int, packed: bool) -> int:
+    """Bytes of ``bits``-bit codes (a mask: 1 bit), one a byte or packed."""
+    return shape[0] * (math.ceil(shape[1] * bits / 32) * 4 if packed else shape[1])
 
 
 class _HessianMethod(Method):
@@ -244,10 +251,13 @@ class SparseGPT(_HessianMethod):
     def prunes_in_place(self) -> bool:
         return self.quant is None
 
-    def held(self, shape: tuple[int, int], folded: bool = False) -> int:
+    def held(self, shape: tuple[int, int], compact: bool = False, folded: bool = False) -> int:
         """The keep-mask, and codes or the kept fp32 values (nothing when folded: the values
         are in the layer's weight, and the mask is their support)."""
-        return shape[0] * shape[1] * (2 if self.quant else 0 if folded else 5)
+        if self.quant is None and folded:
+            return 0
+        mask = _codes(shape, 1, compact)
+        return mask + (self.quant.held(shape, compact) if self.quant else 4 * shape[0] * shape[1])
 
 
 @dataclass(frozen=True)
@@ -277,10 +287,13 @@ class Magnitude(Method):
     def prunes_in_place(self) -> bool:
         return self.quant is None
 
-    def held(self, shape: tuple[int, int], folded: bool = False) -> int:
+    def held(self, shape: tuple[int, int], compact: bool = False, folded: bool = False) -> int:
         """The keep-mask, and codes or the kept fp32 values (nothing when folded: the values
         are in the layer's weight, and the mask is their support)."""
-        return shape[0] * shape[1] * (2 if self.quant else 0 if folded else 5)
+        if self.quant is None and folded:
+            return 0
+        mask = _codes(shape, 1, compact)
+        return mask + (self.quant.held(shape, compact) if self.quant else 4 * shape[0] * shape[1])
 
 
 def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:

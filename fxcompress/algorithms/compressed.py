@@ -3,7 +3,8 @@
 Everything needed to rebuild the compressed weight exactly, in plain tensors: integer codes
 with their grid (scales, zero points, group index) for quantized layers, a keep-mask for
 pruned ones, dense kept values for pruned-but-not-quantized ones, and the loss the algorithm
-measured. Packing into storage layouts happens elsewhere (``kernels/pack.py``).
+measured. Packing into storage layouts happens elsewhere (``kernels/pack.py``); a result held
+until its module is made can be compacted to the packed codes and mask (:meth:`compact`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels import pack
 from . import grid
 
 
@@ -34,6 +36,8 @@ class Compressed:
     # an in-memory run the layer's own weight in its dtype (``calibrate``'s fold)
     values: Tensor | None = None
     damp: float | None = None  # relative damping that was used (None: no Hessian)
+    packed: Tensor | None = None  # ``codes`` packed as QuantLinear stores them (compact)
+    bitmask: Tensor | None = None  # ``mask`` packed 8 to a byte (compact)
     row_loss: Tensor | None = None  # (out,) the loss of each output row
 
     def split(self, sizes: list[int]) -> list[Compressed]:
@@ -49,19 +53,44 @@ class Compressed:
                 loss=float("nan") if row_loss is None else float(row_loss.sum()),
                 codes=cut(self.codes), scale=cut(self.scale), zero=cut(self.zero),
                 g_idx=self.g_idx, bits=self.bits, group_size=self.group_size, sym=self.sym,
-                mask=cut(self.mask), values=cut(self.values), damp=self.damp, row_loss=row_loss))
+                mask=cut(self.mask), values=cut(self.values), damp=self.damp, row_loss=row_loss,
+                packed=cut(self.packed), bitmask=cut(self.bitmask)))
             start += size
         if start != self.shape[0]:
             raise ValueError(f"split sizes {sizes} do not add up to {self.shape[0]} rows")
         return parts
 
     def keep(self) -> Tensor | None:
-        """The keep-mask (None: not pruned), made from the values' support where dropped."""
-        return self.values != 0 if self.mask is None and self.values is not None else self.mask
+        """The keep-mask (None: not pruned), unpacked, or made from the values' support where
+        it was dropped."""
+        if self.mask is not None:
+            return self.mask
+        if self.bitmask is not None:
+            return pack.unpack_bitmask(self.bitmask, self.shape[1])
+        return self.values != 0 if self.values is not None else None
+
+    @property
+    def pruned(self) -> bool:
+        return self.mask is not None or self.bitmask is not None or self.values is not None
+
+    def integer_codes(self) -> Tensor:
+        """The codes ``(out, in)`` uint8, unpacked if :meth:`compact` packed them."""
+        if self.codes is not None:
+            return self.codes
+        return pack.unpack(self.packed, self.bits, self.shape[1]).to(torch.uint8)
+
+    def compact(self) -> None:
+        """Hold the codes and the keep-mask packed, as a compressed module stores them: half
+        the bytes of uint8 codes at 4 bits, an eighth of a bool mask. An in-memory run holds
+        its results so until it makes their modules."""
+        if self.codes is not None:
+            self.packed, self.codes = pack.pack(self.codes, self.bits), None
+        if self.mask is not None:
+            self.bitmask, self.mask = pack.pack_bitmask(self.mask), None
 
     @property
     def quantized(self) -> bool:
-        return self.codes is not None
+        return self.codes is not None or self.packed is not None
 
     @property
     def static_groups(self) -> bool:
@@ -73,17 +102,18 @@ class Compressed:
 
     def dense(self) -> Tensor:
         """The compressed weight as a dense float32 ``(out, in)`` matrix."""
-        if self.codes is not None:
+        if self.quantized:
+            codes, keep = self.integer_codes(), self.keep()
             if self.static_groups:  # (codes - zero) * scale group by group, in one buffer
                 rows, cols = self.shape
-                w = self.codes.reshape(rows, -1, self.group_size).float()
+                w = codes.reshape(rows, -1, self.group_size).float()
                 w.sub_(self.zero.float()[..., None]).mul_(self.scale[..., None])
                 w = w.view(rows, cols)
             else:
                 g = self.g_idx.long()
-                w = grid.dequantize(self.codes, grid.expand(self.scale, g),
+                w = grid.dequantize(codes, grid.expand(self.scale, g),
                                     grid.expand(self.zero.float(), g))
-            return w if self.mask is None else w.mul_(self.mask)
+            return w if keep is None else w.mul_(keep)
         if self.values is not None:
             return self.values.float()
         raise ValueError("Compressed holds neither codes nor values")

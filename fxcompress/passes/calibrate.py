@@ -834,6 +834,8 @@ class _Run:
             if folds(s, c):
                 self.unfolded.append((s, c))
                 self.fold()
+            elif s.index is None:  # an experts module is made of its experts' plain results
+                c.compact()
         self.bar.set_postfix_str(f"{s.fqn} loss={c.loss:.3g} {report.seconds:.2f}s")
         self.bar.update()
 
@@ -862,7 +864,8 @@ class _Run:
         the result), and let the result point at that storage: a run then holds no second
         fp32 weight per pruned layer (nor its keep-mask, when that is the weight's support),
         and the rewrite makes its ``SparseLinear`` of the same storage. The user's model
-        changes in place, as ``fxcompress.compile`` says it does."""
+        changes in place, as ``fxcompress.compile`` says it does. (Other held results are
+        compacted as they are made: :meth:`Compressed.compact`.)"""
         waiting = []
         for s, c in self.unfolded:
             if not self.data_free and self.last_read.get(s.weight, -1) > self.segment:
@@ -873,6 +876,7 @@ class _Run:
             c.values = param
             if torch.equal(param != 0, c.mask):  # no kept weight is zero (in its dtype)
                 c.mask = None  # the support is the mask: made again by the rewrite
+            c.compact()
         self.unfolded = waiting
 
 
@@ -883,6 +887,13 @@ def folds(s: Site, c: Compressed | Method) -> bool:
     pruned = c.values is not None if isinstance(c, Compressed) else c.prunes_in_place
     return (pruned and s.index is None and not s.transposed and not s.tied
             and not s.param.is_meta)
+
+
+def held_bytes(s: Site, method: Method, in_memory: bool) -> int:
+    """Bytes a run holds of ``s``'s result until its module is made: an in-memory run
+    (``calibrate`` returning its results) compacts or folds them (:meth:`_Run.finish`)."""
+    return method.held(s.shape, in_memory and s.index is None,
+                       in_memory and folds(s, method))
 
 
 def check_routed(h: Hessian, name: str) -> None:
@@ -1035,8 +1046,7 @@ def estimate_memory(ep: ExportedProgram, sites: Sequence[Site], plan: dict[str, 
 
     costs = Costs(
         chunk_bytes, len(chunks), offload, CROSS in needs, loaded, solve,
-        result=lambda s: plan[s.fqn].held(s.shape, keep_results and folds(s, plan[s.fqn])),
-        keep_results=keep_results,
+        result=lambda s: held_bytes(s, plan[s.fqn], keep_results), keep_results=keep_results,
         replaced=lambda s: s.shape[0] * s.shape[1] * s.param.dtype.itemsize,
         statistics=statistics, op_workspace=lambda n, c: liveness.op_workspace(n, binds[c]))
     return liveness.estimate(live, sched.groups, costs, dense_live)

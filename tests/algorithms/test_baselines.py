@@ -30,3 +30,23 @@ def test_magnitude_with_rtn_quantizes_the_kept_weights():
     c = magnitude(w, Magnitude(n_m=(2, 4), quant=RTN(bits=4, group_size=32)))
     assert (c.dense()[~c.mask] == 0).all()
     assert c.quantized and c.sparsity() == 0.5
+
+
+@pytest.mark.parametrize("method", [RTN(3, 32), RTN(4, 16), RTN(8, -1),
+                                    Magnitude(n_m=(2, 4), quant=RTN(4, 16)), Magnitude(0.6)],
+                         ids=["w3", "w4", "w8", "2:4+w4", "60%"])
+def test_a_compacted_result_is_the_same_result(method):
+    """``Compressed.compact`` (what an in-memory run holds) packs codes and mask without
+    changing the weight, its mask, its codes, or how it splits into stacked layers' parts."""
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(7))
+    c = method.solve(w, None)
+    dense, keep, codes = c.dense(), c.keep(), c.codes
+    parts = c.split([16, 32])
+    c.compact()
+    assert c.mask is None and c.codes is None
+    assert torch.equal(c.dense(), dense)
+    assert keep is None and c.keep() is None or torch.equal(c.keep(), keep)
+    if codes is not None:
+        assert torch.equal(c.integer_codes(), codes)
+    for part, packed_part in zip(parts, c.split([16, 32]), strict=True):
+        assert torch.equal(part.dense(), packed_part.dense())

@@ -240,3 +240,41 @@ def test_a_kept_zero_weight_keeps_the_mask():
     assert isinstance(first, SparseLinear) and isinstance(second, SparseLinear)
     assert first.sparsity() == second.sparsity() == 0.5
     assert (first.weight == 0).float().mean() == 0.75
+
+
+@pytest.mark.parametrize("name", ["gptq-w3", "sparsegpt-2:4+w4"])
+def test_held_results_are_compacted(monkeypatch, name):
+    """Until their modules are made, an in-memory run holds quantized results packed as the
+    modules store them (codes ``bits`` to the byte, the mask 8): the modules take those
+    buffers as they are, and the model equals a run that held them unpacked."""
+    from fxcompress.algorithms import Compressed
+
+    api = sys.modules["fxcompress.api"]
+    method, calib = METHODS[name], _calibration(n=16, seq=24)
+    model = build("qwen2", layers=2)
+    loose = copy.deepcopy(model)
+    with monkeypatch.context() as m:
+        m.setattr(Compressed, "compact", lambda self: None)
+        fxcompress.compile(loose, calib, method, progress=False)
+    seen = {}
+
+    def rewrite(model, sites, results):
+        seen.update({n: (c.codes, c.mask, c.packed, c.bitmask) for n, c in results.items()})
+        return api_rewrite(model, sites, results)
+
+    api_rewrite = api.rewrite
+    monkeypatch.setattr(api, "rewrite", rewrite)
+    fxcompress.compile(model, calib, method, progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(layers) == set(seen) and len(layers) == 15
+    sparse = name.startswith("sparsegpt")
+    for n, m in layers.items():
+        codes, mask, packed, bitmask = seen[n]
+        assert codes is None and mask is None and packed.dtype == torch.int32
+        assert m.weight_packed.data_ptr() == packed.data_ptr()
+        assert (bitmask is not None) == sparse
+        if sparse:
+            assert m.weight_bitmask.data_ptr() == bitmask.data_ptr()
+            assert torch.equal(m.weight_bitmask, loose.get_submodule(n).weight_bitmask)
+        assert torch.equal(m.codes(), loose.get_submodule(n).codes()), n
+        assert torch.equal(m.weight_scale, loose.get_submodule(n).weight_scale), n
