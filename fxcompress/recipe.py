@@ -97,6 +97,25 @@ def _codes(shape: tuple[int, int], bits: int, packed: bool) -> int:
     return shape[0] * (math.ceil(shape[1] * bits / 32) * 4 if packed else shape[1])
 
 
+class _Pruning:
+    """What SparseGPT and magnitude pruning hold of a result: a keep-mask, and the codes of
+    ``quant`` or the kept fp32 values."""
+
+    quant: Method | None
+
+    @property
+    def prunes_in_place(self) -> bool:
+        return self.quant is None
+
+    def held(self, shape: tuple[int, int], compact: bool = False, folded: bool = False) -> int:
+        """The keep-mask, and codes or the kept fp32 values (nothing when folded: the values
+        are in the layer's weight, and the mask is their support)."""
+        if self.quant is None and folded:
+            return 0
+        mask = _codes(shape, 1, compact)
+        return mask + (self.quant.held(shape, compact) if self.quant else 4 * shape[0] * shape[1])
+
+
 class _HessianMethod(Method):
     """GPTQ and SparseGPT: a sweep over the columns with the layer Hessian."""
 
@@ -193,7 +212,7 @@ class GPTQ(_HessianMethod):
 
 
 @dataclass(frozen=True)
-class SparseGPT(_HessianMethod):
+class SparseGPT(_Pruning, _HessianMethod):
     """SparseGPT pruning (Frantar & Alistarh, 2023), optionally quantizing the kept weights
     in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp, block and
     dense_output do not: the SparseGPT's own do; nor does its act_order: the mask selection
@@ -247,21 +266,9 @@ class SparseGPT(_HessianMethod):
     def _extra_per_weight(self) -> int:
         return 0 if self.quant else 5
 
-    @property
-    def prunes_in_place(self) -> bool:
-        return self.quant is None
-
-    def held(self, shape: tuple[int, int], compact: bool = False, folded: bool = False) -> int:
-        """The keep-mask, and codes or the kept fp32 values (nothing when folded: the values
-        are in the layer's weight, and the mask is their support)."""
-        if self.quant is None and folded:
-            return 0
-        mask = _codes(shape, 1, compact)
-        return mask + (self.quant.held(shape, compact) if self.quant else 4 * shape[0] * shape[1])
-
 
 @dataclass(frozen=True)
-class Magnitude(Method):
+class Magnitude(_Pruning, Method):
     """Magnitude pruning: the baseline every SparseGPT row is compared to. ``quant`` rounds the
     kept weights to nearest (the joint baseline)."""
 
@@ -282,18 +289,6 @@ class Magnitude(Method):
 
     def workspace(self, shape: tuple[int, int]) -> int:
         return 26 * shape[0] * shape[1] + _SMALL
-
-    @property
-    def prunes_in_place(self) -> bool:
-        return self.quant is None
-
-    def held(self, shape: tuple[int, int], compact: bool = False, folded: bool = False) -> int:
-        """The keep-mask, and codes or the kept fp32 values (nothing when folded: the values
-        are in the layer's weight, and the mask is their support)."""
-        if self.quant is None and folded:
-            return 0
-        mask = _codes(shape, 1, compact)
-        return mask + (self.quant.held(shape, compact) if self.quant else 4 * shape[0] * shape[1])
 
 
 def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
