@@ -207,7 +207,7 @@ def test_pruned_values_are_folded_into_the_original_weights(monkeypatch, arch, m
     seen = {}
 
     def rewrite(model, sites, results):  # what the run held at its end
-        seen.update({n: (c.mask, c.values.data_ptr()) for n, c in results.items()})
+        seen.update({n: (c.mask, c.bitmask, c.values.data_ptr()) for n, c in results.items()})
         return api_rewrite(model, sites, results)
 
     api_rewrite = sys.modules["fxcompress.api"].rewrite
@@ -215,7 +215,7 @@ def test_pruned_values_are_folded_into_the_original_weights(monkeypatch, arch, m
     fxcompress.compile(model, calib, method, progress=False)
     pruned = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
     # no second weight held, nor a mask: the folded weight's support is the mask
-    assert seen == {n: (None, originals[n]) for n in pruned}
+    assert seen == {n: (None, None, originals[n]) for n in pruned}
     assert set(pruned) == set(originals) - tied
     for name, m in pruned.items():
         ref = held.get_submodule(name)
