@@ -5,24 +5,25 @@ from fxcompress.algorithms import Hessian, HessianNotPositiveDefinite, factor, g
 from fxcompress.recipe import GPTQ
 
 
-def test_accumulates_any_leading_shape_and_partial_sums_add_up():
-    x = torch.randn(3, 5, 7, 16)
-    whole = Hessian.zeros(16)
+@pytest.mark.parametrize("features", [16, 300])  # full, and triangular in ragged panels
+def test_accumulates_any_leading_shape_and_partial_sums_add_up(features):
+    x = torch.randn(3, 5, 7, features, dtype=torch.float64).float()
+    whole = Hessian.zeros(features)
     whole.add(x)
-    parts = [Hessian.zeros(16) for _ in range(3)]
+    parts = [Hessian.zeros(features) for _ in range(3)]
     for p, xi in zip(parts, x, strict=True):
         p.add(xi)
     merged = parts[0]
     merged.merge(parts[1])
     merged.merge(parts[2])
-    flat = x.reshape(-1, 16)
-    expected = 2 * flat.t() @ flat / flat.shape[0]
+    flat = x.reshape(-1, features).double()
+    expected = (2 * flat.t() @ flat / flat.shape[0]).float()
     assert whole.count == merged.count == 105
     torch.testing.assert_close(whole.value(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged.value(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("features", [48, 1100])  # full, and triangular in panels of 256
+@pytest.mark.parametrize("features", [48, 1100])  # full, and triangular in panels of 128
 def test_take_equals_value_and_consumes_the_sum(features):
     h = Hessian.zeros(features)
     h.add(torch.randn(300, features))
