@@ -116,15 +116,26 @@ def test_max_memory_too_small_is_a_clear_error(folder, tmp_path, capsys):
 
 def test_torchrun_two_ranks(folder, tmp_path):
     """`torchrun --nproc_per_node=2 -m fxcompress compress ...` writes the same checkpoint
-    as one process (up to the order of the Hessian sums: codes may differ in rare ties)."""
+    as one process up to the order of the Hessian sums: a rare tie can move a group's zero
+    point and the codes after it in its row, so the dequantized weights are compared."""
     import subprocess
     import sys
 
-    assert main(_compress_args(folder, tmp_path / "one")) == 0
+    def nibbles(words):  # gptq-w4g64 packs eight codes (or zero points) a word
+        return (words.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 15
+
+    def dequantized(t, layer):  # (code - zero point) * scale, groups of 64
+        scale = t[f"{layer}.weight_scale"].float()
+        codes = nibbles(t[f"{layer}.weight_packed"]).flatten(1)
+        zero = nibbles(t[f"{layer}.weight_zero_point"].t()).flatten(1).t()
+        return ((codes - zero.repeat_interleave(64, 1)) * scale.repeat_interleave(64, 1))
+
+    more = ("--samples", "64")  # more tokens than the widest input: no near-singular solve
+    assert main(_compress_args(folder, tmp_path / "one", *more)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--standalone", "-m", "fxcompress",
-                          *_compress_args(folder, tmp_path / "two")],
+                          *_compress_args(folder, tmp_path / "two", *more)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("| model.layers.0.self_attn.q_proj | GPTQ |") == 1  # rank 0 only
@@ -133,8 +144,14 @@ def test_torchrun_two_ranks(folder, tmp_path):
     for k in one:
         if one[k].is_floating_point():
             torch.testing.assert_close(two[k], one[k], rtol=1e-2, atol=1e-3, msg=k)
-        else:
-            assert (one[k] != two[k]).float().mean() < 0.01, k
+        elif k.endswith("weight_packed"):
+            layer = k.removesuffix(".weight_packed")
+            a, b = dequantized(one, layer), dequantized(two, layer)
+            error = ((b - a).norm() / a.norm()).item()
+            moved = (a != b).float().mean().item()
+            assert error < 0.02 and moved < 0.02, (layer, error, moved)
+        elif not k.endswith("weight_zero_point"):
+            assert torch.equal(one[k], two[k]), k
 
 
 def test_compare_writes_table_plot_and_token_ids(folder, tmp_path, capsys):
