@@ -116,8 +116,8 @@ def test_max_memory_too_small_is_a_clear_error(folder, tmp_path, capsys):
 
 def test_torchrun_two_ranks(folder, tmp_path):
     """`torchrun --nproc_per_node=2 -m fxcompress compress ...` writes the same checkpoint
-    as one process up to the order of the Hessian sums: a rare tie can move a group's zero
-    point and the codes after it in its row, so the dequantized weights are compared."""
+    as one process up to the order of the statistics' float sums, which can send a rounding
+    decision or a group's zero point the other way: the dequantized weights are compared."""
     import subprocess
     import sys
 
@@ -128,7 +128,7 @@ def test_torchrun_two_ranks(folder, tmp_path):
         scale = t[f"{layer}.weight_scale"].float()
         codes = nibbles(t[f"{layer}.weight_packed"]).flatten(1)
         zero = nibbles(t[f"{layer}.weight_zero_point"].t()).flatten(1).t()
-        return ((codes - zero.repeat_interleave(64, 1)) * scale.repeat_interleave(64, 1))
+        return (codes - zero.repeat_interleave(64, 1)) * scale.repeat_interleave(64, 1)
 
     more = ("--samples", "64")  # more tokens than the widest input: no near-singular solve
     assert main(_compress_args(folder, tmp_path / "one", *more)) == 0
