@@ -49,6 +49,7 @@ import json
 import logging
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -532,21 +533,77 @@ class _ChunkEnv(dict):
         return value
 
 
+_aten = torch.ops.aten
+# elementwise op -> its in-place variant, and the argument positions that may take the result
+_IN_PLACE = {
+    _aten.add.Tensor: (_aten.add_.Tensor, (0, 1)),
+    _aten.mul.Tensor: (_aten.mul_.Tensor, (0, 1)),
+    _aten.sub.Tensor: (_aten.sub_.Tensor, (0,)),
+    _aten.div.Tensor: (_aten.div_.Tensor, (0,)),
+    _aten.add.Scalar: (_aten.add_.Scalar, (0,)),
+    _aten.mul.Scalar: (_aten.mul_.Scalar, (0,)),
+    _aten.pow.Tensor_Scalar: (_aten.pow_.Scalar, (0,)),
+    _aten.silu.default: (_aten.silu_.default, (0,)),
+    _aten.neg.default: (_aten.neg_.default, (0,)),
+    _aten.rsqrt.default: (_aten.rsqrt_.default, (0,)),
+}
+# references to a value that only the chunk's env holds, as `_Interpreter._reusable` counts
+# them: the env, the args tuple, its local name and getrefcount's own argument
+_SOLE_REFS = 4
+
+
 class _Interpreter(fx.Interpreter):
-    """Runs single nodes; linears being compressed compute with their compressed weight."""
+    """Runs single nodes; linears being compressed compute with their compressed weight.
+
+    An elementwise op whose tensor input dies with it (``dying``: read for the last time in
+    the chunk) writes its result into that input. Each chunk's temporaries are otherwise fresh
+    allocations, and as the heap is trimmed after every chunk each one is faulted in again: on
+    SmolLM2 w4 (32 samples) elementwise results took 9 of the run's 15 M page faults. The
+    values are the same: the same kernel computes them."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm, garbage_collect_values=False)
         self.replaced: dict[fx.Node, tuple[int, Tensor]] = {}
+        self.dying: Sequence[fx.Node] = ()
 
     def run_node(self, n: fx.Node):
         if n not in self.replaced:
+            if n.target in _IN_PLACE and self.dying:
+                with self._set_current_node(n):
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    in_place, positions = _IN_PLACE[n.target]
+                    for i in positions:
+                        if self._reusable(n, i, args):
+                            if i:  # add and mul commute exactly
+                                args = (args[1], args[0], *args[2:])
+                            return in_place(*args, **kwargs)
+                    return self.call_function(n.target, args, kwargs)
             return super().run_node(n)
         position, weight = self.replaced[n]
         with self._set_current_node(n):
             args = n.args[:position] + (weight,) + n.args[position + 1:]
             args, kwargs = fx.node.map_arg((args, n.kwargs), lambda a: self.env[a])
             return self.call_function(n.target, args, kwargs)
+
+    def _reusable(self, n: fx.Node, i: int, args: tuple) -> bool:
+        """Whether ``args[i]`` may take ``n``'s result: a contiguous tensor of this chunk's that
+        nothing else holds, read for the last time here, with the result's shape and dtype."""
+        a, env = n.args[i] if i < len(n.args) else None, self.env
+        if not isinstance(a, fx.Node) or a not in self.dying or not dict.__contains__(env, a) \
+                or a in env.kept or a in env.params:
+            return False
+        t, other = args[i], args[1 - i] if len(args) > 1 else None
+        if not isinstance(t, Tensor) or not t.is_contiguous() or t.requires_grad \
+                or n.kwargs.get("alpha", 1) != 1 and i:
+            return False
+        if isinstance(other, Tensor):
+            if torch.broadcast_shapes(t.shape, other.shape) != t.shape or \
+                    torch.result_type(t, other) != t.dtype or other.device != t.device:
+                return False
+        elif other is not None and torch.result_type(t, other) != t.dtype:
+            return False
+        return sys.getrefcount(t) == _SOLE_REFS and \
+            torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2  # no view of it
 
 
 def _flat_inputs(ep: ExportedProgram, chunks: Sequence[tuple[tuple, dict]]) -> list[list]:
@@ -649,6 +706,7 @@ class _Run:
                     interp.replaced = weights_of
                     interp.env = env = _ChunkEnv(c, kept, self.params)
                     for n, free in zip(seg.run, seg.free, strict=True):
+                        interp.dying = free
                         env[n] = interp.run_node(n)
                         for a in free:
                             env.pop(a, None)
@@ -664,7 +722,7 @@ class _Run:
                     self._accumulate(needs, *xs)
                 del xs
                 release_freed_memory()
-        interp.env, interp.replaced = {}, replaced
+        interp.env, interp.replaced, interp.dying = {}, replaced, ()
         for kept, _, seg, _, _ in steps:
             for n in [n for n in kept if n not in seg.keep]:
                 kept.drop(n)
