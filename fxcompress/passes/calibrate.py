@@ -586,15 +586,16 @@ class _Interpreter(fx.Interpreter):
             return self.call_function(n.target, args, kwargs)
 
     def _reusable(self, n: fx.Node, i: int, args: tuple) -> bool:
-        """Whether ``args[i]`` may take ``n``'s result: a contiguous tensor of this chunk's that
-        nothing else holds, read for the last time here, with the result's shape and dtype."""
+        """Whether ``args[i]`` may take ``n``'s result: a contiguous float tensor of the chunk
+        that nothing else holds, read for the last time here, with the result's shape and
+        dtype."""
         a, env = n.args[i] if i < len(n.args) else None, self.env
         if not isinstance(a, fx.Node) or a not in self.dying or not dict.__contains__(env, a) \
                 or a in env.kept or a in env.params:
             return False
         t, other = args[i], args[1 - i] if len(args) > 1 else None
-        if not isinstance(t, Tensor) or not t.is_contiguous() or t.requires_grad \
-                or n.kwargs.get("alpha", 1) != 1 and i:
+        if not isinstance(t, Tensor) or not t.is_floating_point() or not t.is_contiguous() \
+                or t.requires_grad or n.kwargs.get("alpha", 1) != 1 and i:  # int / int: float
             return False
         if isinstance(other, Tensor):
             if torch.broadcast_shapes(t.shape, other.shape) != t.shape or \

@@ -350,3 +350,29 @@ def test_a_value_held_twice_is_not_written_in_place():
         assert (out is env[a]) is not held_twice  # written in place only when held once
         if held_twice:
             assert torch.equal(env[b], before)
+
+
+def test_an_integer_input_does_not_take_a_float_result():
+    """``div`` and ``rsqrt`` of integers make floats: such an input keeps its own values."""
+    import importlib
+
+    from torch import fx
+
+    cal = importlib.import_module("fxcompress.passes.calibrate")
+
+    def f(x):
+        return torch.ops.aten.div.Tensor(x, 3), torch.ops.aten.rsqrt.default(x + 1)
+
+    gm = fx.symbolic_trace(f)
+    interp = cal._Interpreter(gm)
+    interp.env = env = cal._ChunkEnv(0, cal.Frontier(1), {})
+    x = torch.randint(1, 100, (64,))
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = x.clone()
+        elif n.op == "call_function":
+            interp.dying = list(n.all_input_nodes)
+            env[n] = interp.run_node(n)
+    div, _, rsqrt = [env[n] for n in gm.graph.nodes if n.op == "call_function"]
+    torch.testing.assert_close(div, x / 3, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rsqrt, torch.rsqrt(x + 1.0), rtol=1e-6, atol=0)
