@@ -594,8 +594,11 @@ class _Interpreter(fx.Interpreter):
                 or a in env.kept or a in env.params:
             return False
         t, other = args[i], args[1 - i] if len(args) > 1 else None
+        if i and n.kwargs.get("alpha", 1) != 1:  # a + alpha * b: only a may take it
+            return False
+        # floats only: int / int and rsqrt(int) make floats
         if not isinstance(t, Tensor) or not t.is_floating_point() or not t.is_contiguous() \
-                or t.requires_grad or n.kwargs.get("alpha", 1) != 1 and i:  # int / int: float
+                or t.requires_grad:
             return False
         if isinstance(other, Tensor):
             if torch.broadcast_shapes(t.shape, other.shape) != t.shape or \
