@@ -1,6 +1,7 @@
 """True-sequential calibration: each linear's Hessian comes from the compressed model so far."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from fxcompress.passes import calibrate, capture, find_sites
 from fxcompress.passes.capture import call_kwargs
 
 from ..models import VOCAB, build, output
+
+_cal = importlib.import_module("fxcompress.passes.calibrate")  # the module, not the pass
 
 
 def _hessian_of_input(model, module_name, calls):
@@ -271,9 +274,10 @@ def test_recomputing_gives_the_same_results_as_keeping():
 
 
 class _Aliasing(torch.nn.Module):
-    """``h`` is read for the last time by ``silu`` while a view of it is still to be read, and
-    a no-op ``to`` hands on ``y`` itself, read again after the ``mul``: writing either result
-    in place would change what follows."""
+    """``h`` is read for the last time by ``silu`` while a view of it is still to be read:
+    writing the result in place would change what follows. (Export routes the later read of
+    ``y`` through its no-op ``to``, so one tensor under two names is left to the unit test
+    below.)"""
 
     def __init__(self):
         super().__init__()
@@ -293,11 +297,8 @@ def test_results_written_in_place_equal_fresh_ones(arch, monkeypatch):
     """Elementwise ops write into an input that dies with them (``_Interpreter.dying``): the
     compressed model is bit for bit the one computed with a fresh tensor for every result,
     and the in-place path does run."""
-    import importlib
-
     from fxcompress import Recipe, compile
 
-    cal = importlib.import_module("fxcompress.passes.calibrate")
     torch.manual_seed(3)
     if arch == "aliasing":
         dense, data = _Aliasing(), torch.randn(12, 16, 32)
@@ -305,10 +306,10 @@ def test_results_written_in_place_equal_fresh_ones(arch, monkeypatch):
         dense, data = build(arch, hidden=64), torch.randint(0, VOCAB, (12, 16))
     calls = []
     table = {op: (lambda *a, f=f, **k: calls.append(f) or f(*a, **k), pos)
-             for op, (f, pos) in cal._IN_PLACE.items()}
+             for op, (f, pos) in _cal._IN_PLACE.items()}
     models = []
     for in_place in (table, {}):
-        monkeypatch.setattr(cal, "_IN_PLACE", in_place)
+        monkeypatch.setattr(_cal, "_IN_PLACE", in_place)
         m = copy.deepcopy(dense)
         compile(m, data, Recipe({"lm_head": None, ".*": GPTQ(4, 32)}), progress=False)
         models.append(m)
@@ -324,11 +325,8 @@ def test_results_written_in_place_equal_fresh_ones(arch, monkeypatch):
 def test_a_value_held_twice_is_not_written_in_place():
     """An op may hand on its input itself (a no-op ``to`` or ``alias``): then two nodes hold
     one tensor, and the one read for the last time must not take a result."""
-    import importlib
-
     from torch import fx
 
-    cal = importlib.import_module("fxcompress.passes.calibrate")
 
     def f(x):
         a = torch.ops.aten.mul.Tensor(x, 2.0)
@@ -338,8 +336,8 @@ def test_a_value_held_twice_is_not_written_in_place():
     gm = fx.symbolic_trace(f)
     _, a, b, c, _ = gm.graph.nodes
     for held_twice in (True, False):
-        interp = cal._Interpreter(gm)
-        interp.env = env = cal._ChunkEnv(0, cal.Frontier(1), {})
+        interp = _cal._Interpreter(gm)
+        interp.env = env = _cal._ChunkEnv(0, _cal.Frontier(1), {})
         env[a] = torch.randn(64)
         before = env[a].clone()
         if held_twice:
@@ -354,18 +352,15 @@ def test_a_value_held_twice_is_not_written_in_place():
 
 def test_an_integer_input_does_not_take_a_float_result():
     """``div`` and ``rsqrt`` of integers make floats: such an input keeps its own values."""
-    import importlib
-
     from torch import fx
 
-    cal = importlib.import_module("fxcompress.passes.calibrate")
 
     def f(x):
         return torch.ops.aten.div.Tensor(x, 3), torch.ops.aten.rsqrt.default(x + 1)
 
     gm = fx.symbolic_trace(f)
-    interp = cal._Interpreter(gm)
-    interp.env = env = cal._ChunkEnv(0, cal.Frontier(1), {})
+    interp = _cal._Interpreter(gm)
+    interp.env = env = _cal._ChunkEnv(0, _cal.Frontier(1), {})
     x = torch.randint(1, 100, (64,))
     for n in gm.graph.nodes:
         if n.op == "placeholder":
