@@ -12,7 +12,7 @@ VOCAB = 128
 
 
 def build(arch: str, hidden: int = 128, layers: int = 2, seed: int = 0,
-          experts: str = "grouped_mm") -> nn.Module:
+          experts: str = "grouped_mm", intermediate: int | None = None) -> nn.Module:
     import transformers as T
 
     torch.manual_seed(seed)
@@ -20,7 +20,7 @@ def build(arch: str, hidden: int = 128, layers: int = 2, seed: int = 0,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if arch == "llama":
-            cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+            cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                                 num_attention_heads=4, num_key_value_heads=2,
                                 tie_word_embeddings=True, **common)
             model = T.LlamaForCausalLM(cfg)

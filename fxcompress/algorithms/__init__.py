@@ -7,7 +7,9 @@ from .hessian import (
     Cross,
     Hessian,
     HessianNotPositiveDefinite,
+    OutputCross,
     Statistics,
+    WeightedCross,
     factor,
     output_error,
 )
@@ -15,5 +17,6 @@ from .sparsegpt import sparsegpt
 
 __all__ = [
     "Compressed", "Cross", "Hessian", "HessianNotPositiveDefinite", "factor", "gptq", "magnitude",
-    "magnitude_mask", "output_error", "rtn", "sparsegpt", "Statistics",
+    "magnitude_mask", "output_error", "OutputCross", "rtn", "sparsegpt", "Statistics",
+    "WeightedCross",
 ]

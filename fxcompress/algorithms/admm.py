@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .compressed import Compressed
-from .hessian import factor
+from .hessian import WeightedCross, factor
 
 
 def _keep_largest(score: Tensor, drop: int) -> Tensor:
@@ -63,7 +63,7 @@ def select_mask(score: Tensor, sparsity: float, n_m: tuple[int, int] | None,
 def admm_prune(w: Tensor, h: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
                *, damp: float = 0.1, rho: float = 1.0, iters: int = 20, reselect: int = 15,
                keep: Tensor | None = None, name: str | None = None,
-               cross: Tensor | None = None) -> Compressed:
+               cross: Tensor | WeightedCross | None = None) -> Compressed:
     """Prune ``w`` (out, in) given ``h`` (in, in) to kept ``values`` and their ``mask``.
     ``reselect`` iterations choose the mask from ``|W + U|`` with the dropped fraction rising
     cubically to the target (unless a ``keep`` mask is given: then it is fixed); the

@@ -31,12 +31,12 @@ from torch import Tensor
 from ..recipe import GPTQ
 from . import grid
 from .compressed import Compressed
-from .hessian import factor
+from .hessian import WeightedCross, factor
 from .sweep import Sweep
 
 
 def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
-         name: str | None = None, cross: Tensor | None = None) -> Compressed:
+         name: str | None = None, cross: Tensor | WeightedCross | None = None) -> Compressed:
     """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
     ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
 

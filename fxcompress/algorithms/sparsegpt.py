@@ -32,12 +32,12 @@ from ..recipe import SparseGPT
 from . import grid
 from .admm import admm_prune
 from .compressed import Compressed
-from .hessian import factor
+from .hessian import WeightedCross, factor
 from .sweep import Sweep
 
 
 def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, cfg: SparseGPT = SparseGPT(),
-              name: str | None = None, cross: Tensor | None = None) -> Compressed:
+              name: str | None = None, cross: Tensor | WeightedCross | None = None) -> Compressed:
     """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
     ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
 

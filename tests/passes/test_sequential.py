@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fxcompress import GPTQ
-from fxcompress.algorithms import Hessian
+from fxcompress.algorithms import Hessian, WeightedCross
 from fxcompress.api import _batch
 from fxcompress.passes import calibrate, capture, find_sites
 from fxcompress.passes.capture import call_kwargs
@@ -89,8 +89,9 @@ def _inputs_of(model, module_name, calls):
 def test_dense_output_sees_the_dense_models_inputs():
     """With dense_output, the cross moment at a layer is 2(X − X̃)ᵀX̃/n with X the *dense*
     model's input and X̃ the input of the model compressed so far, both computed by hooks
-    (the dense path runs its own plan, past the barriers)."""
-    model = build("llama", layers=2)
+    (the dense path runs its own plan, past the barriers). ``down_proj``, with three times
+    as many inputs as outputs here, gets it as ``W C``, the form the solve uses."""
+    model = build("llama", layers=2, intermediate=384)
     dense = copy.deepcopy(model)
     ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
     calls = _batch([((), call_kwargs(model, (row[None],), {})) for row in ids], 4)
@@ -115,7 +116,13 @@ def test_dense_output_sees_the_dense_models_inputs():
         if name.endswith("q_proj"):  # nothing compressed before it: no drift at all
             assert torch.count_nonzero(st.cross) == 0
             continue
-        torch.testing.assert_close(st.cross, cross, rtol=1e-3, atol=1e-4 * cross.abs().max())
+        if name.endswith("down_proj"):  # fewer outputs than inputs: gathered as W C
+            assert isinstance(st.cross, WeightedCross)
+            cross = dense.get_submodule(name).weight.detach() @ cross
+            got = st.cross.wc
+        else:
+            got = st.cross
+        torch.testing.assert_close(got, cross, rtol=1e-3, atol=1e-4 * cross.abs().max())
         assert cross.abs().max() > 1e-3 * h.abs().max()  # a real drift was measured
 
 
