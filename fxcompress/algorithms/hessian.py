@@ -140,10 +140,10 @@ class Cross(Hessian):
         return s.div_(self.count)
 
 
-class OutputCross(Hessian):
+class OutputCross(Cross):
     """Running ``Σ 2·((x - x̃)Wᵀ)ᵀx̃`` for one weight ``w`` (out, in): ``W C`` gathered directly,
     the cross moment already multiplied by the weight it corrects (see the module
-    docstring), ``out x in``; same sum-and-count bookkeeping as :class:`Hessian`."""
+    docstring), ``out x in``; same bookkeeping as :class:`Cross`."""
 
     def __init__(self, w: Tensor):
         super().__init__(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
@@ -159,18 +159,11 @@ class OutputCross(Hessian):
         self.sum.addmm_((drift @ self.w.t()).t(), xt, alpha=2.0)
         self.count += xt.shape[0]
 
-    def value(self) -> Tensor:
-        """``W C = 2 ((X - X̃)Wᵀ)ᵀ X̃ / n``."""
-        if self.count == 0:
-            raise ValueError("the cross moment has seen no samples")
-        return self.sum / self.count
-
     def take(self) -> Tensor:
-        """:meth:`value`, made in place from the running sum (which it consumes)."""
-        if self.count == 0:
-            raise ValueError("the cross moment has seen no samples")
-        s, self.sum, self.w = self.sum, torch.empty(0, device=self.sum.device), None
-        return s.div_(self.count)
+        """``W C = 2 ((X - X̃)Wᵀ)ᵀ X̃ / n``, made in place from the running sum (which it
+        consumes); the weight is let go."""
+        self.w = None
+        return super().take()
 
 
 @dataclass(frozen=True)
