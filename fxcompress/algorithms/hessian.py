@@ -117,14 +117,18 @@ class Cross(Hessian):
     sum-and-count bookkeeping as :class:`Hessian`, so partial sums merge and reduce alike."""
 
     def add(self, x_tilde: Tensor, x: Tensor) -> None:  # type: ignore[override]
-        n = self.sum.shape[0]
+        xt, drift = self._drift(x_tilde, x)
+        self.sum.addmm_(drift.t(), xt, alpha=2.0)
+        self.count += xt.shape[0]
+
+    def _drift(self, x_tilde: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows of ``x̃`` and of ``x - x̃``, float32 on the sum's device."""
+        n = self.sum.shape[1]
         if x_tilde.shape != x.shape or x.shape[-1] != n:
             raise ValueError(f"dense activations {tuple(x.shape)} and compressed activations "
                              f"{tuple(x_tilde.shape)} must both have {n} features")
         xt = x_tilde.reshape(-1, n).to(self.sum.device, torch.float32)
-        drift = x.reshape(-1, n).to(self.sum.device, torch.float32) - xt
-        self.sum.addmm_(drift.t(), xt, alpha=2.0)
-        self.count += xt.shape[0]
+        return xt, x.reshape(-1, n).to(self.sum.device, torch.float32) - xt
 
     def value(self) -> Tensor:
         """``C = 2 (X - X̃)ᵀ X̃ / n``."""
@@ -149,13 +153,8 @@ class OutputCross(Cross):
         super().__init__(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
         self.w = w  # (out, in) float32
 
-    def add(self, x_tilde: Tensor, x: Tensor) -> None:  # type: ignore[override]
-        n = self.sum.shape[1]
-        if x_tilde.shape != x.shape or x.shape[-1] != n:
-            raise ValueError(f"dense activations {tuple(x.shape)} and compressed activations "
-                             f"{tuple(x_tilde.shape)} must both have {n} features")
-        xt = x_tilde.reshape(-1, n).to(self.sum.device, torch.float32)
-        drift = x.reshape(-1, n).to(self.sum.device, torch.float32) - xt
+    def add(self, x_tilde: Tensor, x: Tensor) -> None:
+        xt, drift = self._drift(x_tilde, x)
         self.sum.addmm_((drift @ self.w.t()).t(), xt, alpha=2.0)
         self.count += xt.shape[0]
 
