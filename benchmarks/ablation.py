@@ -97,7 +97,7 @@ def _load(results_file: Path) -> list[dict]:
     return json.loads(results_file.read_text()) if results_file.exists() else []
 
 
-def run(out: Path, names: list[str], threads: int | None) -> None:
+def run(out: Path, names: list[str], threads: int | None, precision: str = "auto") -> None:
     out.mkdir(parents=True, exist_ok=True)
     _ids(out)
     results_file = out / "results.json"
@@ -117,7 +117,7 @@ def run(out: Path, names: list[str], threads: int | None) -> None:
             cmd = [sys.executable, "-m", "fxcompress", "_row", "--model", "smollm2", "--recipe",
                    spec, "--calib-ids", str(out / "calib_ids.pt"), "--eval-ids",
                    str(out / "eval_ids.pt"), "--other-ids", str(out / "other_ids.pt"), "--json",
-                   f"{tmp}/row.json", "--quiet"]
+                   f"{tmp}/row.json", "--quiet", "--calibration-precision", precision]
             subprocess.run(cmd, check=True, env=env)
             row = json.loads(Path(f"{tmp}/row.json").read_text())
         row["recipe"] = name
@@ -168,12 +168,14 @@ def main() -> None:
     ap.add_argument("--out", default="bench/ablation")
     ap.add_argument("--rows", nargs="+", help=f"rows to run (default all): {list(rows())}")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each row")
+    ap.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="of each row's calibration matmuls (see fxcompress.compile)")
     ap.add_argument("--table", action="store_true", help="print the table of what has run")
     ap.add_argument("--write", action="store_true", help="write it into benchmarks/RESULTS.md")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.table:
-        run(out, args.rows or list(rows()), args.threads)
+        run(out, args.rows or list(rows()), args.threads, args.calibration_precision)
     text = table(out)
     print(text)
     if args.write:

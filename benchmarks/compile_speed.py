@@ -12,7 +12,7 @@ the loaded model), and the estimate of that growth that ``compile`` makes before
 the same (shared) machine.
 
     python benchmarks/compile_speed.py [--recipes gptq-w4g64,sparsegpt-50] [--samples 128]
-        [--seqlen 512] [--threads N] [--before PATH] [--write]
+        [--seqlen 512] [--threads N] [--before PATH] [--calibration-precision fp32] [--write]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | None,
-        tree: str | None) -> dict:
+        tree: str | None, precision: str = "auto") -> dict:
     if tree:  # another source tree of fxcompress goes first
         sys.path.insert(0, tree)
     import torch
@@ -57,7 +57,8 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
     calib = calibration_samples(tok, text, samples, seqlen, 0)
     profile.start()
     t = time.perf_counter()
-    fxcompress.compile(model, calib, resolve(recipe), progress=False)
+    options = {} if precision == "auto" else {"calibration_precision": precision}
+    fxcompress.compile(model, calib, resolve(recipe), progress=False, **options)
     seconds = time.perf_counter() - t
     report = model.fxcompress_report
     estimate = getattr(report, "estimate", None)
@@ -68,6 +69,7 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
         "growth_mib": profile.growth() / 2**20,
         "estimate_mib": None if estimate is None else estimate / 2**20,
         "threads": torch.get_num_threads(), "fxcompress": fxcompress.__file__,
+        "precision": getattr(report, "precision", "fp32"),
         "losses": [r.loss for r in report.layers],
     }
 
@@ -75,7 +77,8 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
 def _run(recipe: str, args: argparse.Namespace, tree: Path | None) -> dict:
     out = subprocess.run([sys.executable, __file__, "--row", recipe, "--samples",
                           str(args.samples), "--seqlen", str(args.seqlen), "--threads",
-                          str(args.threads), *(["--price", str(args.price)] if args.price
+                          str(args.threads), "--calibration-precision", args.calibration_precision,
+                          *(["--price", str(args.price)] if args.price
                                                is not None and tree is None else []),
                           *(["--tree", str(tree)] if tree is not None else [])],
                          check=True, capture_output=True, text=True, cwd=ROOT).stdout
@@ -90,13 +93,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--before", help="another fxcompress source tree to run first")
     ap.add_argument("--price", type=float, help="recompute price (experiment; < 0: none)")
+    ap.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
         print(json.dumps(row(args.row, args.samples, args.seqlen, args.threads, args.price,
-                             args.tree)))
+                             args.tree, args.calibration_precision)))
         return
     lines = ["| recipe | source | wall time (s) | forward (s) | statistics (s) | solves (s) | "
              "rewrite (s) | peak RSS (MiB) | growth (MiB) | estimate (MiB) | estimate / growth |",
@@ -122,7 +126,8 @@ def main() -> None:
 
     body = (f"SmolLM2-135M (fp32), calibration {args.samples} x {args.seqlen} tokens of the SOTU "
             f"calibration text (seed 0), torch {torch.__version__}, "
-            f"{args.threads or torch.get_num_threads()} threads, load average "
+            f"{args.threads or torch.get_num_threads()} threads, calibration matmuls "
+            f"{', '.join(sorted({r['precision'] for r in rows.values()}))}, load average "
             f"{os.getloadavg()[0]:.1f} at the end. Growth: peak RSS minus the RSS just before "
             f"`compile` (model and data loaded); peak RSS includes the Python, torch and "
             f"transformers runtime.\n\n" + "\n".join(lines))

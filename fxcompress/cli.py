@@ -209,6 +209,13 @@ def _density(m) -> float:
     return pack.unpack_bitmask(m.weight_bitmask, m.in_features).float().mean().item()
 
 
+def _precision_line(precision: str) -> str:
+    if precision == "bf16":
+        return ("calibration matmuls: bf16 inputs, float32 sums (this CPU multiplies bf16 in "
+                "hardware; --calibration-precision fp32 for full float32)")
+    return "calibration matmuls: float32"
+
+
 def _streamed(args: argparse.Namespace) -> bool:
     """Streamed (memory-bounded, possibly distributed) compression was asked for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -232,10 +239,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     dense_ppl = _perplexity(model, tokenizer, args, "dense") if args.eval else None
     t = time.perf_counter()
     fxcompress.compile(model, calib, recipe, progress=not args.quiet,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size,
+                       calibration_precision=args.calibration_precision)
     seconds = time.perf_counter() - t
     report = model.fxcompress_report
     _echo("\n" + report.table() + "\n")
+    _echo(_precision_line(report.precision))
     out = fxcompress.save(model, args.out, tokenizer=tokenizer)
     bpw, weights = _bits_per_weight(model)
     before = _dir_size(folder) if folder else None
@@ -279,11 +288,13 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
                                      max_memory=args.max_memory, offload=args.offload or "auto",
                                      resume=args.resume, progress=not quiet,
                                      batch_size=args.batch_size,
-                                     compute_dtype=args.compute_dtype)
+                                     compute_dtype=args.compute_dtype,
+                                     calibration_precision=args.calibration_precision)
         seconds = time.perf_counter() - t
         if lead:
             out = Path(args.out)
             _echo("\n" + report.table() + "\n")
+            _echo(_precision_line(report.precision))
             _echo(f"compressed {len(report.layers)} linear layers in {seconds:.1f}s; peak RSS "
                   f"{_peak_rss_mib():.0f} MiB")
             _echo(f"checkpoint size: {_dir_size(folder) / 2**20:.1f} MiB -> "
@@ -320,7 +331,9 @@ def cmd_row(args: argparse.Namespace) -> int:
     row: dict[str, Any] = {"recipe": args.recipe}
     t, cpu = time.perf_counter(), time.process_time()
     if args.recipe != "dense":
-        fxcompress.compile(model, calib, resolve(args.recipe), progress=not args.quiet)
+        fxcompress.compile(model, calib, resolve(args.recipe), progress=not args.quiet,
+                           calibration_precision=args.calibration_precision)
+        row["precision"] = model.fxcompress_report.precision
     row["seconds"] = time.perf_counter() - t if args.recipe != "dense" else 0.0
     row["cpu_seconds"] = time.process_time() - cpu if args.recipe != "dense" else 0.0
     row["threads"] = torch.get_num_threads()
@@ -506,6 +519,10 @@ def parser() -> argparse.ArgumentParser:
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="what a streamed run calibrates in (default: float32 on CPU, the "
                         "checkpoint's dtype on CUDA); the output keeps the checkpoint's dtype")
+    c.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="matmuls of the calibration passes and statistics (default: bf16 "
+                        "inputs with float32 sums on CPUs with AVX512-BF16 or AMX, float32 "
+                        "elsewhere); the solves are float32")
     _data(c)
     _evaluation(c)
     _common(c)
@@ -537,6 +554,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--eval-ids", required=True)
     w.add_argument("--other-ids")
     w.add_argument("--json", required=True)
+    w.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"])
     _common(w)
     w.set_defaults(fn=cmd_row)
     return p

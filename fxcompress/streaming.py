@@ -77,6 +77,7 @@ from .passes.calibrate import (
     calibrate,
     release_freed_memory,
     resident_bytes,
+    resolve_precision,
 )
 from .passes.calibrate import estimate_memory as calibrate_estimate
 from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes of max_memory)
@@ -358,9 +359,9 @@ def _report(r: LayerReport) -> dict:
 
 
 def _fingerprint(model_dir: Path, recipe: Recipe, chunks: list, source: Checkpoint,
-                 compute: torch.dtype | None) -> str:
+                 compute: torch.dtype | None, precision: str) -> str:
     h = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
-    h.update(str(compute).encode())
+    h.update(f"{compute}:{precision}".encode())
     h.update((model_dir / fmt.CONFIG_NAME).read_bytes())
     for name, s in sorted(source.stored.items()):
         h.update(f"{name}:{s.dtype}:{s.shape}".encode())
@@ -386,6 +387,7 @@ def compress_checkpoint(
     batch_size: int | None = None,
     max_shard_size: int | str = fmt.DEFAULT_SHARD_SIZE,
     compute_dtype: str | torch.dtype | None = "auto",
+    calibration_precision: str = "auto",
 ) -> Report:
     """Compress the Hugging Face checkpoint in ``model_dir`` into ``out_dir`` (a folder
     :func:`fxcompress.load` reads), holding one layer at a time; see the module docstring.
@@ -400,7 +402,8 @@ def compress_checkpoint(
     CPU for a 16-bit checkpoint (bf16/fp16 matrix products run 10–100× slower than float32 on
     CPUs without native bf16 arithmetic, and float32 is the more accurate), the checkpoint's
     own dtype on CUDA; ``None`` the checkpoint's dtype; or a dtype. Whatever it is, the output
-    stores what stays dense in the checkpoint's dtype. Under an
+    stores what stays dense in the checkpoint's dtype. ``calibration_precision``: that of the
+    calibration passes' float32 matmuls, as for :func:`fxcompress.compile`. Under an
     initialised ``torch.distributed`` process group the work is spread over its ranks and
     rank 0 writes ``out_dir``; every rank returns the same :class:`~fxcompress.api.Report`.
     Under a launcher (``torchrun``: ``WORLD_SIZE`` > 1) with no process group it raises
@@ -421,6 +424,7 @@ def compress_checkpoint(
     model = skeleton(model_dir)
     stored = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items() if t is not None}
     compute = _compute_dtype(compute_dtype, device, stored)
+    precision = resolve_precision(calibration_precision, device)
     if compute is not None:
         model.to(compute)  # floating point tensors only; the config keeps the checkpoint's
     source = Checkpoint(model_dir, model, device)
@@ -428,7 +432,8 @@ def compress_checkpoint(
     chunks, samples = calibration_batches(model, calibration, batch_size, ranks=team.world)
     mine = team.shard(chunks) if isinstance(team, Distributed) else chunks
     output, done = _open_output(team, model, source, recipe, out_dir, resume,
-                                _fingerprint(model_dir, recipe, chunks, source, compute),
+                                _fingerprint(model_dir, recipe, chunks, source, compute,
+                                             precision),
                                 shard_size, stored)
     with numerics(), torch.no_grad():
         ep = capture(model, *chunks[0])
@@ -455,7 +460,7 @@ def compress_checkpoint(
         _, reports = calibrate(ep, sites, plan, mine, progress=progress and team.rank == 0,
                                weights=source, team=team, offload=offload, done=done,
                                sink=output.sink if output is not None else _discard,
-                               snapshots=snapshots)
+                               snapshots=snapshots, precision=precision)
         with team.guard("the checkpoint's config and index"):
             if snapshots is not None:
                 snapshots.remove()
@@ -467,7 +472,7 @@ def compress_checkpoint(
     reports = sorted([*reports, *(done.report(f) for f in done if f in plan)] if done else
                      reports, key=lambda r: order[r.fqn])
     report = Report(recipe, reports, skipped, time.perf_counter() - t0, samples, estimate,
-                    offload)
+                    offload, precision)
     log.info("fxcompress: compressed %d linear layers of %s into %s in %.1fs", len(reports),
              model_dir, out_dir, report.seconds)
     return report

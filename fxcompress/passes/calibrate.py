@@ -606,6 +606,7 @@ _IN_PLACE = {
 # references to a value that only the chunk's env holds, as `_Interpreter._reusable` counts
 # them: the env, the args tuple, its local name and getrefcount's own argument
 _SOLE_REFS = 4
+_ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
 
 
 class _Interpreter(fx.Interpreter):
@@ -615,12 +616,27 @@ class _Interpreter(fx.Interpreter):
     the chunk) writes its result into that input. Each chunk's temporaries are otherwise fresh
     allocations, and as the heap is trimmed after every chunk each one is faulted in again: on
     SmolLM2 w4 (32 samples) elementwise results took 9 of the run's 15 M page faults. The
-    values are the same: the same kernel computes them."""
+    values are the same: the same kernel computes them.
 
-    def __init__(self, gm: fx.GraphModule):
+    With ``bf16`` (the run's precision, :func:`matmul_precision`) attention on CPU float32
+    inputs computes in bf16, its two products being what oneDNN's setting leaves out; the
+    result comes back as float32."""
+
+    def __init__(self, gm: fx.GraphModule, bf16: bool = False):
         super().__init__(gm, garbage_collect_values=False)
         self.replaced: dict[fx.Node, tuple[int, Tensor]] = {}
         self.dying: Sequence[fx.Node] = ()
+        self.bf16 = bf16
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if self.bf16 and target is _ATTENTION and args[0].dtype == torch.float32 \
+                and args[0].device.type == "cpu":
+            def half(a: Any) -> Any:
+                return a.bfloat16() if isinstance(a, Tensor) and a.is_floating_point() else a
+
+            args, kwargs = tuple(map(half, args)), {k: half(v) for k, v in kwargs.items()}
+            return super().call_function(target, args, kwargs).float()
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         if n not in self.replaced:
@@ -699,6 +715,47 @@ def _check_input(node: fx.Node, value: object, index: int) -> None:
 # ============================================================================ the pass
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There oneDNN's
+    bf16 matmuls run 2–10× faster than float32 ones; elsewhere they are emulated, slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The matmul precision a run calibrates with: ``precision`` (``"auto"``, ``"fp32"`` or
+    ``"bf16"``) resolved for a model on ``device`` (see :func:`fxcompress.compile`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"calibration_precision={precision!r}: expected one of {PRECISIONS}")
+    fast = device.type == "cpu" and torch.backends.mkldnn.is_available() and native_bf16()
+    if precision == "bf16" and not fast:
+        where = "a CPU without them" if device.type == "cpu" else str(device)
+        raise ValueError("calibration_precision='bf16' needs a model on a CPU with native bf16 "
+                         f"matmuls (AVX512-BF16 or AMX); this run is on {where}")
+    return "bf16" if precision == "bf16" or (precision == "auto" and fast) else "fp32"
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """For ``"bf16"``: CPU float32 matmuls inside take bf16-rounded inputs and accumulate and
+    return float32 (oneDNN's ``fp32_precision = "bf16"``), as a model run in bf16 computes;
+    the setting comes back after. For ``"fp32"``: nothing changes."""
+    if precision != "bf16":
+        yield
+        return
+    saved = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = saved
+
+
 @dataclass
 class _Run:
     """State of one calibration run."""
@@ -726,6 +783,7 @@ class _Run:
     unfolded: list[tuple[Site, Compressed]] = field(default_factory=list)  # see fold()
     # weights mapped from a file -> their sites still to finish (see page_out())
     mapped: dict[fx.Node, set[str]] = field(default_factory=dict)
+    precision: str = "fp32"  # of the passes' matmuls, not the solves' (matmul_precision())
 
     @property
     def plans(self) -> list[Liveness]:
@@ -761,8 +819,9 @@ class _Run:
             seg, before = live.segments[k], set(live.frontier_before(k))
             steps.append((kept, weights_of, seg, [n for n in seg.keep if n not in before],
                           [n for n in before - set(seg.keep) if n in kept]))
-        if any(seg.run for *_, seg, _, _ in steps) or needs:
-            for c in range(self.kept.chunks):
+        chunks = self.kept.chunks if any(seg.run for *_, seg, _, _ in steps) or needs else 0
+        with matmul_precision(self.precision):
+            for c in range(chunks):
                 xs = []
                 for kept, weights_of, seg, handed, _ in steps:
                     interp.replaced = weights_of
@@ -910,7 +969,7 @@ class _Run:
         group = self.sched.groups[x]
         todo = [s for s in group if s.fqn not in self.done]
         names = ", ".join(s.fqn for s in group)
-        with self.team.guard(names):
+        with self.team.guard(names), matmul_precision(self.precision):
             sums = self.statistics(x, todo)
         stats: dict[int | str | None, Statistics] = {}  # by expert, or a site's own
         for key, parts in sums.items():
@@ -921,7 +980,8 @@ class _Run:
                 check_routed(h, f"{names} (expert {key})")
                 self.routed[(x, key)] = h.count
                 if h.count < h.sum.shape[0]:
-                    h = self.all_tokens(x, next(s for s in todo if s.index == key), names)
+                    with matmul_precision(self.precision):
+                        h = self.all_tokens(x, next(s for s in todo if s.index == key), names)
             stats[key] = Statistics(h.take(), h.count,
                                     parts[CROSS].take() if CROSS in parts else None)
             for s in todo:
@@ -1071,6 +1131,7 @@ def calibrate(
     sink: Callable[[Site, Compressed, LayerReport], None] | None = None,
     recompute: float | None = PRICE,
     snapshots: Snapshots | None = None,
+    precision: str = "fp32",
 ) -> tuple[dict[str, Compressed], list[LayerReport]]:
     """Compress every site named in ``plan``; ``chunks`` are batched calls of the model
     (with a :class:`Team` of several processes: this process's share of them).
@@ -1083,7 +1144,9 @@ def calibrate(
     results of an interrupted run to reuse, and ``snapshots`` (see :class:`Snapshots`) where
     the run saves its frontier now and then and, with ``done``, continues from the last one;
     ``sink(site, compressed, report)`` takes each result as it is made, and results given to
-    it are not returned.
+    it are not returned. ``precision`` is that of the matmuls of the forward passes and the
+    statistics, ``"fp32"`` or ``"bf16"`` (:func:`resolve_precision`); the solves always
+    compute in the statistics' float32.
     """
     if not chunks:
         raise ValueError("calibration data is empty")
@@ -1106,8 +1169,8 @@ def calibrate(
     live, dense_live = _plans(ep, sched, chunks[0], recompute, dense is not None)
     todo = sum(len(g) for g in sched.groups.values())
     bar = tqdm(total=todo, disable=not progress, desc="fxcompress", unit="layer")
-    run = _Run(sched, plan, params, kept, dense, _Interpreter(gm), team, done or {}, sink,
-               on_statistics, bar, live, dense_live)
+    run = _Run(sched, plan, params, kept, dense, _Interpreter(gm, precision == "bf16"), team,
+               done or {}, sink, on_statistics, bar, live, dense_live, precision=precision)
     bar.update(sum(1 for g in sched.groups.values() for s in g if s.fqn in run.done))
     readers: dict[fx.Node, list[Site]] = {}
     for s in sites:
