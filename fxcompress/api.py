@@ -242,7 +242,8 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
     the statistics (Hessians, cross moments): ``"bf16"`` takes bf16-rounded inputs with
     float32 accumulation and results, as a model run in bf16 computes; ``"fp32"`` full
     float32; ``"auto"`` (the default) ``"bf16"`` for a model on a CPU that multiplies bf16 in
-    hardware (AVX512-BF16 or AMX: 2–10× faster than float32 there), ``"fp32"`` elsewhere. The
+    hardware (AVX512-BF16 or AMX; on AMX its products measured 2–4× faster), ``"fp32"``
+    elsewhere. The
     solves (GPTQ, SparseGPT) always compute in float32. Measured on SmolLM2 with GPTQ w4 g64,
     one thread of an AMX CPU: perplexity 29.14 against 29.31 in float32, in 278 s against
     493 s (benchmarks/RESULTS.md).

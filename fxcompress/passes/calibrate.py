@@ -720,7 +720,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There oneDNN's
-    bf16 matmuls run 2–10× faster than float32 ones; elsewhere they are emulated, slower."""
+    float32 matmuls in bf16 run 2–4× faster (AMX, measured); elsewhere they are emulated, slower."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without these probes: assume not
