@@ -243,10 +243,9 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
     float32 accumulation and results, as a model run in bf16 computes; ``"fp32"`` full
     float32; ``"auto"`` (the default) ``"bf16"`` for a model on a CPU that multiplies bf16 in
     hardware (AVX512-BF16 or AMX; on AMX its products measured 2–4× faster), ``"fp32"``
-    elsewhere. The
-    solves (GPTQ, SparseGPT) always compute in float32. Measured on SmolLM2 with GPTQ w4 g64,
-    one thread of an AMX CPU: perplexity 29.14 against 29.31 in float32, in 278 s against
-    493 s (benchmarks/RESULTS.md).
+    elsewhere. The solves (GPTQ, SparseGPT) always compute in float32. Measured on SmolLM2
+    with GPTQ w4 g64, one thread of an AMX CPU: perplexity 29.14 against 29.31 in float32,
+    in 278 s against 493 s (benchmarks/RESULTS.md).
     """
     t0, rss0 = time.perf_counter(), resident_bytes()
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
