@@ -3,6 +3,16 @@
     model = fxcompress.compile(model, calibration, GPTQ(bits=4, group_size=128))
 """
 
+import os
+
+# Tensors of 2 MiB and more on transparent huge pages (PyTorch reads THP_MEM_ALLOC_ENABLE at
+# the process's first tensor allocation, so this acts when fxcompress is imported before any
+# tensor is made; set it to 0 to opt out). Calibration allocates and frees gigabytes of
+# activations per layer, and the heap is trimmed between chunks: on 4 KiB pages each is faulted
+# in again, 13 M faults in a 32-sample SparseGPT run on SmolLM2, 3 M on huge pages (and 10 %
+# less wall time).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from .algorithms import HessianNotPositiveDefinite
 from .api import Report, compile
 from .export import export

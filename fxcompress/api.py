@@ -27,6 +27,7 @@ from .passes.calibrate import (
     release_freed_memory,
     resident_bytes,
     resolve_precision,
+    trim_slack,
 )
 from .passes.capture import as_call, call_kwargs, evaluating
 from .passes.liveness import (
@@ -260,7 +261,8 @@ def compile(model: nn.Module, calibration: Any, recipe: Recipe | Method | dict,
         release_freed_memory()
         estimate += max(0, resident_bytes() - rss0)
         results, layers = calibrate(ep, sites, plan, chunks, progress=progress,
-                                    offload=offload, recompute=recompute, precision=precision)
+                                    offload=offload, recompute=recompute, precision=precision,
+                                    trim_slack=trim_slack(estimate, max_memory))
         del ep
         count = rewrite(model, sites, results)
         del results

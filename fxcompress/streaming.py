@@ -78,6 +78,7 @@ from .passes.calibrate import (
     release_freed_memory,
     resident_bytes,
     resolve_precision,
+    trim_slack,
 )
 from .passes.calibrate import estimate_memory as calibrate_estimate
 from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes of max_memory)
@@ -460,7 +461,8 @@ def compress_checkpoint(
         _, reports = calibrate(ep, sites, plan, mine, progress=progress and team.rank == 0,
                                weights=source, team=team, offload=offload, done=done,
                                sink=output.sink if output is not None else _discard,
-                               snapshots=snapshots, precision=precision)
+                               snapshots=snapshots, precision=precision,
+                               trim_slack=trim_slack(estimate, budget))
         with team.guard("the checkpoint's config and index"):
             if snapshots is not None:
                 snapshots.remove()

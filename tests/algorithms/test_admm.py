@@ -5,7 +5,7 @@ import torch
 
 from fxcompress import GPTQ, SparseGPT
 from fxcompress.algorithms import Statistics, output_error, sparsegpt
-from fxcompress.algorithms.admm import admm_prune, select_mask
+from fxcompress.algorithms.admm import _keep_largest, _n_m_keep, admm_prune, select_mask
 
 
 def _problem(rows=24, cols=32, n=512, seed=0, dtype=torch.float64):
@@ -30,6 +30,39 @@ def _admm_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
     """The damped objective ADMM minimises: H + damp · diag(H) (damping in the coordinates
     where every input has unit scale)."""
     return h + damp * torch.diag(torch.diag(h))
+
+
+def _ties(shape, dtype, seed):
+    """Non-negative scores with many exact ties, zeros and infinities (as N:M candidates
+    carry), on a layer-sized matrix."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g, dtype=dtype).abs()
+    s = torch.where(torch.rand(shape, generator=g) < 0.3, (s * 8).round() / 8, s)
+    return torch.where(torch.rand(shape, generator=g) < 0.1, torch.inf, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("drop", [0, 1, 777, 0.5, 0.9, 1.0])
+def test_keep_largest_drops_exactly_the_smallest(dtype, drop):
+    """The radix select drops exactly ``drop`` entries, none larger than a kept one: the
+    same kept values (as a multiset) as ``topk``."""
+    s = _ties((384, 256), dtype, seed=5)
+    drop = drop if isinstance(drop, int) else round(drop * s.numel())
+    keep = _keep_largest(s, drop)
+    assert int((~keep).sum()) == drop
+    expected = torch.sort(s.flatten()).values[drop:]
+    assert torch.equal(torch.sort(s[keep]).values, expected)
+
+
+@pytest.mark.parametrize("n_m", [(2, 4), (1, 4), (3, 8), (4, 8)])
+def test_n_m_keep_matches_a_stable_sort(n_m):
+    """The pairwise-compare N:M mask against the n first of a stable descending sort of every
+    group (so ties go to the first input), with many ties."""
+    n, m = n_m
+    s = _ties((96, 512), torch.float32, seed=6)
+    order = torch.sort(s.reshape(-1, m), dim=1, descending=True, stable=True).indices
+    expected = torch.zeros(order.shape, dtype=torch.bool).scatter_(1, order[:, :n], True)
+    assert torch.equal(_n_m_keep(s, n, m), expected.view_as(s))
 
 
 @pytest.mark.parametrize("n_m", [None, (2, 4)])
