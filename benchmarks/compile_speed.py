@@ -49,8 +49,12 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
     if price is not None:  # an experiment: another recompute price than the default
         import importlib
 
+        value = None if price < 0 else price
         pass_module = importlib.import_module("fxcompress.passes.calibrate")
-        pass_module.calibrate.__kwdefaults__["recompute"] = None if price < 0 else price
+        pass_module.calibrate.__kwdefaults__["recompute"] = value
+        api = importlib.import_module("fxcompress.api")
+        if hasattr(api, "PRICE"):  # compile() passes fit_memory()'s price, whose first try is this
+            api.PRICE = value
     profile = Profile()
     model, tok, _ = load_model("smollm2", progress=False)
     text = assets.load_text(assets.sotu(progress=False) / "calibration.txt")

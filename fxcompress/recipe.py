@@ -211,6 +211,9 @@ class GPTQ(_HessianMethod):
         return gptq(w, stats.hessian, self, name, stats.cross)
 
 
+OWL_LMBDA = 0.04  # SparseGPT's default OWL spread for unstructured sparsity
+
+
 @dataclass(frozen=True)
 class SparseGPT(_Pruning, _HessianMethod):
     """SparseGPT pruning (Frantar & Alistarh, 2023), optionally quantizing the kept weights
@@ -221,6 +224,13 @@ class SparseGPT(_Pruning, _HessianMethod):
     ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
     ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
     ``block_size`` columns. ``dense_output`` as for :class:`GPTQ`.
+
+    ``owl_lmbda``: outlier-weighted layerwise sparsity (OWL; ``passes/owl.py``): each block
+    (decoder layer) is pruned by ``sparsity`` minus up to ``±owl_lmbda``, less where more of its
+    weights are outliers (Wanda score above ``owl_m`` × the block's mean), the model's overall
+    sparsity staying ``sparsity``. ``None`` (default): 0.04 for unstructured sparsity (at most
+    a quarter of the distance to 0 or 0.99), off for N:M, whose pattern is the same in every
+    layer; 0 turns it off. Measured a small gain on both texts at 50 % and 60 % on SmolLM2.
 
     ``solver="admm"`` (default) chooses the mask and the weights by ADMM instead of the
     paper's one-pass sweep (``solver="sweep"``; ``algorithms/admm.py``: the mask is re-selected
@@ -238,9 +248,23 @@ class SparseGPT(_Pruning, _HessianMethod):
     block_size: int = 128
     dense_output: bool = True
     solver: str = "admm"
+    owl_lmbda: float | None = None
+    owl_m: float = 5.0
 
     def __post_init__(self) -> None:
         _check_sparsity(self.sparsity, self.n_m)
+        if not self.owl_m > 0:
+            raise RecipeError(f"owl_m must be positive, got {self.owl_m}")
+        if self.owl_lmbda is not None:
+            room = min(self.sparsity, 0.99 - self.sparsity) / 2
+            if self.owl_lmbda and self.n_m is not None:
+                raise RecipeError("owl_lmbda spreads unstructured sparsity over the layers; "
+                                  f"an N:M pattern ({self.n_m[0]}:{self.n_m[1]}) is the same "
+                                  "in every layer: leave owl_lmbda None or 0")
+            if not 0 <= self.owl_lmbda <= room + 1e-12:
+                raise RecipeError(f"owl_lmbda must be in [0, {room:g}] for sparsity "
+                                  f"{self.sparsity:g} (every layer's sparsity stays in "
+                                  f"[0, 0.99]), got {self.owl_lmbda}")
         if self.n_m is not None:
             object.__setattr__(self, "n_m", tuple(self.n_m))
             n, m = self.n_m
@@ -256,6 +280,15 @@ class SparseGPT(_Pruning, _HessianMethod):
                 and self.quant.group_size % self.n_m[1]:
             raise RecipeError(f"group_size {self.quant.group_size} must be a multiple of "
                               f"M={self.n_m[1]}")
+
+    @property
+    def owl(self) -> float:
+        """The OWL spread in effect (see the class docstring)."""
+        if self.owl_lmbda is not None:
+            return self.owl_lmbda
+        if self.n_m is not None:
+            return 0.0
+        return min(OWL_LMBDA, min(self.sparsity, 0.99 - self.sparsity) / 4)
 
     def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
               ) -> Compressed:

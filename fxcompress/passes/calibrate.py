@@ -70,7 +70,7 @@ from ..algorithms import Compressed, Cross, Hessian, OutputCross, Statistics, We
 from ..kernels.ops import activation
 from ..modules import EXPERT_BANKS, experts_activation
 from ..recipe import CROSS, HESSIAN, Method
-from . import liveness
+from . import liveness, owl
 from .liveness import PRICE, Costs, Liveness, SegmentMemory, plan_of_schedule
 from .sites import Site, weight_path
 
@@ -92,6 +92,7 @@ class LayerReport:
     rank: int = 0  # the process that solved it (0 unless calibration is distributed)
     routed: int | None = None  # an expert: the calibration rows routed to it (``samples``
     # counts every row of the block instead when fewer than its input features were routed)
+    sparsity: float | None = None  # a pruning method's fraction removed (OWL: the layer's own)
 
 
 # ============================================================================ the seams
@@ -980,7 +981,7 @@ class _Run:
         count = stats.count if stats is not None else 0
         routed = self.routed.get((s.input, s.index), count) if s.index is not None else None
         report = LayerReport(s.fqn, type(method).__name__, s.shape, c.loss, seconds, count,
-                             self.team.rank, routed)
+                             self.team.rank, routed, pruned_fraction(method))
         log.debug("compressed %s with %s: loss %.4g in %.2fs", s.fqn, method, c.loss, seconds)
         return c, report
 
@@ -1111,6 +1112,14 @@ class _Run:
         self.unfolded = waiting
 
 
+def pruned_fraction(method: Method) -> float | None:
+    """The fraction of weights a pruning method removes (N:M: 1 - N/M), else None."""
+    n_m = getattr(method, "n_m", None)
+    if n_m is not None:
+        return 1 - n_m[0] / n_m[1]
+    return getattr(method, "sparsity", None)
+
+
 def folds(s: Site, c: Compressed | Method) -> bool:
     """Whether a held result of ``s`` (or of its method, for the estimate) is folded into the
     site's parameter (:meth:`_Run.fold`): pruned, unquantized values of a linear owning an
@@ -1181,6 +1190,7 @@ def calibrate(
     flat = _flat_inputs(ep, chunks)
     params = Params(ep, {p: flat[0][i] for i, p in enumerate(placeholders)
                          if p.name not in user}, weights)
+    _spread_sparsity(gm, sites, plan, flat[0], params, team, precision)
     device = weights.device if weights is not None else None
     if offload is not None and device is None:  # bring values back where the weights are
         device = next((v.device for v in params.static.values() if isinstance(v, Tensor)),
@@ -1239,6 +1249,31 @@ def calibrate(
         if dense is not None:
             dense.close()
     return run.results, run.reports
+
+
+def _spread_sparsity(gm: fx.GraphModule, sites: Sequence[Site], plan: dict[str, Method],
+                     inputs: Sequence[Any], params: Params, team: Team, precision: str) -> None:
+    """OWL (:mod:`~fxcompress.passes.owl`): give each unstructured SparseGPT site its block's
+    sparsity in ``plan`` (in place), from a dense run over the first chunk. Rank 0 measures
+    and shares, so a team prunes as one process would on the same first chunk."""
+    if not any(owl.eligible(s, plan.get(s.fqn)) for s in sites):
+        return
+
+    def norms(targets: set[fx.Node]) -> dict[fx.Node, Tensor]:
+        with torch.no_grad(), matmul_precision(precision):
+            return owl.column_norms(gm, inputs, params, _Interpreter(gm, precision == "bf16"),
+                                    targets)
+
+    def weight(s: Site) -> Tensor:
+        w = s.param.detach() if not s.param.is_meta else params.load(s.weight)
+        return s.matrix(w).float()
+
+    moved = None
+    if team.rank == 0:
+        spread = dict(plan)
+        owl.apply(spread, sites, norms, weight)
+        moved = {k: m for k, m in spread.items() if m is not plan[k]}
+    plan.update(team.share(0, moved, "the OWL layer sparsities"))
 
 
 def _plans(ep: ExportedProgram, sched: Schedule, chunk: tuple[tuple, dict],
