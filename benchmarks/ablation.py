@@ -34,6 +34,7 @@ from fxcompress.recipe import NAMED
 
 A = {"act_order": True}
 DO = {"dense_output": True}
+NO_OWL = {"owl_lmbda": 0.0}  # the steps before OWL (its default spread is on since be35d75)
 # family -> [(row name, method)]: the ablation steps, from the plain algorithm up
 VARIANTS = {
     "gptq-w4g64": [("no act-order", GPTQ(4, 64, act_order=False)),
@@ -47,10 +48,19 @@ VARIANTS = {
     "gptq-w4": [("act-order", GPTQ(4, -1, **A)),
                 ("act-order + dense-output", GPTQ(4, -1, **A, **DO)),
                 ("act-order + dense-output + mse", GPTQ(4, -1, **A, **DO, mse=True))],
-    "sparsegpt-50": [("sweep", SparseGPT(0.5)),
-                     ("sweep + dense-output", SparseGPT(0.5, **DO)),
-                     ("admm", SparseGPT(0.5, solver="admm")),
-                     ("admm + dense-output", SparseGPT(0.5, solver="admm", **DO))],
+    "sparsegpt-50": [("sweep", SparseGPT(0.5, **NO_OWL)),
+                     ("sweep + dense-output", SparseGPT(0.5, **DO, **NO_OWL)),
+                     ("admm", SparseGPT(0.5, solver="admm", **NO_OWL)),
+                     ("admm + dense-output", SparseGPT(0.5, solver="admm", **DO, **NO_OWL)),
+                     ("admm + dense-output + owl", SparseGPT(0.5, solver="admm", **DO)),
+                     ("admm + dense-output + owl 0.08",
+                      SparseGPT(0.5, solver="admm", **DO, owl_lmbda=0.08)),
+                     ("admm + dense-output + owl 0.15",
+                      SparseGPT(0.5, solver="admm", **DO, owl_lmbda=0.15))],
+    "sparsegpt-60": [("admm + dense-output", SparseGPT(0.6, solver="admm", **DO, **NO_OWL)),
+                     ("admm + dense-output + owl", SparseGPT(0.6, solver="admm", **DO)),
+                     ("admm + dense-output + owl 0.08",
+                      SparseGPT(0.6, solver="admm", **DO, owl_lmbda=0.08))],
     "sparsegpt-2:4": [("sweep", SparseGPT(n_m=(2, 4))),
                       ("sweep + dense-output", SparseGPT(n_m=(2, 4), **DO)),
                       ("admm", SparseGPT(n_m=(2, 4), solver="admm")),
@@ -59,7 +69,7 @@ VARIANTS = {
                             ("admm + dense-output", SparseGPT(n_m=(2, 4), solver="admm", **DO,
                                                               quant=GPTQ(4, 64)))],
 }
-BASELINES = ["rtn-w4g64", "rtn-w3g64", "rtn-w4", "magnitude-50", "magnitude-2:4",
+BASELINES = ["rtn-w4g64", "rtn-w3g64", "rtn-w4", "magnitude-50", "magnitude-60", "magnitude-2:4",
              "magnitude-2:4+rtn-w4g64"]
 assert all(isinstance(NAMED[b].rules[-1][1], (RTN, Magnitude)) for b in BASELINES)
 
