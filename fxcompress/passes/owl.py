@@ -5,8 +5,9 @@ more *outlier* weights less and the others more, the model's overall sparsity st
 requested. A weight's score is Wanda's ``|W_ij| · ‖x_j‖`` (``‖x_j‖``: the norm of input
 feature j over calibration tokens of the dense model); a block's outlier ratio is the fraction
 of its scores above ``owl_m`` times the block's mean score. The ratios are mapped linearly onto
-``[-owl_lmbda, +owl_lmbda]`` (least to most outliers), centred so that the mean weighted by
-each block's weight count is zero, and subtracted from the requested sparsity.
+``[0, 2·owl_lmbda]`` (least to most outliers), less their mean weighted by each block's weight
+count, and subtracted from the requested sparsity: the blocks' sparsities span a range
+``2·owl_lmbda`` wide whose weighted mean is the requested one.
 
 The norms come from one dense forward pass over the first calibration chunk (on SmolLM2 the
 block sparsities from 8 samples differ from those of all 128 by under 0.001). With a team of
@@ -15,9 +16,9 @@ process on the same data — prunes alike.
 
 A block is a site's name up to its first numeric component (``model.layers.3``); experts keep
 the requested sparsity (their inputs are routed, not one activation per block).
-Measured on SmolLM2 (benchmarks/RESULTS.md): 50 % 37.04 → 36.75 (Moby-Dick 92.64 → 92.40),
-60 % 49.60 → 49.38 (148.0 → 147.2) with ``owl_m=5, owl_lmbda=0.04``; a spread of 0.15 was worse
-than none, which is why the default spread is small.
+Measured on SmolLM2 (benchmarks/RESULTS.md): 50 % 37.04 → 36.87 (Moby-Dick 92.64 → 92.23),
+60 % 49.60 → 49.55 (148.0 → 142.8) with ``owl_m=5, owl_lmbda=0.04``; 0.08 was worse on
+Moby-Dick at 50 %, 0.15 worse than none on both texts, which is why the default is small.
 """
 
 from __future__ import annotations
