@@ -63,10 +63,16 @@ class Report:
         return {r.fqn: r.routed for r in self.layers if r.routed is not None}
 
     def table(self) -> str:
-        """The per-layer table as Markdown."""
-        rows = ["| layer | method | shape | loss | seconds |", "|---|---|---|---|---|"]
-        rows += [f"| {r.fqn} | {r.method} | {r.shape[0]}x{r.shape[1]} | {r.loss:.4g} | "
-                 f"{r.seconds:.2f} |" for r in self.layers]
+        """The per-layer table as Markdown (with each pruned layer's sparsity, which OWL
+        makes differ between layers)."""
+        pruned = any(r.sparsity is not None for r in self.layers)
+        rows = ["| layer | method | shape |" + (" sparsity |" if pruned else "") +
+                " loss | seconds |", "|---|---|---|" + ("---|" if pruned else "") + "---|---|"]
+        for r in self.layers:
+            sparsity = "" if not pruned else \
+                " - |" if r.sparsity is None else f" {r.sparsity:.1%} |"
+            rows.append(f"| {r.fqn} | {r.method} | {r.shape[0]}x{r.shape[1]} |{sparsity} "
+                        f"{r.loss:.4g} | {r.seconds:.2f} |")
         return "\n".join(rows)
 
 

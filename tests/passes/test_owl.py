@@ -108,6 +108,10 @@ def test_input_norms_equal_eager_hooks_and_layers_are_pruned_as_reported(monkeyp
         assert float((w == 0).double().mean()) == pytest.approx(r.sparsity, abs=0.01), r.fqn
         zeros, total = zeros + int((w == 0).sum()), total + w.numel()
     assert zeros / total == pytest.approx(0.5, abs=0.005)
+    table = model.fxcompress_report.table()  # what the CLI prints
+    assert "| sparsity |" in table.splitlines()[0]
+    for r in layers:
+        assert f"| {r.fqn} | SparseGPT | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.1%} |" in table
 
 
 def test_owl_off_and_n_m_prune_uniformly():
@@ -116,6 +120,11 @@ def test_owl_off_and_n_m_prune_uniformly():
         model = build("llama", hidden=64, layers=3)
         fxcompress.compile(model, ids, {"lm_head": None, ".*": method}, progress=False)
         assert {r.sparsity for r in model.fxcompress_report.layers} == {want}
+    model = build("llama", hidden=64, layers=2)
+    fxcompress.compile(model, ids, {"lm_head": None, ".*": fxcompress.GPTQ(4, 32)},
+                       progress=False)
+    assert {r.sparsity for r in model.fxcompress_report.layers} == {None}
+    assert "sparsity" not in model.fxcompress_report.table()
 
 
 def test_experts_keep_the_requested_sparsity():
