@@ -1268,11 +1268,7 @@ def _spread_sparsity(gm: fx.GraphModule, sites: Sequence[Site], plan: dict[str, 
         w = s.param.detach() if not s.param.is_meta else params.load(s.weight)
         return s.matrix(w).float()
 
-    moved = None
-    if team.rank == 0:
-        spread = dict(plan)
-        owl.apply(spread, sites, norms, weight)
-        moved = {k: m for k, m in spread.items() if m is not plan[k]}
+    moved = owl.apply(plan, sites, norms, weight) if team.rank == 0 else None
     plan.update(team.share(0, moved, "the OWL layer sparsities"))
 
 

@@ -132,12 +132,11 @@ class _Env(dict):
         return self.params.load(node)
 
 
-def apply(plan: dict[str, Method], sites: Sequence[Site], norms: Callable[[set[fx.Node]],
-          dict[fx.Node, Tensor]], weight: Callable[[Site], Tensor]) -> dict[str, float]:
-    """Replace, in ``plan``, each eligible site's method by the same method at its block's
-    OWL sparsity (``owl_lmbda=0``: it is spread already). Returns the sparsity of every site
-    it moved. ``norms(targets)`` measures the input norms; it is called only when a site is
-    eligible."""
+def apply(plan: Mapping[str, Method], sites: Sequence[Site], norms: Callable[[set[fx.Node]],
+          dict[fx.Node, Tensor]], weight: Callable[[Site], Tensor]) -> dict[str, Method]:
+    """The new method of each eligible site of ``plan``: the same method at its block's OWL
+    sparsity (``owl_lmbda=0``: it is spread already). ``norms(targets)`` measures the input
+    norms; it is called only when a site is eligible."""
     groups: dict[Method, dict[str, list[Site]]] = {}
     for s in sites:
         method = plan.get(s.fqn)
@@ -147,16 +146,14 @@ def apply(plan: dict[str, Method], sites: Sequence[Site], norms: Callable[[set[f
         return {}
     measured = norms({s.input for blocks in groups.values() for ss in blocks.values()
                       for s in ss})
-    moved: dict[str, float] = {}
+    moved: dict[str, Method] = {}
     for method, blocks in groups.items():
         sizes = {b: sum(s.shape[0] * s.shape[1] for s in ss) for b, ss in blocks.items()}
         ratios = outlier_ratios(blocks, measured, weight, method.owl_m)
         sparsity = spread(ratios, sizes, method.sparsity, method.owl)
         for b, ss in blocks.items():
             per_block = dataclasses.replace(method, sparsity=round(sparsity[b], 6), owl_lmbda=0.0)
-            for s in ss:
-                plan[s.fqn] = per_block
-                moved[s.fqn] = per_block.sparsity
+            moved.update({s.fqn: per_block for s in ss})
         log.info("OWL (m=%g, lambda=%g): %d blocks at sparsity %.3f-%.3f (outlier ratios "
                  "%.4f-%.4f), %g overall", method.owl_m, method.owl, len(blocks),
                  min(sparsity.values()), max(sparsity.values()), min(ratios.values()),
