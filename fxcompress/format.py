@@ -730,8 +730,6 @@ def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
     layers, tied = fx["layers"], fx.get("tied", {})
     recipe = _recipe(path, fx["recipe"]) if fx.get("recipe") is not None else None
     shards = _read_shards(path)
-    if verify:
-        _check_checksums(shards)
     if build is not None:
         from accelerate import init_empty_weights
 
@@ -747,6 +745,8 @@ def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
         _check_buffers(path, model, stored, config)
         model = _skeleton_from_config(hf_config, type(model))  # buffers computed, sizes checked
     _check_complete(model, layers, tied, stored, path)
+    if verify:
+        _check_checksums(shards)
     tensors = _read_all(stored, verify)
     modules = _decode(layers, tensors, stored)
     # every check has passed: only now is the model changed
