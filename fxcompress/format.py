@@ -212,6 +212,20 @@ def _check_partial_files(folder: Path, parts: set[str]) -> None:
                               f"start again with overwrite")
 
 
+def resumable(out_dir: str | Path, fingerprint: str | None) -> dict | None:
+    """The checked progress record of ``out_dir``'s partial output if it continues the job
+    ``fingerprint`` names; None where there is none; :class:`ResumeError` for one of another
+    job or one that fails the checks (:func:`_check_progress`). Opens nothing but the record."""
+    folder = partial_dir(out_dir)
+    if not (folder / PROGRESS).is_file():
+        return None
+    state = _read_progress(folder)
+    if state["fingerprint"] != fingerprint:
+        raise ResumeError(f"{folder} holds a partial compression of another model, recipe or "
+                          f"calibration set; remove it or start again with overwrite")
+    return state
+
+
 def check_no_partial(out_dir: str | Path, hint: str = "resume=True to continue it, or "
                      "overwrite=True to delete it and start again") -> None:
     """Refuse to start a new checkpoint of ``out_dir`` over an interrupted run's partial output
@@ -307,7 +321,7 @@ class CheckpointWriter(PartialCheckpoint):
                              "partial output, overwrite deletes it")
         if not resume and not overwrite:
             check_no_partial(out, *([hint] if hint else []))
-        state = self._resume(fingerprint) if resume else None
+        state = self._resume(out, fingerprint) if resume else None
         if state is None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
@@ -315,15 +329,11 @@ class CheckpointWriter(PartialCheckpoint):
         super().__init__(out, state)
         self._file: Any = None
 
-    def _resume(self, fingerprint: str | None) -> dict | None:
-        if not (self.folder / PROGRESS).is_file():
+    def _resume(self, out: Path, fingerprint: str | None) -> dict | None:
+        state = resumable(out, fingerprint)
+        if state is None:
             log.info("fxcompress: nothing to resume in %s, starting afresh", self.folder)
             return None
-        state = _read_progress(self.folder)
-        if state["fingerprint"] != fingerprint:
-            raise ResumeError(f"{self.folder} holds a partial compression of another model, "
-                              f"recipe or calibration set; remove it or start again with "
-                              f"overwrite")
         for shard in state["shards"]:  # cut off what was written after the last commit
             os.truncate(self.folder / shard["part"], shard["size"])
         return state
@@ -536,7 +546,9 @@ def _copy_side_files(model: nn.Module, folder: Path, tokenizer: Any) -> None:
     if source_dir is not None and source_dir.is_dir():
         for name in COPIED_FILES:
             if (source_dir / name).is_file() and not (folder / name).exists():
-                shutil.copy2(source_dir / name, folder / name)
+                src = inside_folder(source_dir, name, CheckpointError,
+                                    f"{source_dir}: the side file {name}")
+                shutil.copy2(src, folder / name)
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "save_pretrained"):
         generation.save_pretrained(folder)

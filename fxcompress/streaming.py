@@ -438,6 +438,10 @@ def compress_checkpoint(
     chunks, samples = calibration_batches(model, calibration, batch_size, ranks=team.world)
     mine = team.shard(chunks) if isinstance(team, Distributed) else chunks
     fingerprint = _fingerprint(model_dir, recipe, chunks, source, compute, precision)
+    if resume:  # a partial output of another job, or a damaged one, is refused before work
+        with team.guard(f"checking {partial_dir(out_dir)}"):
+            if team.rank == 0:
+                fmt.resumable(out_dir, fingerprint)
     with numerics(), torch.no_grad():
         ep = capture(model, *chunks[0])
         retarget(ep, device)

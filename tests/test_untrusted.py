@@ -56,21 +56,30 @@ class Interrupted(Exception):
     pass
 
 
-def _interrupted(dense: Path, out: Path, monkeypatch) -> Path:
-    """The partial folder of a streamed run into ``out`` that died at its first layer (the
-    dense tensors committed)."""
+@pytest.fixture(scope="module")
+def interrupted_once(dense, tmp_path_factory) -> Path:
+    """The partial folder of a streamed run that died at its first layer (the dense tensors
+    committed), made once."""
     from fxcompress.streaming import _Output
 
     def interrupt(self, site, c, report):
         raise Interrupted
 
-    with monkeypatch.context() as m:
+    out = tmp_path_factory.mktemp("interrupted") / "out"
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(_Output, "sink", interrupt)
         with pytest.raises(Interrupted):
             compress_checkpoint(dense, _calibration(), RECIPE, out, progress=False)
-    folder = partial_dir(out)
-    assert (folder / fmt.PROGRESS).is_file()
-    return folder
+    assert (partial_dir(out) / fmt.PROGRESS).is_file()
+    return partial_dir(out)
+
+
+@pytest.fixture
+def interrupted(interrupted_once, tmp_path) -> tuple[Path, Path]:
+    """(out, its partial folder): a copy of that run's partial output, for ``out``."""
+    out = tmp_path / "out"
+    shutil.copytree(interrupted_once, partial_dir(out))
+    return out, partial_dir(out)
 
 
 def _edit_progress(folder: Path, edit) -> None:
@@ -90,9 +99,8 @@ def _victim(tmp_path: Path) -> tuple[Path, bytes]:
 
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
-def test_resume_refuses_a_part_outside_the_partial_folder(dense, tmp_path, monkeypatch, how):
-    out = tmp_path / "out"
-    folder = _interrupted(dense, out, monkeypatch)
+def test_resume_refuses_a_part_outside_the_partial_folder(dense, interrupted, tmp_path, how):
+    out, folder = interrupted
     victim, data = _victim(tmp_path)
     name = {"absolute": str(victim), "dotdot": "../victim.bin", "symlink": "evil.part"}[how]
     if how == "symlink":
@@ -110,10 +118,9 @@ def test_resume_refuses_a_part_outside_the_partial_folder(dense, tmp_path, monke
         PartialCheckpoint(out)  # the reader of the other ranks refuses it too
 
 
-def test_resume_refuses_a_symlink_among_the_partial_files(dense, tmp_path, monkeypatch):
+def test_resume_refuses_a_symlink_among_the_partial_files(dense, interrupted, tmp_path):
     """The writer would write the final shard through it."""
-    out = tmp_path / "out"
-    folder = _interrupted(dense, out, monkeypatch)
+    out, folder = interrupted
     victim, data = _victim(tmp_path)
     (folder / fmt.WEIGHTS_NAME).symlink_to(victim)
     with pytest.raises(ResumeError, match=r"model\.safetensors.*not a file"):
@@ -122,10 +129,8 @@ def test_resume_refuses_a_symlink_among_the_partial_files(dense, tmp_path, monke
 
 
 @pytest.mark.parametrize("field", ["size", "offsets", "dtype", "layer"])
-def test_resume_refuses_entries_that_disagree_with_the_parts(dense, tmp_path, monkeypatch,
-                                                             field):
-    out = tmp_path / "out"
-    folder = _interrupted(dense, out, monkeypatch)
+def test_resume_refuses_entries_that_disagree_with_the_parts(dense, interrupted, field):
+    out, folder = interrupted
     parts = {p.name: p.read_bytes() for p in folder.glob("*.part")}
 
     def edit(state):
@@ -208,6 +213,22 @@ def test_hugging_face_cache_links_into_its_blobs_are_followed(dense, tmp_path):
     assert torch.equal(source.load("model.norm.weight"), stored["model.norm.weight"])
 
 
+def test_side_files_linked_from_outside_the_model_folder_are_refused(w4, tmp_path):
+    """A tokenizer file linked from elsewhere would copy that file into the checkpoint."""
+    source = tmp_path / "model"
+    source.mkdir()
+    victim, _ = _victim(tmp_path)
+    (source / "tokenizer.json").symlink_to(victim)
+    before = w4.config._name_or_path
+    w4.config._name_or_path = str(source)
+    try:
+        with pytest.raises(CheckpointError, match=r"tokenizer\.json.*outside"):
+            save(w4, tmp_path / "ckpt")
+    finally:
+        w4.config._name_or_path = before
+    assert not (tmp_path / "ckpt").exists() and not partial_dir(tmp_path / "ckpt").exists()
+
+
 # ------------------------------------------------------------------------ 3. a config bomb
 
 
@@ -280,10 +301,8 @@ def test_a_foreign_checkpoint_reads_with_a_warning(dense, caplog):
 # --------------------------------------------------------------- 5. a forgotten --resume
 
 
-def test_a_partial_output_is_not_overwritten_without_being_asked(dense, tmp_path,
-                                                                 monkeypatch):
-    out = tmp_path / "out"
-    folder = _interrupted(dense, out, monkeypatch)
+def test_a_partial_output_is_not_overwritten_without_being_asked(dense, interrupted):
+    out, folder = interrupted
     progress = (folder / fmt.PROGRESS).read_text()
     for budget in (None, "64KiB"):  # refused before the memory check
         with pytest.raises(ResumeError, match=rf"{folder}.*resume=True.*overwrite=True"):
@@ -296,9 +315,8 @@ def test_a_partial_output_is_not_overwritten_without_being_asked(dense, tmp_path
     assert (out / fmt.CONFIG_NAME).is_file() and not folder.exists()
 
 
-def test_save_does_not_overwrite_a_partial_output_either(w4, dense, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    folder = _interrupted(dense, out, monkeypatch)
+def test_save_does_not_overwrite_a_partial_output_either(w4, interrupted):
+    out, folder = interrupted
     with pytest.raises(ResumeError, match=rf"{folder}.*overwrite=True"):
         save(w4, out)
     assert (folder / fmt.PROGRESS).is_file()
