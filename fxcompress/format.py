@@ -26,7 +26,10 @@ interrupted run can be resumed.
 **Loading** reads ``config.json`` and every safetensors header first and checks every tensor's
 presence, dtype and shape against the model rebuilt from ``config.json`` on the meta device;
 then it reads every tensor, checking its CRC-32, and decodes every compressed layer; only then
-is anything assigned to the model. A bad checkpoint fails with the file and tensor named and
+is anything assigned to the model. Folders are untrusted input: a file named by an index or a
+progress record must lie inside its folder (:func:`~fxcompress.paths.inside_folder`), a
+config's sizes are checked against the headers before anything is allocated, and a checkpoint
+of ours must carry its CRC-32s. A bad checkpoint fails with the file and tensor named and
 leaves no half-loaded model. Packed tensors are assigned as they are, without materialising
 dense float weights.
 """
@@ -996,9 +999,11 @@ def _int_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, int]]:
 
 
 def _field_named(config: dict[str, Any], name: str, value: int) -> str:
-    """The dotted name of the config field ``name`` holding ``value`` (a sub-config's, say)."""
-    return next((k for k, v in _int_fields(config) if v == value
-                 and k.rpartition(".")[2] == name), name)
+    """The dotted name of the config field ``name`` holding ``value`` (a sub-config's, say;
+    or the model's own name for it, such as GPT-2's ``n_layer``)."""
+    fields = [k for k, v in _int_fields(config) if v == value]
+    return next((k for k in fields if k.rpartition(".")[2] == name), fields[0] if fields
+                else name)
 
 
 def _disagreeing(config: dict[str, Any] | None, expected: Iterator[int] | tuple[int, ...],
