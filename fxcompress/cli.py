@@ -228,6 +228,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .recipe import resolve
 
     recipe = resolve(args.recipe)
+    _check_out(args)
     if _streamed(args):
         return _compress_streamed(args, recipe)
     if args.compute_dtype not in ("auto", "float32"):
@@ -245,7 +246,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report = model.fxcompress_report
     _echo("\n" + report.table() + "\n")
     _echo(_precision_line(report.precision))
-    out = fxcompress.save(model, args.out, tokenizer=tokenizer)
+    out = fxcompress.save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     bpw, weights = _bits_per_weight(model)
     before = _dir_size(folder) if folder else None
     after = _dir_size(out)
@@ -260,6 +261,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ppl = _perplexity(model, tokenizer, args, "compressed")
         _echo(f"perplexity: dense {dense_ppl:.3f} -> compressed {ppl:.3f}")
     return 0
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Before anything is loaded: an interrupted run's partial output of ``--out`` (hours of
+    work, maybe) is continued with ``--resume`` or deleted with ``--overwrite``, never deleted
+    because ``--resume`` was forgotten."""
+    from .format import check_no_partial
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: --resume continues the "
+                         "partial output, --overwrite deletes it")
+    if not args.resume and not args.overwrite:
+        check_no_partial(args.out, "--resume to continue it, or --overwrite to delete it and "
+                                   "start again")
 
 
 def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
@@ -286,7 +301,8 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
         t = time.perf_counter()
         report = compress_checkpoint(folder, calib, recipe, args.out,
                                      max_memory=args.max_memory, offload=args.offload or "auto",
-                                     resume=args.resume, progress=not quiet,
+                                     resume=args.resume, overwrite=args.overwrite,
+                                     progress=not quiet,
                                      batch_size=args.batch_size,
                                      compute_dtype=args.compute_dtype,
                                      calibration_precision=args.calibration_precision)
@@ -327,7 +343,7 @@ def cmd_row(args: argparse.Namespace) -> int:
     from .recipe import resolve
 
     model, tokenizer, _ = load_model(args.model, progress=False)
-    calib = torch.load(args.calib_ids)
+    calib = torch.load(args.calib_ids, weights_only=True)
     row: dict[str, Any] = {"recipe": args.recipe}
     t, cpu = time.perf_counter(), time.process_time()
     if args.recipe != "dense":
@@ -348,7 +364,7 @@ def cmd_row(args: argparse.Namespace) -> int:
 
     for key, path in (("ppl", args.eval_ids), ("ppl_other", args.other_ids)):
         if path is not None:
-            ids = torch.load(path)
+            ids = torch.load(path, weights_only=True)
             row[key] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
                                   progress=False).ppl
     Path(args.json).write_text(json.dumps(row))
@@ -515,6 +531,9 @@ def parser() -> argparse.ArgumentParser:
                         "disk when only that fits --max-memory)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed run into the same --out")
+    c.add_argument("--overwrite", action="store_true",
+                   help="delete an interrupted run's partial output of --out and start again "
+                        "(without --resume or --overwrite, such an output is an error)")
     c.add_argument("--compute-dtype", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="what a streamed run calibrates in (default: float32 on CPU, the "

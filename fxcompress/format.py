@@ -26,7 +26,10 @@ interrupted run can be resumed.
 **Loading** reads ``config.json`` and every safetensors header first and checks every tensor's
 presence, dtype and shape against the model rebuilt from ``config.json`` on the meta device;
 then it reads every tensor, checking its CRC-32, and decodes every compressed layer; only then
-is anything assigned to the model. A bad checkpoint fails with the file and tensor named and
+is anything assigned to the model. Folders are untrusted input: a file named by an index or a
+progress record must lie inside its folder (:func:`~fxcompress.paths.inside_folder`), a
+config's sizes are checked against the headers before anything is allocated, and a checkpoint
+of ours must carry its CRC-32s. A bad checkpoint fails with the file and tensor named and
 leaves no half-loaded model. Packed tensors are assigned as they are, without materialising
 dense float weights.
 """
@@ -44,6 +47,7 @@ import re
 import shutil
 import struct
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,6 +71,7 @@ from .codecs import (
     set_tensor,
 )
 from .passes.calibrate import release_freed_memory
+from .paths import inside_folder
 from .recipe import Recipe, RecipeError
 from .sizes import parse_size
 
@@ -112,6 +117,11 @@ def partial_dir(out_dir: str | Path) -> Path:
 
 
 def _read_progress(folder: Path) -> dict:
+    """The progress record of the partial folder ``folder``, checked entry by entry against
+    the folder before anything in it is opened or written (:func:`_check_progress`)."""
+    if folder.is_symlink():
+        raise ResumeError(f"{folder} is a symbolic link: a partial output is a folder of its "
+                          f"own; remove it or start again with overwrite")
     try:
         state = json.loads((folder / PROGRESS).read_text())
     except (OSError, ValueError) as e:
@@ -119,7 +129,116 @@ def _read_progress(folder: Path) -> dict:
     if not isinstance(state, dict) or not {"fingerprint", "shards", "layers",
                                            "reports"} <= set(state):
         raise ResumeError(f"{folder / PROGRESS} is not a progress record of fxcompress")
+    _check_progress(folder, state)
     return state
+
+
+def _check_progress(folder: Path, state: dict) -> None:
+    """A resumed run truncates, reads, converts and deletes the parts the record names, and
+    writes the final files beside them: every part must be a file of its own inside the folder,
+    as long as the record says, every tensor must lie inside its part with the bytes its dtype
+    and shape need, every layer must be a valid entry whose tensors are recorded, and the folder
+    must hold nothing else. Raises :class:`ResumeError` naming the entry."""
+    file = folder / PROGRESS
+    if not isinstance(state["fingerprint"], str | None) or not isinstance(state["shards"], list) \
+            or not isinstance(state["layers"], dict) or not isinstance(state["reports"], dict) \
+            or not all(isinstance(r, dict) for r in state["reports"].values()):
+        raise ResumeError(f"{file} is not a progress record of fxcompress")
+    parts: set[str] = set()
+    recorded: dict[str, list] = {}
+    for i, shard in enumerate(state["shards"], 1):
+        what = f"{file}: shard {i}"
+        if not isinstance(shard, dict) or set(shard) != {"part", "size", "tensors"} \
+                or not _count(shard["size"]) or not isinstance(shard["tensors"], dict):
+            raise ResumeError(f"{what} is not a shard record: {str(shard)[:200]}")
+        part = inside_folder(folder, shard["part"], ResumeError, f"{what}'s part")
+        if part.name in parts or part.parent != folder or not part.is_file() \
+                or part.is_symlink():
+            raise ResumeError(f"{what}'s part {shard['part']!r} is not a file of its own in "
+                              f"{folder}")
+        if part.stat().st_size < shard["size"]:
+            raise ResumeError(f"{what}'s part {part.name} has {part.stat().st_size} bytes, the "
+                              f"record says {shard['size']}: the partial output is damaged")
+        parts.add(part.name)
+        for name, entry in shard["tensors"].items():
+            problem = _tensor_problem(entry, shard["size"])
+            if problem is not None:
+                raise ResumeError(f"{what}: tensor {name} has {problem}")
+            recorded[name] = entry
+    for name, entry in state["layers"].items():
+        codec = codec_of(entry)
+        problem = f"an invalid entry {entry!r}" if codec is None else codec.entry_problem(entry)
+        for local, (shape, dtype) in ({} if problem else codec.expected(entry)).items():
+            t = recorded.get(f"{name}.{local}")
+            if t is None or tuple(t[1]) != tuple(shape) or dtype not in (None, DTYPES[t[0]]):
+                problem = f"tensor {local} missing or not {dtype}{list(shape)}"
+                break
+        if problem is not None:
+            raise ResumeError(f"{file}: layer {name!r} has {problem}")
+    _check_partial_files(folder, parts)
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _tensor_problem(entry: object, size: int) -> str | None:
+    """What is wrong with a ``[dtype code, shape, begin, end, crc]`` record of a part of
+    ``size`` bytes, or None."""
+    if not isinstance(entry, list) or len(entry) != 5:
+        return f"a corrupted record {str(entry)[:200]}"
+    code, shape, begin, end, crc = entry
+    if code not in DTYPES or not isinstance(shape, list) or not all(map(_count, shape)) \
+            or not all(map(_count, (begin, end, crc))):
+        return f"a corrupted record {str(entry)[:200]}"
+    nbytes = math.prod(shape) * DTYPES[code].itemsize
+    if end - begin != nbytes or end > size:
+        return (f"bytes [{begin}, {end}) of a {size}-byte part, but {code}{shape} needs "
+                f"{nbytes}")
+    return None
+
+
+# what a partial folder holds besides its parts: the record, the frontier snapshots
+_PARTIAL_FILES = {PROGRESS: False, PROGRESS + ".tmp": False, "frontier": True,
+                  "frontier.tmp": True, "frontier.old": True}
+
+
+def _check_partial_files(folder: Path, parts: set[str]) -> None:
+    """The partial folder holds only what fxcompress writes there, and no links: the final
+    shards, index and config are written into it, and must never be written through a link."""
+    for item in folder.iterdir():
+        is_dir = _PARTIAL_FILES.get(item.name, False if item.name in parts else None)
+        if is_dir is None or item.is_symlink() or (item.is_dir() if is_dir is False
+                                                   else not item.is_dir()):
+            raise ResumeError(f"{folder} holds {item.name!r}, which is not a file fxcompress "
+                              f"wrote there: the partial output was altered; remove it or "
+                              f"start again with overwrite")
+
+
+def resumable(out_dir: str | Path, fingerprint: str | None) -> dict | None:
+    """The checked progress record of ``out_dir``'s partial output if it continues the job
+    ``fingerprint`` names; None where there is none; :class:`ResumeError` for one of another
+    job or one that fails the checks (:func:`_check_progress`). Opens nothing but the record."""
+    folder = partial_dir(out_dir)
+    if not (folder / PROGRESS).is_file():
+        return None
+    state = _read_progress(folder)
+    if state["fingerprint"] != fingerprint:
+        raise ResumeError(f"{folder} holds a partial compression of another model, recipe or "
+                          f"calibration set; remove it or start again with overwrite")
+    return state
+
+
+def check_no_partial(out_dir: str | Path, hint: str = "resume=True to continue it, or "
+                     "overwrite=True to delete it and start again") -> None:
+    """Refuse to start a new checkpoint of ``out_dir`` over an interrupted run's partial output
+    (hours of work): :class:`ResumeError` naming the folder and ``hint`` (what to pass). A
+    partial folder without a progress record holds nothing to resume (a save that died) and
+    is not in the way."""
+    folder = partial_dir(out_dir)
+    if (folder / PROGRESS).exists() or (folder / PROGRESS).is_symlink():
+        raise ResumeError(f"{folder} holds the partial output of an interrupted run into "
+                          f"{Path(out_dir)}; pass {hint}")
 
 
 def _fresh_state(fingerprint: str | None) -> dict:
@@ -188,7 +307,8 @@ class CheckpointWriter(PartialCheckpoint):
     """
 
     def __init__(self, out_dir: str | Path, shard_size: int | str = DEFAULT_SHARD_SIZE, *,
-                 fingerprint: str | None = None, resume: bool = False):
+                 fingerprint: str | None = None, resume: bool = False, overwrite: bool = False,
+                 hint: str | None = None):
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"{out} exists and is not a folder: a checkpoint is a "
@@ -199,7 +319,12 @@ class CheckpointWriter(PartialCheckpoint):
                              f"replaces its folder when complete, so write it to another one")
         self.shard_size = parse_size(shard_size, "max_shard_size")
         self.folder = partial_dir(out)
-        state = self._resume(fingerprint) if resume else None
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the "
+                             "partial output, overwrite deletes it")
+        if not resume and not overwrite:
+            check_no_partial(out, *([hint] if hint else []))
+        state = self._resume(out, fingerprint) if resume else None
         if state is None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
@@ -207,14 +332,11 @@ class CheckpointWriter(PartialCheckpoint):
         super().__init__(out, state)
         self._file: Any = None
 
-    def _resume(self, fingerprint: str | None) -> dict | None:
-        if not (self.folder / PROGRESS).is_file():
+    def _resume(self, out: Path, fingerprint: str | None) -> dict | None:
+        state = resumable(out, fingerprint)
+        if state is None:
             log.info("fxcompress: nothing to resume in %s, starting afresh", self.folder)
             return None
-        state = _read_progress(self.folder)
-        if state["fingerprint"] != fingerprint:
-            raise ResumeError(f"{self.folder} holds a partial compression of another model, "
-                              f"recipe or calibration set; remove it or run without resume")
         for shard in state["shards"]:  # cut off what was written after the last commit
             os.truncate(self.folder / shard["part"], shard["size"])
         return state
@@ -427,7 +549,9 @@ def _copy_side_files(model: nn.Module, folder: Path, tokenizer: Any) -> None:
     if source_dir is not None and source_dir.is_dir():
         for name in COPIED_FILES:
             if (source_dir / name).is_file() and not (folder / name).exists():
-                shutil.copy2(source_dir / name, folder / name)
+                src = inside_folder(source_dir, name, CheckpointError,
+                                    f"{source_dir}: the side file {name}")
+                shutil.copy2(src, folder / name)
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "save_pretrained"):
         generation.save_pretrained(folder)
@@ -555,7 +679,7 @@ def _recipe_of(model: nn.Module) -> Recipe | None:
 
 
 def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
-         max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+         max_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False) -> Path:
     """Write ``model`` (compressed by :func:`fxcompress.compile`) to the folder ``path``.
 
     Hugging Face models get their config, generation config and tokenizer files (from
@@ -563,13 +687,16 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     model; any other model gets a ``config.json`` holding only the quantization config and
     is loaded back with ``load(path, build=...)``. The checkpoint is written beside ``path``
     and replaces it only when complete: an existing checkpoint there survives any failure, and
-    the files it holds besides a checkpoint are kept. Returns the folder.
+    the files it holds besides a checkpoint are kept. The partial output of an interrupted
+    streamed run into ``path`` (:func:`fxcompress.streaming.compress_checkpoint`) is not
+    deleted unless ``overwrite``: :class:`ResumeError` instead. Returns the folder.
     """
     layers = compressed_layers(model)
     if not layers:
         raise ValueError("the model has no compressed layers: run fxcompress.compile first "
                          "(a dense model is saved with its own save_pretrained/state_dict)")
-    writer = CheckpointWriter(path, max_shard_size)
+    writer = CheckpointWriter(path, max_shard_size, overwrite=overwrite,
+                              hint="overwrite=True to delete it and save anyway")
     try:
         names, _ = dense_tensors(model, layers)
         state = model.state_dict(keep_vars=True)
@@ -617,11 +744,24 @@ def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
     fx = config["quantization_config"]["fxcompress"]
     layers, tied = fx["layers"], fx.get("tied", {})
     recipe = _recipe(path, fx["recipe"]) if fx.get("recipe") is not None else None
-    model = _skeleton(path, config, build)
-    stored = _read_headers(path, hub.renamings(model)[1])
-    _check_originals(model, layers)
-    _check(_expected(model, layers, tied), tied, stored)
+    shards = _read_shards(path)
+    if build is not None:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = build()
+    else:  # config.json is untrusted: nothing is allocated before its sizes are checked
+        hf_config = _hf_config(path, config)
+        model = _meta_skeleton(path, config, hf_config, shards)
+    stored = _by_model_name(path, shards, hub.renamings(model)[1])
+    _check_originals(model, layers, config)
+    _check(_expected(model, layers, tied), tied, stored, config)
+    if build is None:
+        _check_buffers(path, model, stored, config)
+        model = _skeleton_from_config(hf_config, type(model))  # buffers computed, sizes checked
     _check_complete(model, layers, tied, stored, path)
+    if verify:
+        _check_checksums(shards)
     tensors = _read_all(stored, verify)
     modules = _decode(layers, tensors, stored)
     # every check has passed: only now is the model changed
@@ -677,36 +817,65 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _shard_files(path: Path) -> list[Path]:
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of the checkpoint folder ``path``: ``model.safetensors``, or the
+    files its index maps tensors to — each checked to lie inside ``path`` before any is opened
+    (:func:`~fxcompress.paths.inside_folder`). Raises :class:`CheckpointError`."""
     index = path / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        return [path / f for f in sorted(set(weight_map.values()))]
+        files: dict[str, Path] = {}
+        for key, name in _weight_map(index).items():
+            if name not in files:
+                files[name] = inside_folder(path, name, CheckpointError,
+                                            f"{index}: the entry of tensor {key}")
+        return [files[name] for name in sorted(files)]
     if not (path / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    return [path / WEIGHTS_NAME]
+    return [inside_folder(path, WEIGHTS_NAME, CheckpointError, f"{path}: {WEIGHTS_NAME}")]
 
 
-def _read_headers(path: Path, to_model: hub.Rename = str) -> dict[str, StoredTensor]:
-    """Every tensor of every shard, from the headers only, by the name the model gives it
-    (``to_model`` of the name in the file); duplicates and index entries that point to the
-    wrong file are errors."""
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: weight_map is not a map of tensor names to file "
+                              f"names")
+    return weight_map
+
+
+def _read_shards(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of every shard, from the headers only, by its name in the file;
+    duplicates are errors."""
     stored: dict[str, StoredTensor] = {}
-    for file in _shard_files(path):
+    for file in shard_files(path):
         for key, info in read_header(file).items():
-            name = to_model(key)
-            if name in stored:
-                raise CheckpointError(f"tensor {name} is stored twice: as {stored[name].key} "
-                                      f"in {stored[name].file} and as {key} in {file}")
-            stored[name] = StoredTensor(info.file, info.dtype, info.shape, info.crc, key)
+            if key in stored:
+                raise CheckpointError(f"tensor {key} is stored twice: in {stored[key].file} "
+                                      f"and in {file}")
+            stored[key] = StoredTensor(info.file, info.dtype, info.shape, info.crc, key)
+    return stored
+
+
+def _by_model_name(path: Path, shards: dict[str, StoredTensor], to_model: hub.Rename
+                   ) -> dict[str, StoredTensor]:
+    """The tensors of ``shards`` by the name the model gives them (``to_model`` of the name
+    in the file); two names for one tensor and index entries that point to the wrong file are
+    errors."""
+    stored: dict[str, StoredTensor] = {}
+    for key, s in shards.items():
+        name = to_model(key)
+        if name in stored:
+            raise CheckpointError(f"tensor {name} is stored twice: as {stored[name].key} "
+                                  f"in {stored[name].file} and as {key} in {s.file}")
+        stored[name] = s
     index = path / INDEX_NAME
     if index.is_file():
-        for key, file in json.loads(index.read_text())["weight_map"].items():
+        for key, file in _weight_map(index).items():
             name = to_model(key)
-            if name not in stored or stored[name].file.name != file:
+            if name not in stored or stored[name].file != path / file:
                 raise CheckpointError(f"{index} lists tensor {key} in {file}, which does "
                                       f"not hold it")
     return stored
@@ -775,15 +944,8 @@ def _check_entry(file: Path, name: str, info: Any, start: int, size: int, crc: i
     return StoredTensor(file, dtype, shape, crc)
 
 
-def _skeleton(path: Path, config: dict[str, Any], build: Callable[[], nn.Module] | None
-              ) -> nn.Module:
-    """The uncompressed model, parameters on the meta device (buffers real: they are small
-    and some, like rotary tables, are not in the checkpoint)."""
-    from accelerate import init_empty_weights
-
-    if build is not None:
-        with init_empty_weights(include_buffers=False):
-            return build()
+def _hf_config(path: Path, config: dict[str, Any]) -> Any:
+    """The transformers config of ``config.json``."""
     if not config.get("architectures") or "model_type" not in config:
         raise CheckpointError(f"{path / CONFIG_NAME} is not a Hugging Face config (no "
                               f"architectures/model_type): pass build=<function returning the "
@@ -791,13 +953,106 @@ def _skeleton(path: Path, config: dict[str, Any], build: Callable[[], nn.Module]
     from transformers import AutoConfig
 
     try:
-        hf_config = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises several types for a bad config
         raise CheckpointError(f"{path / CONFIG_NAME}: transformers cannot read it: {e}") from e
-    return _skeleton_from_config(hf_config, None)
+
+
+def _meta_skeleton(path: Path, config: dict[str, Any], hf_config: Any,
+                   shards: dict[str, StoredTensor]) -> nn.Module:
+    """The uncompressed model with every tensor, buffers included, on the meta device: built
+    from a config whose sizes are not checked yet, it allocates nothing (a ``hidden_size`` of
+    10**12 is a shape, not 512 TB). Only its layer count is bounded first: each layer stores a
+    tensor, and a model of 10**9 layers would take hours to build even on the meta device."""
+    import transformers
+
+    for sub in {id(c): c for c in (hf_config, hf_config.get_text_config())}.values():
+        layers = getattr(sub, "num_hidden_layers", None)
+        if isinstance(layers, int) and layers > len(shards):
+            field = _field_named(config, "num_hidden_layers", layers)
+            raise CheckpointError(f"{path / CONFIG_NAME}: {field}={layers}, but the checkpoint "
+                                  f"stores {len(shards)} tensors: the config does not describe "
+                                  f"these tensors")
+    arch = (hf_config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if cls is not None and hasattr(cls, "_from_config"):
+                return cls._from_config(hf_config)
+            return transformers.AutoModelForCausalLM.from_config(hf_config)
+    except Exception as e:  # a config transformers accepts can still make no model
+        negative = ", ".join(f"{k}={v}" for k, v in _int_fields(config) if v < 0
+                             and not k.endswith("token_id"))
+        raise CheckpointError(f"{path / CONFIG_NAME}: the model cannot be built from it"
+                              + (f" ({negative})" if negative else "") + f": {e}") from e
+
+
+def _int_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, int]]:
+    """Every integer of ``config.json`` (sub-configs included), by dotted field name."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if k != "quantization_config":
+                yield from _int_fields(v, f"{prefix}{k}.")
+    elif type(config) is int:
+        yield prefix.rstrip("."), config
+
+
+def _field_named(config: dict[str, Any], name: str, value: int) -> str:
+    """The dotted name of the config field ``name`` holding ``value`` (a sub-config's, say;
+    or the model's own name for it, such as GPT-2's ``n_layer``)."""
+    fields = [k for k, v in _int_fields(config) if v == value]
+    return next((k for k in fields if k.rpartition(".")[2] == name), fields[0] if fields
+                else name)
+
+
+def _disagreeing(config: dict[str, Any] | None, expected: Iterator[int] | tuple[int, ...],
+                 found: Iterator[int] | tuple[int, ...]) -> str:
+    """``"config.json: hidden_size=10**12 disagrees with the tensors: "`` — the fields whose
+    values a model shape has and the checkpoint's does not; empty if none."""
+    missing = set(expected) - set(found)
+    fields = [f"{k}={v}" for k, v in _int_fields(config or {}) if v in missing]
+    return (f"{CONFIG_NAME}: {', '.join(fields)} disagree{'s' if len(fields) == 1 else ''} "
+            f"with the tensors: ") if fields else ""
+
+
+def _check_buffers(path: Path, model: nn.Module, stored: dict[str, StoredTensor],
+                   config: dict[str, Any]) -> None:
+    """The buffers the modules compute themselves (rotary frequencies, masks), allocated when
+    the model is built for real, are bounded by the stored tensors: a config field that sizes
+    only those (a maximal position, say) cannot make the build allocate terabytes."""
+    budget = max(2 * sum(math.prod(s.shape) * s.dtype.itemsize for s in stored.values()),
+                 256 << 20)
+    computed = [(n, b) for n, b in model.named_buffers() if b is not None and n not in stored]
+    total = sum(b.numel() * b.element_size() for _, b in computed)
+    if total > budget:
+        name, b = max(computed, key=lambda nb: nb[1].numel() * nb[1].element_size())
+        raise CheckpointError(f"{path / CONFIG_NAME}: "
+                              + _disagreeing(config, tuple(b.shape), ())
+                              + f"the buffers the model computes would take {total} bytes "
+                              f"({name}: {list(b.shape)}), more than twice the checkpoint's "
+                              f"tensors")
+
+
+def _check_checksums(shards: dict[str, StoredTensor]) -> None:
+    """An fxcompress checkpoint carries a CRC-32 of every tensor: a shard without them was
+    altered (or written by another tool) and is not read as if it were verified."""
+    missing = [s for s in shards.values() if s.crc is None]
+    if not missing:
+        return
+    file = missing[0].file
+    if all(s.crc is None for s in shards.values() if s.file == file):
+        raise CheckpointError(f"{file} has no {CRC_KEY} metadata, but config.json says "
+                              f"fxcompress wrote it: its tensors cannot be verified "
+                              f"(load(..., verify=False) reads them unverified)")
+    raise CheckpointError(f"{file}: tensor {missing[0].key} has no CRC-32 in the {CRC_KEY} "
+                          f"metadata: it cannot be verified (load(..., verify=False) reads it "
+                          f"unverified)")
 
 
 def _skeleton_from_config(hf_config: Any, cls: type | None) -> nn.Module:
+    """The model of ``hf_config``, parameters on the meta device, buffers real (some, like
+    rotary tables, are not in the checkpoint: the modules compute them)."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -810,7 +1065,8 @@ def _skeleton_from_config(hf_config: Any, cls: type | None) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_config(hf_config)
 
 
-def _check_originals(model: nn.Module, layers: dict[str, Entry]) -> None:
+def _check_originals(model: nn.Module, layers: dict[str, Entry],
+                     config: dict[str, Any] | None = None) -> None:
     """Each compressed layer names a module of the model built from the config that its
     codec can have replaced."""
     for name, entry in layers.items():
@@ -821,7 +1077,17 @@ def _check_originals(model: nn.Module, layers: dict[str, Entry]) -> None:
                                   f"model built from the config does not have") from None
         problem = codec_of(entry).original_problem(module, entry)
         if problem is not None:
-            raise CheckpointError(f"config.json: layer {name} {problem}")
+            dims = [d for p in module.parameters() for d in p.shape]
+            raise CheckpointError(_disagreeing(config, tuple(dims), tuple(_ints(entry)))
+                                  + f"config.json: layer {name} {problem}")
+
+
+def _ints(value: Any) -> Iterator[int]:
+    if isinstance(value, dict | list | tuple):
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from _ints(v)
+    elif type(value) is int:
+        yield value
 
 
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype | None]]
@@ -840,15 +1106,18 @@ def _expected(model: nn.Module, layers: dict[str, Entry], tied: dict[str, str]) 
     return expected
 
 
-def _check(expected: Expected, tied: dict[str, str], stored: dict[str, StoredTensor]) -> None:
-    """Every expected tensor is stored with the right dtype and shape; nothing else is."""
+def _check(expected: Expected, tied: dict[str, str], stored: dict[str, StoredTensor],
+           config: dict[str, Any] | None = None) -> None:
+    """Every expected tensor is stored with the right dtype and shape; nothing else is. A
+    shape that differs names the ``config`` fields that made it."""
     for name, (shape, dtype) in expected.items():
         if name not in stored:
             raise CheckpointError(f"missing tensor {name}: not found in {_files(stored)}")
         s = stored[name]
         if s.shape != shape:
-            raise CheckpointError(f"{s.file}: tensor {name} has shape {list(s.shape)}, the "
-                                  f"model built from config.json expects {list(shape)}")
+            raise CheckpointError(f"{_disagreeing(config, shape, s.shape)}{s.file}: tensor "
+                                  f"{name} has shape {list(s.shape)}, the model built from "
+                                  f"config.json expects {list(shape)}")
         if dtype is not None and s.dtype != dtype:
             raise CheckpointError(f"{s.file}: tensor {name} is {s.dtype}, expected {dtype}")
     for alias, source in tied.items():

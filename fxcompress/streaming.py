@@ -168,17 +168,17 @@ class Checkpoint:
 
     def __init__(self, model_dir: str | Path, model: nn.Module, device: torch.device):
         self.dir, self.device = Path(model_dir), device
-        index = self.dir / fmt.INDEX_NAME
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (self.dir / fmt.WEIGHTS_NAME).is_file():
-            files = [fmt.WEIGHTS_NAME]
-        else:
+        if not any((self.dir / f).is_file() for f in (fmt.INDEX_NAME, fmt.WEIGHTS_NAME)):
             raise FileNotFoundError(f"{self.dir} has neither {fmt.WEIGHTS_NAME} nor "
                                     f"{fmt.INDEX_NAME}: not a safetensors checkpoint")
         to_model = hub.renamings(model)[1]
-        self.stored = {to_model(key): dataclasses.replace(s, key=key) for f in files
-                       for key, s in fmt.read_header(self.dir / f).items()}
+        self.stored = {to_model(key): dataclasses.replace(s, key=key)
+                       for f in fmt.shard_files(self.dir)
+                       for key, s in fmt.read_header(f).items()}
+        if any(s.crc is None for s in self.stored.values()):
+            log.warning("fxcompress: %s was not written by fxcompress: its tensors carry no "
+                        "CRC-32, so they are read unverified (only their headers are checked)",
+                        self.dir)
         self.fused = _fused_experts(model, self.stored)
         self.aliases = _aliases(model)
         self.dtypes = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items()
@@ -384,6 +384,7 @@ def compress_checkpoint(
     offload: str | None = "auto",
     device: str | torch.device | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     batch_size: int | None = None,
     max_shard_size: int | str = fmt.DEFAULT_SHARD_SIZE,
@@ -398,7 +399,10 @@ def compress_checkpoint(
     ``offload``: where activations kept for all calibration samples live — ``"cpu"``,
     ``"disk"`` or ``None``/``"none"`` (on the compute ``device``: CUDA if available); ``"auto"``
     (the default) is ``"cpu"``, or ``"disk"`` when only that fits ``max_memory``. ``resume``
-    continues an interrupted run into the same ``out_dir`` with the same inputs.
+    continues an interrupted run into the same ``out_dir`` with the same inputs; without it,
+    an interrupted run's partial output is a :class:`ResumeError` before any work (it can hold
+    hours of it), unless ``overwrite`` says to delete it and start again — which happens only
+    once the run has passed its memory check.
     ``compute_dtype``: what calibration computes in — ``"auto"`` (the default) is float32 on
     CPU for a 16-bit checkpoint (bf16/fp16 matrix products run 10–100× slower than float32 on
     CPUs without native bf16 arithmetic, and float32 is the more accurate), the checkpoint's
@@ -421,6 +425,7 @@ def compress_checkpoint(
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
     shard_size = parse_size(max_shard_size, "max_shard_size")
     team: Team = Distributed() if active() else Local()
+    _check_output(team, out_dir, resume, overwrite)
     device = torch.device(device) if device is not None else _default_device(team)
     model = skeleton(model_dir)
     stored = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items() if t is not None}
@@ -432,10 +437,11 @@ def compress_checkpoint(
     _load_buffers(model, source)
     chunks, samples = calibration_batches(model, calibration, batch_size, ranks=team.world)
     mine = team.shard(chunks) if isinstance(team, Distributed) else chunks
-    output, done = _open_output(team, model, source, recipe, out_dir, resume,
-                                _fingerprint(model_dir, recipe, chunks, source, compute,
-                                             precision),
-                                shard_size, stored)
+    fingerprint = _fingerprint(model_dir, recipe, chunks, source, compute, precision)
+    if resume:  # a partial output of another job, or a damaged one, is refused before work
+        with team.guard(f"checking {partial_dir(out_dir)}"):
+            if team.rank == 0:
+                fmt.resumable(out_dir, fingerprint)
     with numerics(), torch.no_grad():
         ep = capture(model, *chunks[0])
         retarget(ep, device)
@@ -451,6 +457,9 @@ def compress_checkpoint(
         estimate = max(0, resident_bytes() - rss0) + max((s.total for s in segments), default=0)
         if budget is not None:
             check_memory(segments, budget)
+        # only a run that will start opens (resumes, or deletes with overwrite) the output
+        output, done = _open_output(team, model, source, recipe, out_dir, resume, overwrite,
+                                    fingerprint, shard_size, stored)
         dense, _ = dense_tensors(model, {*plan, *(s.module_name for s in sites if s.fqn in plan)})
         with team.guard("the uncompressed tensors"):
             if output is not None:
@@ -517,16 +526,29 @@ def _default_device(team: Team) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _check_output(team: Team, out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: ``resume`` and ``overwrite`` exclude each other, and without either an
+    interrupted run's partial output is refused, not deleted (rank 0 looks; every rank
+    raises)."""
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True exclude each other: resume continues "
+                         "the partial output, overwrite deletes it")
+    with team.guard(f"checking {partial_dir(out_dir)}"):
+        if team.rank == 0 and not resume and not overwrite:
+            fmt.check_no_partial(out_dir)
+
+
 def _open_output(team: Team, model: nn.Module, source: Checkpoint, recipe: Recipe,
-                 out_dir: Path, resume: bool, fingerprint: str, shard_size: int,
-                 stored: dict[str, torch.dtype]) -> tuple[_Output | None, Done | None]:
+                 out_dir: Path, resume: bool, overwrite: bool, fingerprint: str,
+                 shard_size: int, stored: dict[str, torch.dtype]
+                 ) -> tuple[_Output | None, Done | None]:
     """Rank 0 opens (or resumes) the partial output; with ``resume`` every rank reads the
     completed layers from it (a folder all ranks see)."""
     output = None
     with team.guard(f"opening {partial_dir(out_dir)}"):
         if team.rank == 0:
             writer = fmt.CheckpointWriter(out_dir, shard_size, fingerprint=fingerprint,
-                                          resume=resume)
+                                          resume=resume, overwrite=overwrite)
             output = _Output(model, source, writer, recipe, stored)
     if isinstance(team, Distributed):
         team.barrier("opening the output")

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 from ..algorithms import Compressed, Cross, Hessian, OutputCross, Statistics, WeightedCross
 from ..kernels.ops import activation
 from ..modules import EXPERT_BANKS, experts_activation
+from ..paths import inside_folder
 from ..recipe import CROSS, HESSIAN, Method
 from . import liveness, owl
 from .liveness import PRICE, Costs, Liveness, SegmentMemory, plan_of_schedule
@@ -489,6 +490,7 @@ class Snapshots:
         usable, the frontiers left empty)."""
         live, sched, plans = run.live, run.sched, run.plans
         try:
+            inside_folder(self.folder.parent, self.folder.name, OSError, "the snapshot folder")
             state = json.loads((self.folder / self.STATE).read_text())
             k = state["segment"]
             same = k < len(live.segments) and state["chunks"] == frontiers[0].chunks \
@@ -514,9 +516,12 @@ class Snapshots:
             for i, (p, f) in enumerate(zip(state["paths"], frontiers, strict=True)):
                 nodes = {n.name: n for n in plans[i].segments[k].keep}
                 for name in p["nodes"]:
+                    if name not in nodes:  # before its name makes a path
+                        raise KeyError(f"{name!r} is not a value the run keeps there")
                     slots = []
                     for c in range(f.chunks):
-                        src = self.folder / f"{i}.{name}.{c}.pt"
+                        src = inside_folder(self.folder, f"{i}.{name}.{c}.pt", OSError,
+                                            f"{self.folder / self.STATE}: node {name!r}")
                         if f.offload == "disk":  # a copy, checked as far as mmap reads it
                             slots.append(Path(f._tmp.name) / src.name)
                             shutil.copyfile(src, slots[-1])
