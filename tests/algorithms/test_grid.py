@@ -64,3 +64,33 @@ def test_unsupported_bits_are_rejected(bits):
 def test_group_size_must_divide_in_features():
     with pytest.raises(RecipeError, match="does not divide in_features 100"):
         grid.fit_groups(torch.randn(4, 100), 4, 64, False)
+
+
+def _rows_of_every_kind(seed: int) -> torch.Tensor:
+    """Random rows over five orders of magnitude, plus the edge rows: all zero, no negatives,
+    no positives, values below float16's smallest normal step."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 96, generator=g) * torch.exp(3 * torch.randn(64, 1, generator=g))
+    w[0] = 0
+    w[1] = w[1].abs()
+    w[2] = -w[2].abs()
+    w[3] *= 1e-6
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_fit_and_quantize_equal_the_reference_grid(bits, sym):
+    """The grid against the one ``reference`` writes from the GPTQ paper's code: the same
+    scales (float16, rounded up), zero points and dequantized values, exactly."""
+    from . import reference
+
+    for seed in range(3):
+        w = _rows_of_every_kind(seed)
+        scale, zero = grid.fit(w, bits, sym)
+        ref_scale, ref_zero = reference.find_params(w, bits, sym)
+        assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero), (seed, bits, sym)
+        s, z = scale[:, None], zero[:, None]
+        q = grid.dequantize(grid.quantize(w, s, z, bits), s, z)
+        assert torch.equal(q, reference.quantize(w, s, z, bits))
+        assert (q != w).any()  # the inputs do not sit on the grid already

@@ -136,6 +136,9 @@ def test_bf16_calibration_compresses_as_well_as_float32(monkeypatch, method):
             errors[precision] = ((outputs[precision] - ref).norm() / ref.norm()).item()
     assert seen and set(seen) == {"ieee"}, seen  # numerics(): full float32 in every solve
     assert abs(errors["bf16"] - errors["fp32"]) < 0.1 * errors["fp32"], errors
-    assert errors["bf16"] < (0.9 if isinstance(method, GPTQ) else 0.6) * errors["baseline"]
+    # error / the baseline's at bf16, measured 2026-12-06 (commit cb101e0): GPTQ 0.449,
+    # SparseGPT 0.242; margin 1.25x (a run with a different CPU's float sums moves it by <10 %)
+    ratio = 0.449 if isinstance(method, GPTQ) else 0.242
+    assert errors["bf16"] < 1.25 * ratio * errors["baseline"], errors
     assert not torch.equal(outputs["fp32"], outputs["bf16"])
     assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # given back after the run
