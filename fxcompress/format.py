@@ -982,10 +982,35 @@ def _meta_skeleton(path: Path, config: dict[str, Any], hf_config: Any,
                 return cls._from_config(hf_config)
             return transformers.AutoModelForCausalLM.from_config(hf_config)
     except Exception as e:  # a config transformers accepts can still make no model
-        negative = ", ".join(f"{k}={v}" for k, v in _int_fields(config) if v < 0
-                             and not k.endswith("token_id"))
+        absurd = ", ".join(f"{k}={v}" for k, v in _int_fields(config)
+                           if (v < 0 or v >= 1 << 31) and not k.endswith("token_id"))
         raise CheckpointError(f"{path / CONFIG_NAME}: the model cannot be built from it"
-                              + (f" ({negative})" if negative else "") + f": {e}") from e
+                              + (f" ({absurd})" if absurd else "") + f": {e}") from e
+
+
+def check_model_sizes(path: Path) -> None:
+    """Before a Hugging Face model folder (a dense checkpoint fxcompress did not write) is built
+    for real: its model, built on the meta device, holds no more parameters than the
+    safetensors headers store (twice, for slack), and its computed buffers are bounded as
+    :func:`load` bounds them, so ``config.json`` cannot make the build allocate terabytes;
+    otherwise :class:`CheckpointError` naming the config fields."""
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME} cannot be read as JSON: {e}") from e
+    shards = _read_shards(path)
+    model = _meta_skeleton(path, config, _hf_config(path, config), shards)
+    stored = sum(math.prod(s.shape) for s in shards.values())
+    params = list(model.parameters())
+    if params and sum(p.numel() for p in params) > 2 * stored + (1 << 20):
+        big = max(params, key=lambda p: p.numel())
+        raise CheckpointError(f"{path / CONFIG_NAME}: "
+                              + _disagreeing(config, tuple(big.shape),
+                                             tuple(d for s in shards.values() for d in s.shape))
+                              + f"the model it describes has {sum(p.numel() for p in params)} "
+                              f"parameters (one of {list(big.shape)}), the checkpoint stores "
+                              f"{stored}")
+    _check_buffers(path, model, {n: s for n, s in shards.items()}, config)
 
 
 def _int_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, int]]:
@@ -1078,8 +1103,8 @@ def _check_originals(model: nn.Module, layers: dict[str, Entry],
         problem = codec_of(entry).original_problem(module, entry)
         if problem is not None:
             dims = [d for p in module.parameters() for d in p.shape]
-            raise CheckpointError(_disagreeing(config, tuple(dims), tuple(_ints(entry)))
-                                  + f"config.json: layer {name} {problem}")
+            raise CheckpointError((_disagreeing(config, tuple(dims), tuple(_ints(entry)))
+                                   or f"{CONFIG_NAME}: ") + f"layer {name} {problem}")
 
 
 def _ints(value: Any) -> Iterator[int]:

@@ -107,6 +107,7 @@ def skeleton(model_dir: str | Path) -> nn.Module:
     from accelerate import init_empty_weights
 
     model_dir = Path(model_dir)
+    fmt.check_model_sizes(model_dir)  # config.json is untrusted: its sizes, before any build
     config = transformers.AutoConfig.from_pretrained(model_dir)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None

@@ -256,6 +256,17 @@ def test_config_dimensions_are_checked_against_the_headers(checkpoint, field, va
         load(checkpoint)
 
 
+@pytest.mark.parametrize("field, value", [("hidden_size", 10**12), ("intermediate_size", -5),
+                                          ("vocab_size", 10**10)])
+def test_a_dense_model_config_is_checked_before_it_is_built(dense, tmp_path, field, value):
+    """The input of a streamed run too: its skeleton is built after the same checks."""
+    folder = tmp_path / "model"
+    shutil.copytree(dense, folder)
+    _set_config(folder, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"config\.json.*{field}"):
+        compress_checkpoint(folder, _calibration(), RECIPE, tmp_path / "out", progress=False)
+
+
 def test_a_checked_config_still_loads_a_working_model(w4, checkpoint):
     """The skeleton is built on the meta device; buffers the checkpoint does not hold (rotary
     frequencies) are computed once the sizes are checked."""
