@@ -39,16 +39,17 @@ DTYPES = (None, "auto", "f32", "f16")
 
 @dataclass(frozen=True)
 class Architecture:
-    """What differs between the decoder families written: GGUF's architecture and whether Q/K
-    rows are reordered for llama.cpp's rope (interleaved pairs) from Hugging Face's (halves)."""
+    """What differs between the decoder families written: GGUF's architecture, whether Q/K
+    rows are reordered for llama.cpp's rope (interleaved pairs) from Hugging Face's (halves),
+    and whether the converter's Llama class adds vocab_size and rope.dimension_count."""
 
     arch: gguf.MODEL_ARCH
-    permute_qk: bool
+    llama: bool
 
 
 ARCHITECTURES = {
-    "llama": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    "llama": Architecture(gguf.MODEL_ARCH.LLAMA, llama=True),
+    "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, llama=False),
 }
 
 # llama.cpp names a BPE pre-tokenizer by the sha256 of the token ids the Hugging Face tokenizer
@@ -92,7 +93,7 @@ def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
     model = load(folder)
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[arch.arch])
     tensors = list(_tensors(model, hparams, arch, None if dtype == "auto" else dtype))
-    _add_hyperparameters(writer, hparams, folder, _file_type(tensors))
+    _add_hyperparameters(writer, hparams, folder, arch, _file_type(tensors))
     _add_tokenizer(writer, folder, hparams, arch, pre_tokenizer)
     for name, kind, data in tensors:
         writer.add_tensor(name, data, raw_dtype=T(kind))
@@ -199,7 +200,7 @@ def _named(names: gguf.TensorNameMap, key: str, hparams: dict[str, Any], arch: A
     if name is None:
         raise GGUFExportError(f"tensor {key!r} has no GGUF name in architecture "
                               f"{gguf.MODEL_ARCH_NAMES[arch.arch]!r}")
-    if arch.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight",
+    if arch.llama and key.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight",
                                          "k_proj.bias")):
         heads = hparams["num_attention_heads"]
         if ".k_proj." in key:
@@ -230,7 +231,7 @@ def _file_type(tensors: list[tuple[str, int, np.ndarray]]) -> int:
 
 
 def _add_hyperparameters(w: gguf.GGUFWriter, hp: dict[str, Any], folder: Path,
-                         file_type: int) -> None:
+                         arch: Architecture, file_type: int) -> None:
     """The keys convert_hf_to_gguf.py writes for a Llama/Qwen2 model (TextModel and
     LlamaModel.set_gguf_parameters), from the same config.json."""
     source = Path(hp.get("_name_or_path") or folder.name).name or folder.name
@@ -258,8 +259,9 @@ def _add_hyperparameters(w: gguf.GGUFWriter, hp: dict[str, Any], folder: Path,
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(file_type)
-    w.add_vocab_size(hp["vocab_size"])
-    w.add_rope_dimension_count(head_dim or hp["hidden_size"] // hp["num_attention_heads"])
+    if arch.llama:
+        w.add_vocab_size(hp["vocab_size"])
+        w.add_rope_dimension_count(head_dim or hp["hidden_size"] // hp["num_attention_heads"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -284,7 +286,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, folder: Path, hp: dict[str, Any],
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(w)
-    if arch.arch == gguf.MODEL_ARCH.LLAMA and hp["vocab_size"] == 49152:
+    if arch.llama and hp["vocab_size"] == 49152:
         # the converter's rule for Llama models with this vocabulary (Granite's small models,
         # SmolLM): they are trained without a BOS at the start
         w.add_add_bos_token(False)
