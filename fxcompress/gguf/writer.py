@@ -74,7 +74,8 @@ FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTL
 
 def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
                dtype: str | None = None, pre_tokenizer: str | None = None) -> Path:
-    """Write the fxcompress checkpoint ``checkpoint_dir`` as the GGUF file ``out_file``.
+    """Write the fxcompress checkpoint ``checkpoint_dir`` (or a dense Hugging Face model
+    folder) as the GGUF file ``out_file``.
 
     ``dtype``: ``None``/``"auto"`` stores each compressed layer as its encoder says (an error
     names any layer whose grid is no ggml type); ``"f32"``/``"f16"`` stores every weight as a
@@ -85,12 +86,10 @@ def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
     """
     if dtype not in DTYPES:
         raise GGUFExportError(f"dtype must be one of 'auto', 'f32', 'f16', got {dtype!r}")
-    from ..format import load
-
     folder, out_file = Path(checkpoint_dir), Path(out_file)
     hparams = json.loads((folder / "config.json").read_text())
     arch = _architecture(hparams)
-    model = load(folder)
+    model = _load(folder, hparams)
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[arch.arch])
     tensors = list(_tensors(model, hparams, arch, None if dtype == "auto" else dtype))
     _add_hyperparameters(writer, hparams, folder, arch, _file_type(tensors))
@@ -106,6 +105,21 @@ def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
 
 
 # ------------------------------------------------------------------------------- tensors
+
+
+def _load(folder: Path, hparams: dict[str, Any]) -> nn.Module:
+    """The checkpoint's model; a Hugging Face folder without fxcompress's quantization config
+    (the dense model a compressed one is compared with) is loaded by transformers."""
+    if "fxcompress" in (hparams.get("quantization_config") or {}):
+        from ..format import load
+
+        return load(folder)
+    if hparams.get("quantization_config"):
+        raise GGUFExportError(f"{folder} holds a checkpoint quantized by another tool "
+                              f"({hparams['quantization_config'].get('quant_method')!r})")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
 
 
 def _architecture(hparams: dict[str, Any]) -> Architecture:
