@@ -223,3 +223,20 @@ def test_llama_cpp_engine_without_a_build_says_how_to_build_one(checkpoint, monk
         engine_perplexity("llama.cpp", checkpoint[0], text="t.txt")
     with pytest.raises(EngineError, match="no llama-perplexity in"):
         engine_perplexity("llama.cpp", checkpoint[0], text="t.txt", llama_cpp=checkpoint[0])
+
+
+def test_qwen2_keeps_hugging_faces_row_order_and_writes_biases_and_head(tmp_path):
+    from transformers import AutoTokenizer
+
+    write_tokenizer(tmp_path / "tok")
+    model = quick(build("qwen2", HIDDEN), GPTQ(4, 32, sym=True))
+    save(model, tmp_path / "ck", tokenizer=AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    r, tensors = read(write_gguf(tmp_path / "ck", tmp_path / "m.gguf", pre_tokenizer="qwen2"))
+    attn = model.model.layers[0].self_attn
+    np.testing.assert_array_equal(as_matrix(tensors["blk.0.attn_q.weight"]),
+                                  attn.q_proj.dequantize().numpy())  # neox rope: no reordering
+    np.testing.assert_array_equal(tensors["blk.0.attn_k.bias"].data,
+                                  attn.k_proj.bias.detach().numpy())
+    assert tensors["output.weight"].tensor_type == T.F32  # the head is not tied
+    assert r.fields["general.architecture"].contents() == "qwen2"
+    assert "qwen2.vocab_size" not in r.fields  # the converter's Qwen2 class writes none
