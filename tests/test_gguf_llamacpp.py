@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fxcompress import RTN, save
-from fxcompress.engines import EngineError
+from fxcompress.engines import EngineError, engine_perplexity
 from fxcompress.engines.llamacpp import ENV, find_binary, perplexity
 from fxcompress.gguf.writer import write_gguf
 from fxcompress.modules import compressed_module
@@ -116,9 +116,12 @@ def test_q4_0_gguf_perplexity_within_1_percent_of_its_f32_gguf(q4_0_checkpoint, 
 
     text = assets.sotu(progress=False) / "evaluation.txt"
     q4 = write_gguf(q4_0_checkpoint, tmp_path / "q4_0.gguf")
-    f32 = write_gguf(q4_0_checkpoint, tmp_path / "f32.gguf", dtype="f32")
     assert {t.tensor_type for t in gguf.GGUFReader(q4).tensors if t.name.endswith(
         "attn_q.weight")} == {gguf.GGMLQuantizationType.Q4_0}
-    quant, dense = (perplexity(f, text=text, seqlen=512, windows=8, llama_cpp=source)
-                    for f in (q4, f32))
+    f32 = write_gguf(q4_0_checkpoint, tmp_path / "f32.gguf", dtype="f32")
+    # the checkpoint folder itself: the engine writes its GGUF (Q4_0) to a temporary file
+    quant = engine_perplexity("llama.cpp", q4_0_checkpoint, text=text, seqlen=512, windows=8,
+                              llama_cpp=source)
+    dense = perplexity(f32, text=text, seqlen=512, windows=8, llama_cpp=source)
+    assert quant.tokens == dense.tokens == 8 * 255
     assert abs(quant.ppl / dense.ppl - 1) < 0.01, (quant.ppl, dense.ppl)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,16 +91,23 @@ def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
     hparams = json.loads((folder / "config.json").read_text())
     arch = _architecture(hparams)
     model = _load(folder, hparams)
-    writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[arch.arch])
+    # every tensor is encoded and the tokenizer read before the file is opened, and the file is
+    # written beside out_file: a layer that cannot be written leaves no file, a crash no half
+    partial = out_file.with_name(f".{out_file.name}.partial")
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch.arch])
     tensors = list(_tensors(model, hparams, arch, None if dtype == "auto" else dtype))
     _add_hyperparameters(writer, hparams, folder, arch, _file_type(tensors))
     _add_tokenizer(writer, folder, hparams, arch, pre_tokenizer)
     for name, kind, data in tensors:
         writer.add_tensor(name, data, raw_dtype=T(kind))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)
     log.info("fxcompress: wrote %d tensors to %s", len(tensors), out_file)
     return out_file
 
@@ -132,14 +140,15 @@ def _architecture(hparams: dict[str, Any]) -> Architecture:
 
 def _tensors(model: nn.Module, hparams: dict[str, Any], arch: Architecture,
              dtype: str | None) -> Iterator[tuple[str, int, np.ndarray]]:
-    """``(GGUF name, ggml type, raw bytes (rows, bytes per row))`` of every tensor, in the
-    model's order: linears as their encoder or ``dtype`` says, the rest as stored."""
+    """``(GGUF name, ggml type, data)`` of every tensor in the model's order (data: raw bytes
+    ``(rows, bytes per row)``, or a float array for F32/F16): linears as their encoder or
+    ``dtype`` says, the rest as stored."""
     names = gguf.get_tensor_name_map(arch.arch, hparams["num_hidden_layers"])
     linears = {n: m for n, m in model.named_modules() if _is_linear(m)}
     tied = _tied_head(model)
     done: set[str] = set()
     for key, t in model.state_dict(keep_vars=True).items():
-        owner, _, leaf = key.rpartition(".")
+        owner = key.rpartition(".")[0]
         if owner in linears:
             if owner in done or owner == tied:
                 continue
