@@ -80,7 +80,9 @@ class Results:
             start = time.time()
             report = perplexity(gguf_file, text=path, seqlen=args.seqlen, windows=args.chunks,
                                 llama_cpp=args.llama_cpp, threads=args.threads)
-            self.data[key] = report.ppl
+            # merged into what is on disk: runs for other recipes may share the work folder
+            on_disk = json.loads(self.file.read_text()) if self.file.is_file() else {}
+            self.data = on_disk | self.data | {key: report.ppl}
             self.file.write_text(json.dumps(self.data, indent=1))
             print(f"#   {report.ppl:.4f} ({time.time() - start:.0f} s)", flush=True)
         return self.data[key]
