@@ -211,6 +211,12 @@ def test_cli_export_reports_an_unknown_pre_tokenizer(checkpoint, tmp_path, capsy
     assert "unknown BPE pre-tokenizer" in capsys.readouterr().err
 
 
+def test_cli_export_of_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_missing_tokenizer_is_an_error(tmp_path):
     save(quick(build("llama", HIDDEN), GPTQ(4, 32)), tmp_path / "ck")
     with pytest.raises(GGUFExportError, match="no tokenizer.json"):

@@ -88,6 +88,8 @@ def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
     if dtype not in DTYPES:
         raise GGUFExportError(f"dtype must be one of 'auto', 'f32', 'f16', got {dtype!r}")
     folder, out_file = Path(checkpoint_dir), Path(out_file)
+    if not (folder / "config.json").is_file():
+        raise GGUFExportError(f"{folder} is not a checkpoint or model folder (no config.json)")
     hparams = json.loads((folder / "config.json").read_text())
     arch = _architecture(hparams)
     model = _load(folder, hparams)
