@@ -17,6 +17,7 @@ from .algorithms import HessianNotPositiveDefinite
 from .api import Report, compile
 from .export import export
 from .format import load, save
+from .gguf.writer import write_gguf as export_gguf
 from .modules import QuantExperts, QuantLinear, SparseExperts, SparseLinear, set_precision
 from .passes import CaptureError
 from .recipe import GPTQ, RTN, Magnitude, Recipe, RecipeError, SparseGPT
@@ -27,7 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GPTQ", "RTN", "CaptureError", "HessianNotPositiveDefinite", "Magnitude", "QuantExperts",
     "QuantLinear", "SparseExperts",
-    "Recipe", "RecipeError", "Report", "SparseGPT", "SparseLinear", "compile", "export", "load",
+    "Recipe", "RecipeError", "Report", "SparseGPT", "SparseLinear", "compile", "export",
+    "export_gguf",
+    "load",
     "save", "set_precision",
     "LoRALinear", "add_lora", "densify", "enforce_masks", "keep_masks",
 ]

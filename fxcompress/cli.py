@@ -335,6 +335,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint in a serving engine's file format (GGUF for llama.cpp); a layer
+    that cannot be written is a ValueError, reported by :func:`main`."""
+    from .gguf.writer import write_gguf
+
+    out = write_gguf(args.model, args.gguf, dtype=args.dtype)
+    _echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_row(args: argparse.Namespace) -> int:
     """One row of ``compare``, run in its own process so its peak memory is its own."""
     import fxcompress
@@ -554,6 +564,15 @@ def parser() -> argparse.ArgumentParser:
     _evaluation(e)
     _common(e)
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a checkpoint as a GGUF file for llama.cpp")
+    x.add_argument("model", help="fxcompress checkpoint folder")
+    x.add_argument("--gguf", required=True, help="GGUF file to write")
+    x.add_argument("--dtype", default="auto", choices=["auto", "f32", "f16"],
+                   help="auto: quantized layers in their ggml type (Q4_0, Q4_1, Q8_0), the "
+                        "rest as stored; f32/f16: every weight dequantized to that type")
+    _common(x)
+    x.set_defaults(fn=cmd_export)
 
     k = sub.add_parser("compare", help="quality table: recipes side by side with dense")
     k.add_argument("model", nargs="?", default=DEFAULT_MODEL)

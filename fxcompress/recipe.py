@@ -596,6 +596,10 @@ NAMED: dict[str, Recipe] = {
     "magnitude-2:4+rtn-w4g64": _decoder(Magnitude(n_m=(2, 4), quant=RTN(4, 64))),
     "sparsegpt-2:4+w4g64": _decoder(SparseGPT(n_m=(2, 4), quant=GPTQ(4, 64))),
     "sparsegpt-2:4+w4g128": _decoder(SparseGPT(n_m=(2, 4), quant=GPTQ(4, 128))),
+    # grids that are ggml block types: written to GGUF with their own codes and scales
+    "gptq-q4_0": _decoder(GPTQ(4, 32, sym=True)),
+    "gptq-q4_1": _decoder(GPTQ(4, 32)),
+    "gptq-q8_0": _decoder(GPTQ(8, 32, sym=True)),
 }
 
 
