@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress import GPTQ, QuantLinear, Recipe, SparseGPT, SparseLinear
+from fxcompress import GPTQ, RTN, Magnitude, QuantLinear, Recipe, SparseGPT, SparseLinear
 
-from ..models import VOCAB, build, output, substituted
+from ..models import VOCAB, build, output, relative_error, substituted, uneven_features
 
 METHODS = {
     "gptq-w4g128": GPTQ(bits=4, group_size=128),
@@ -58,38 +58,81 @@ def test_other_architectures(arch, name):
     _check(arch, METHODS[name])
 
 
-def _dense_error(model, dense, ids):
-    with torch.no_grad():
-        ref = output(dense, ids)
-        return ((output(model, ids) - ref).norm() / ref.norm()).item()
+# Each method end to end against its data-free baseline on the same grid or pattern.
+E2E = {
+    "gptq-w3g32": (GPTQ(3, 32), RTN(3, 32)),
+    "sparsegpt-50": (SparseGPT(0.5), Magnitude(0.5)),
+    "sparsegpt-2:4": (SparseGPT(n_m=(2, 4)), Magnitude(n_m=(2, 4))),
+    "sparsegpt-2:4+w4g32": (SparseGPT(n_m=(2, 4), quant=GPTQ(4, 32)),
+                            Magnitude(n_m=(2, 4), quant=RTN(4, 32))),
+    "gptq-w8g128": (GPTQ(8, 128), RTN(8, 128)),
+    "gptq-w4-per-channel": (GPTQ(4, -1), RTN(4, -1)),
+}
+# (error vs the dense model, error / the baseline's), measured by e2e_errors (seeded: model,
+# norm scales, calibration and held-out ids) on 2026-12-06 at commit cb101e0, AVX-512-BF16 CPU:
+# the largest of four runs — 1 thread twice (identical), 2 threads, and float32 calibration
+# matmuls (what a CPU without bf16 runs) — which moved them by up to 10 % (16 % for 8-bit,
+# whose errors are the smallest). MARGIN above that covers other CPUs' float sums; a GPTQ or
+# SparseGPT half as good fails, and so does an error below half the measured one (less was
+# compressed than before).
+MARGIN = 1.25
+MEASURED = {
+    ("llama", "gptq-w3g32"):          (0.205, 0.488),
+    ("llama", "sparsegpt-50"):        (0.199, 0.313),
+    ("llama", "sparsegpt-2:4"):       (0.290, 0.367),
+    ("llama", "sparsegpt-2:4+w4g32"): (0.306, 0.385),
+    ("llama", "gptq-w8g128"):         (0.00745, 0.426),
+    ("llama", "gptq-w4-per-channel"): (0.117, 0.451),
+    ("qwen2", "gptq-w3g32"):          (0.192, 0.422),
+    ("qwen2", "sparsegpt-50"):        (0.205, 0.259),
+    ("qwen2", "sparsegpt-2:4"):       (0.301, 0.335),
+    ("qwen2", "sparsegpt-2:4+w4g32"): (0.308, 0.353),
+    ("qwen2", "gptq-w8g128"):         (0.00817, 0.441),
+    ("qwen2", "gptq-w4-per-channel"): (0.122, 0.399),
+    ("opt", "gptq-w3g32"):            (0.133, 0.374),
+    ("opt", "sparsegpt-50"):          (0.115, 0.200),
+    ("opt", "sparsegpt-2:4"):         (0.186, 0.304),
+    ("opt", "sparsegpt-2:4+w4g32"):   (0.202, 0.325),
+    ("opt", "gptq-w8g128"):           (0.00491, 0.343),
+    ("opt", "gptq-w4-per-channel"):   (0.0738, 0.285),
+    ("gpt2", "gptq-w3g32"):           (0.0871, 0.238),
+    ("gpt2", "sparsegpt-50"):         (0.0911, 0.169),
+    ("gpt2", "sparsegpt-2:4"):        (0.149, 0.249),
+    ("gpt2", "sparsegpt-2:4+w4g32"):  (0.155, 0.262),
+    ("gpt2", "gptq-w8g128"):          (0.00341, 0.269),
+    ("gpt2", "gptq-w4-per-channel"):  (0.0542, 0.270),
+    ("bert", "gptq-w3g32"):           (0.0107, 0.182),
+    ("bert", "sparsegpt-50"):         (0.0115, 0.143),
+    ("bert", "sparsegpt-2:4"):        (0.0188, 0.147),
+    ("bert", "sparsegpt-2:4+w4g32"):  (0.0224, 0.170),
+    ("bert", "gptq-w8g128"):          (0.000377, 0.201),
+    ("bert", "gptq-w4-per-channel"):  (0.00630, 0.181),
+}
 
 
-@pytest.mark.parametrize("arch", list(EXPECTED_LINEARS))
-@pytest.mark.parametrize("ours, baseline, ratio, bound", [
-    (GPTQ(3, 32), fxcompress.RTN(3, 32), 0.9, 0.5),
-    (SparseGPT(0.5), fxcompress.Magnitude(0.5), 0.6, 0.45),
-], ids=["gptq-vs-rtn", "sparsegpt-vs-magnitude"])
-def test_compressed_model_is_close_to_the_dense_model_and_beats_the_baseline(
-        arch, ours, baseline, ratio, bound):
-    """Against the *dense* model on held-out inputs (not the layers' own dequantized
-    weights): a wrong Hessian or a transposed Conv1D weight would fail here. The norms'
-    weights get log-normal scales, so that the linears' inputs have the uneven feature
-    scales of trained models (on isotropic inputs every method is close to magnitude)."""
-    dense = build(arch)
-    g = torch.Generator().manual_seed(3)
-    for m in dense.modules():
-        w = getattr(m, "weight", None)
-        if "norm" in type(m).__name__.lower() and isinstance(w, nn.Parameter) and w.dim() == 1:
-            w.data *= torch.exp(torch.randn(w.shape, generator=g))
-    calib = _calibration(n=64, seq=32, seed=1)
-    held_out = _calibration(n=4, seq=16, seed=2)
-    errors = {}
-    for name, method in {"ours": ours, "baseline": baseline}.items():
+def e2e_errors(arch: str, case: str) -> tuple[float, float]:
+    """Relative output error vs the dense model on held-out ids, of (ours, the baseline);
+    the compressed models compute exactly (dequantized float32), so that the kernels' bf16
+    activations (bounded in ``_check``) do not move the figure from CPU to CPU."""
+    dense = uneven_features(build(arch))
+    calib, held_out = _calibration(n=64, seq=32, seed=1), _calibration(n=4, seq=16, seed=2)
+    errors = []
+    for method in E2E[case]:
         model = copy.deepcopy(dense)
         fxcompress.compile(model, calib, method, progress=False)
-        errors[name] = _dense_error(model, dense, held_out)
-    assert 0 < errors["ours"] < ratio * errors["baseline"], errors
-    assert errors["ours"] < bound, errors
+        errors.append(relative_error(fxcompress.set_precision(model, "exact"), dense, held_out))
+    return errors[0], errors[1]
+
+
+@pytest.mark.parametrize("arch, case", list(MEASURED))
+def test_compressed_model_is_close_to_the_dense_model_and_beats_the_baseline(arch, case):
+    """Against the *dense* model on held-out inputs (not the layers' own dequantized
+    weights): a wrong Hessian or a transposed Conv1D weight would fail here. The norms'
+    weights are uneven (``uneven_features``), as in trained models."""
+    ours, baseline = e2e_errors(arch, case)
+    error, ratio = MEASURED[arch, case]
+    assert error / 2 < ours < MARGIN * error, (ours, baseline)
+    assert ours < MARGIN * ratio * baseline, (ours, baseline)
 
 
 def test_sparse_layers_have_the_requested_pattern():
