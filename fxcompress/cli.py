@@ -245,7 +245,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report = model.fxcompress_report
     _echo("\n" + report.table() + "\n")
     _echo(_precision_line(report.precision))
-    out = fxcompress.save(model, args.out, tokenizer=tokenizer)
+    out = fxcompress.save(model, args.out, tokenizer=tokenizer, sparse_layout=args.sparse_layout)
     bpw, weights = _bits_per_weight(model)
     before = _dir_size(folder) if folder else None
     after = _dir_size(out)
@@ -289,7 +289,8 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
                                      resume=args.resume, progress=not quiet,
                                      batch_size=args.batch_size,
                                      compute_dtype=args.compute_dtype,
-                                     calibration_precision=args.calibration_precision)
+                                     calibration_precision=args.calibration_precision,
+                                     sparse_layout=args.sparse_layout)
         seconds = time.perf_counter() - t
         if lead:
             out = Path(args.out)
@@ -310,12 +311,43 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.engine:
+        return _eval_engine(args)
     model, tokenizer, _ = load_model(args.model, not args.quiet)
     if args.dequantized:
         from .modules import decompress
 
         decompress(model)
     _perplexity(model, tokenizer, args, args.model)
+    return 0
+
+
+def _eval_engine(args: argparse.Namespace) -> int:
+    """The serving engine's perplexity next to fxcompress's own, on the same windows, both in
+    bf16 (the dtype engines serve in), and the engine settings known to lose quality."""
+    from .engines import engine_perplexity
+    from .evaluate import evaluation_windows, format_settings, perplexity
+    from .modules import set_precision
+
+    model, tokenizer, folder = load_model(args.model, not args.quiet)
+    if folder is None or not _is_checkpoint(folder):
+        raise ValueError(f"--engine scores a checkpoint folder written by fxcompress; "
+                         f"{args.model!r} is not one")
+    ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
+                             args.eval_seqlen, args.windows)
+    set_precision(model.to(torch.bfloat16), "exact")
+    own = perplexity(model, None, ids.flatten(), args.eval_seqlen, args.windows,
+                     progress=not args.quiet)
+    _echo(f"perplexity (fxcompress, bf16): {own.ppl:.3f}   [{format_settings(own)}]")
+    del model
+    options: dict[str, Any] = {"ids": ids}
+    if args.engine_python:
+        options["python"] = args.engine_python
+    report = engine_perplexity(args.engine, folder, **options)
+    _echo(f"perplexity ({report.engine}): {report.ppl:.3f}   [{report.settings}]")
+    _echo(f"{args.engine} / fxcompress: {report.ppl / own.ppl:.4f}")
+    for warning in report.warnings:
+        _echo(f"WARNING: {warning}")
     return 0
 
 
@@ -484,6 +516,9 @@ def _evaluation(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .codecs import SPARSE_LAYOUTS
+    from .engines import ENGINES
+
     p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -519,6 +554,10 @@ def parser() -> argparse.ArgumentParser:
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="what a streamed run calibrates in (default: float32 on CPU, the "
                         "checkpoint's dtype on CUDA); the output keeps the checkpoint's dtype")
+    c.add_argument("--sparse-layout", default=SPARSE_LAYOUTS[0], choices=SPARSE_LAYOUTS,
+                   help="how pruned layers are stored: 'dense' (default), zeros kept in plain "
+                        "or pack-quantized weights, as vLLM and transformers read them; "
+                        "'bitmask', a keep-mask and the kept values (smaller, fxcompress only)")
     c.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="matmuls of the calibration passes and statistics (default: bf16 "
                         "inputs with float32 sums on CPUs with AVX512-BF16 or AMX, float32 "
@@ -532,6 +571,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     e.add_argument("--dequantized", action="store_true",
                    help="evaluate with dequantized float32 weights instead of the kernels")
+    e.add_argument("--engine", choices=sorted(ENGINES),
+                   help="also score the checkpoint in this serving engine, next to "
+                        "fxcompress's own bf16 perplexity on the same windows")
+    e.add_argument("--engine-python",
+                   help="the Python where the engine (vLLM) is installed (default: "
+                        "$FXCOMPRESS_VLLM_PYTHON, else this one)")
     _evaluation(e)
     _common(e)
     e.set_defaults(fn=cmd_eval)
@@ -565,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .assets import AssetError
     from .distributed import DistributedError
+    from .engines import EngineError
     from .format import CheckpointError
     from .recipe import RecipeError
     from .streaming import MemoryBudgetError
@@ -572,6 +618,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (RecipeError, AssetError, FileNotFoundError, ValueError, CheckpointError,
-            MemoryBudgetError, DistributedError) as e:
+            MemoryBudgetError, DistributedError, EngineError) as e:
         print(f"fxcompress: error: {e}", file=sys.stderr)
         return 2
