@@ -4,7 +4,8 @@ score token windows with vLLM's ``LLM`` and write the summed negative log-likeli
 Self-contained on purpose: it imports vLLM and the standard library only, never fxcompress,
 so it runs in a separate environment whose pins (torch, transformers, compressed-tensors) need
 not match fxcompress's. The request is JSON: ``checkpoint``, ``dtype``, ``windows`` (lists of
-token ids). The result is JSON: ``nll`` (summed over every predicted token), ``tokens``,
+token ids), ``enforce_eager`` (skip vLLM's
+compilation). The result is JSON: ``nll`` (summed over every predicted token), ``tokens``,
 ``version``, ``cpu`` (vLLM runs on its CPU backend), ``amx`` (the CPU has AMX tiles: where vLLM
 takes its W4A8 int4 path), ``w4a8`` (vLLM's ``VLLM_CPU_INT4_W4A8`` switch as it read it).
 """
@@ -22,7 +23,8 @@ def score(request: dict) -> dict:
     windows = request["windows"]
     seqlen = max(len(w) for w in windows)
     llm = LLM(model=request["checkpoint"], dtype=request["dtype"], max_model_len=seqlen + 1,
-              max_num_seqs=request.get("max_num_seqs", 8), seed=0)
+              max_num_seqs=request.get("max_num_seqs", 8), seed=0,
+              enforce_eager=request.get("enforce_eager", False))
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     prompts = [{"prompt_token_ids": list(w)} for w in windows]
     outputs = llm.generate(prompts, params, use_tqdm=False)

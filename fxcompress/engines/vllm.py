@@ -100,12 +100,14 @@ def windows_for(checkpoint: Path, text: str | None, seqlen: int, windows: int | 
 def perplexity(checkpoint: Path, *, ids: torch.Tensor | None = None, text: str | None = None,
                seqlen: int = 512, windows: int | None = 32, python: str | Path | None = None,
                dtype: str = "bfloat16", env: dict[str, str] | None = None,
-               timeout: float | None = None, **_: Any) -> EngineReport:
+               timeout: float | None = None, enforce_eager: bool = False, **_: Any
+               ) -> EngineReport:
     """Perplexity of ``checkpoint`` served by vLLM (``LLM(model=checkpoint, dtype=dtype)``) on
     ``ids`` (windows × tokens), or on the first ``windows`` windows of ``seqlen`` tokens of
     ``text`` (default: the SOTU evaluation text) as fxcompress evaluates them. ``env`` adds
     variables to vLLM's environment (e.g. ``{"VLLM_CPU_INT4_W4A8": "0"}``); its KV cache gets
-    2 GiB unless ``VLLM_CPU_KVCACHE_SPACE`` is set."""
+    2 GiB unless ``VLLM_CPU_KVCACHE_SPACE`` is set. ``enforce_eager`` skips vLLM's
+    ``torch.compile`` warm-up (minutes on a small CPU), as ``LLM(enforce_eager=True)``."""
     checkpoint = Path(checkpoint).resolve()
     if not (checkpoint / "config.json").is_file():
         raise EngineError(f"{checkpoint} is not a model folder (no config.json)")
@@ -119,7 +121,8 @@ def perplexity(checkpoint: Path, *, ids: torch.Tensor | None = None, text: str |
         request, result_file, log = (Path(tmp) / n for n in ("request.json", "result.json",
                                                               "vllm.log"))
         request.write_text(json.dumps({"checkpoint": str(checkpoint), "dtype": dtype,
-                                       "windows": ids.tolist()}))
+                                       "windows": ids.tolist(),
+                                       "enforce_eager": enforce_eager}))
         # run from a copy: beside this module, the name "vllm" would be this module
         worker = Path(tmp) / WORKER.name
         worker.write_text(WORKER.read_text())
@@ -139,7 +142,8 @@ def perplexity(checkpoint: Path, *, ids: torch.Tensor | None = None, text: str |
     warning = w4a8_warning(result, dtype, int4_layers(checkpoint))
     device = "cpu" if result.get("cpu") else "gpu"
     settings = (f"dtype={dtype} windows={ids.shape[0]} seqlen={ids.shape[1]} "
-                f"{W4A8_SWITCH}={switch} amx={'yes' if result.get('amx') else 'no'}")
+                f"{W4A8_SWITCH}={switch} amx={'yes' if result.get('amx') else 'no'}"
+                + (" eager" if enforce_eager else ""))
     return EngineReport(engine=f"vllm {result['version']} ({device})",
                         ppl=math.exp(result["nll"] / result["tokens"]), tokens=result["tokens"],
                         settings=settings, warnings=[warning] if warning else [])
