@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fxcompress import assets  # noqa: E402
+from fxcompress.engines import EngineError  # noqa: E402
 from fxcompress.engines import vllm as engine  # noqa: E402
 from fxcompress.evaluate import evaluation_windows, perplexity  # noqa: E402
 from fxcompress.format import load  # noqa: E402
@@ -71,16 +72,22 @@ def served(folder: Path, ids: torch.Tensor, w4a8_off: bool, eager: bool,
     return report.ppl, report.settings
 
 
+def _reason(message: str) -> str:
+    """The last error line of vLLM's output."""
+    lines = [ln for ln in message.splitlines() if "Error" in ln or "error" in ln]
+    return (lines[-1] if lines else message.splitlines()[0]).strip()[:300]
+
+
 def table(results: dict, recipes: list[str]) -> str:
-    def cell(v: float | None) -> str:
-        return "—" if v is None else f"{v:.3f}"
+    def cell(v: float | str | None) -> str:
+        return "—" if v is None else v if isinstance(v, str) else f"{v:.3f}"
 
     lines = ["| recipe | fxcompress fp32 | fxcompress bf16 | vLLM (W4A8=0) | vLLM default env "
              "| ratio vLLM / fxcompress bf16 |", "|---|---|---|---|---|---|"]
     for r in recipes:
         row = results.get(r, {})
         ratio = (row["vllm_w4a8_0"] / row["fx_bf16"]
-                 if row.get("vllm_w4a8_0") and row.get("fx_bf16") else None)
+                 if isinstance(row.get("vllm_w4a8_0"), float) and row.get("fx_bf16") else None)
         lines.append(f"| {r} | " + " | ".join(cell(row.get(c)) for c in COLUMNS)
                      + f" | {'—' if ratio is None else f'{ratio:.4f}'} |")
     return "\n".join(lines)
@@ -123,11 +130,14 @@ def main() -> None:
         for column, job in jobs.items():
             if column in row:
                 continue
-            row[column] = job()
-            if not math.isfinite(row[column]):
+            try:
+                row[column] = job()
+            except EngineError as e:  # vLLM refused the checkpoint: the table says why
+                row[column] = f"error: {_reason(str(e))}"
+            if isinstance(row[column], float) and not math.isfinite(row[column]):
                 raise RuntimeError(f"{recipe} {column}: perplexity {row[column]}")
             store.write_text(json.dumps(results, indent=2))
-            print(f"{recipe:<22} {column:<13} {row[column]:.3f}", flush=True)
+            print(f"{recipe:<22} {column:<13} {row[column]}", flush=True)
         print(f"{recipe}: {time.perf_counter() - t:.0f} s", flush=True)
     print(table(results, recipes))
 
