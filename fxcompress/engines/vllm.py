@@ -149,6 +149,9 @@ def perplexity(checkpoint: Path, *, ids: torch.Tensor | None = None, text: str |
                         settings=settings, warnings=[warning] if warning else [])
 
 
-def _tail(log: Path, lines: int = 30) -> str:
+def _tail(log: Path, lines: int = 25) -> str:
+    """The end of vLLM's output, after its error lines (the root cause is often raised in the
+    engine process, far above the traceback that ends the output)."""
     text = log.read_text(errors="replace").splitlines() if log.is_file() else []
-    return "\n".join(text[-lines:])
+    errors = [ln for ln in text[:-lines] if "Error" in ln and not ln.startswith(" ")]
+    return "\n".join(list(dict.fromkeys(errors))[-5:] + text[-lines:])
