@@ -182,8 +182,9 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def _bits_per_weight(model: torch.nn.Module) -> tuple[float, int]:
-    """Stored bits per weight of the compressed linears, and how many weights they hold."""
+def _bits_per_weight(model: torch.nn.Module, layout: str = "bitmask") -> tuple[float, int]:
+    """Stored bits per weight of the compressed linears, and how many weights they hold, with
+    pruned layers in the sparse ``layout`` (dense: every weight stored)."""
     from .modules import QuantLinear, SparseLinear
 
     bits, weights = 0, 0
@@ -192,11 +193,13 @@ def _bits_per_weight(model: torch.nn.Module) -> tuple[float, int]:
             n = m.in_features * m.out_features
             groups = m.weight_scale.numel()
             zero_bits = 0 if m.sym else m.bits
-            stored = (m.bits * n + (16 + zero_bits) * groups) if m.weight_bitmask is None else \
+            stored = (m.bits * n + (16 + zero_bits) * groups) \
+                if m.weight_bitmask is None or layout == "dense" else \
                 (m.bits * n * _density(m) + n + (16 + zero_bits) * groups)
         elif isinstance(m, SparseLinear):
             n = m.weight.numel()
-            stored = 16 * n * (1 - m.sparsity()) + n  # fp16 kept values + bitmask
+            stored = 8 * m.weight.element_size() * n if layout == "dense" else \
+                16 * n * (1 - m.sparsity()) + n  # fp16 kept values + bitmask
         else:
             continue
         bits, weights = bits + stored, weights + n
@@ -246,8 +249,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     report = model.fxcompress_report
     _echo("\n" + report.table() + "\n")
     _echo(_precision_line(report.precision))
-    out = fxcompress.save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
-    bpw, weights = _bits_per_weight(model)
+    out = fxcompress.save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+                          sparse_layout=args.sparse_layout)
+    bpw, weights = _bits_per_weight(model, args.sparse_layout)
     before = _dir_size(folder) if folder else None
     after = _dir_size(out)
     _echo(f"compressed {len(report.layers)} linear layers ({weights / 1e6:.1f}M weights) in "
@@ -305,7 +309,8 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
                                      progress=not quiet,
                                      batch_size=args.batch_size,
                                      compute_dtype=args.compute_dtype,
-                                     calibration_precision=args.calibration_precision)
+                                     calibration_precision=args.calibration_precision,
+                                     sparse_layout=args.sparse_layout)
         seconds = time.perf_counter() - t
         if lead:
             out = Path(args.out)
@@ -326,6 +331,8 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.engine:
+        return _eval_engine(args)
     model, tokenizer, _ = load_model(args.model, not args.quiet)
     if args.dequantized:
         from .modules import decompress
@@ -342,6 +349,66 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = write_gguf(args.model, args.gguf, dtype=args.dtype)
     _echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _eval_engine(args: argparse.Namespace) -> int:
+    """The serving engine's perplexity next to fxcompress's own, on the same windows, both in
+    bf16 (the dtype engines serve in), and the engine settings known to lose quality."""
+    from .engines import engine_perplexity
+    from .evaluate import evaluation_windows, format_settings, perplexity
+    from .modules import set_precision
+
+    model, tokenizer, folder = load_model(args.model, not args.quiet)
+    if folder is None or not _is_checkpoint(folder):
+        raise ValueError(f"--engine scores a checkpoint folder written by fxcompress; "
+                         f"{args.model!r} is not one")
+    if args.engine == "llama.cpp":
+        del model
+        return _eval_llamacpp(args, folder)
+    ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
+                             args.eval_seqlen, args.windows)
+    set_precision(model.to(torch.bfloat16), "exact")
+    own = perplexity(model, None, ids.flatten(), args.eval_seqlen, args.windows,
+                     progress=not args.quiet)
+    _echo(f"perplexity (fxcompress, bf16): {own.ppl:.3f}   [{format_settings(own)}]")
+    del model
+    options: dict[str, Any] = {"ids": ids}
+    if args.engine_python:
+        options["python"] = args.engine_python
+    report = engine_perplexity(args.engine, folder, **options)
+    _echo(f"perplexity ({report.engine}): {report.ppl:.3f}   [{report.settings}]")
+    _echo(f"{args.engine} / fxcompress: {report.ppl / own.ppl:.4f}")
+    for warning in report.warnings:
+        _echo(f"WARNING: {warning}")
+    return 0
+
+
+def _eval_llamacpp(args: argparse.Namespace, folder: Path) -> int:
+    """llama-perplexity on the checkpoint's GGUF next to llama-perplexity on the same
+    checkpoint's dequantized weights in float32: llama.cpp scores its own windows (the second
+    half of each chunk, after a BOS), so fxcompress's number is computed by the same tool on
+    what fxcompress's loader computes with, and the ratio says what the format loses."""
+    import tempfile
+
+    from .engines import engine_perplexity
+    from .gguf.writer import write_gguf
+
+    with tempfile.TemporaryDirectory(prefix="fxcompress-eval-") as tmp:
+        text = Path(tmp) / "text.txt"
+        text.write_text(_text(args.text, "evaluation", not args.quiet), encoding="utf-8")
+        options = {"text": text, "seqlen": args.eval_seqlen, "windows": args.windows,
+                   "llama_cpp": args.llama_cpp}
+        reference = write_gguf(folder, Path(tmp) / "f32.gguf", dtype="f32")
+        own = engine_perplexity("llama.cpp", reference, **options)
+        _echo(f"perplexity (fxcompress's weights as F32 GGUF, {own.engine}): {own.ppl:.3f}")
+        report = engine_perplexity("llama.cpp", folder, gguf=Path(tmp) / "model.gguf",
+                                   **options)
+    _echo(f"perplexity ({report.engine}, the checkpoint's GGUF): {report.ppl:.3f}   "
+          f"[{report.settings}]")
+    _echo(f"llama.cpp: GGUF / F32: {report.ppl / own.ppl:.4f}")
+    for warning in report.warnings:
+        _echo(f"WARNING: {warning}")
     return 0
 
 
@@ -510,6 +577,9 @@ def _evaluation(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .codecs import SPARSE_LAYOUTS
+    from .engines import ENGINES
+
     p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -548,6 +618,10 @@ def parser() -> argparse.ArgumentParser:
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="what a streamed run calibrates in (default: float32 on CPU, the "
                         "checkpoint's dtype on CUDA); the output keeps the checkpoint's dtype")
+    c.add_argument("--sparse-layout", default=SPARSE_LAYOUTS[0], choices=SPARSE_LAYOUTS,
+                   help="how pruned layers are stored: 'dense' (default), zeros kept in plain "
+                        "or pack-quantized weights, as vLLM and transformers read them; "
+                        "'bitmask', a keep-mask and the kept values (smaller, fxcompress only)")
     c.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="matmuls of the calibration passes and statistics (default: bf16 "
                         "inputs with float32 sums on CPUs with AVX512-BF16 or AMX, float32 "
@@ -561,6 +635,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     e.add_argument("--dequantized", action="store_true",
                    help="evaluate with dequantized float32 weights instead of the kernels")
+    e.add_argument("--engine", choices=sorted(ENGINES),
+                   help="also score the checkpoint in this serving engine, next to "
+                        "fxcompress's own bf16 perplexity on the same windows")
+    e.add_argument("--engine-python",
+                   help="the Python where the engine (vLLM) is installed (default: "
+                        "$FXCOMPRESS_VLLM_PYTHON, else this one)")
+    e.add_argument("--llama-cpp",
+                   help="llama.cpp build folder (with bin/) or source folder (with build/bin/); "
+                        "default: $FXCOMPRESS_LLAMA_CPP")
     _evaluation(e)
     _common(e)
     e.set_defaults(fn=cmd_eval)
@@ -603,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .assets import AssetError
     from .distributed import DistributedError
+    from .engines import EngineError
     from .format import CheckpointError
     from .recipe import RecipeError
     from .streaming import MemoryBudgetError
@@ -610,6 +694,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (RecipeError, AssetError, FileNotFoundError, ValueError, CheckpointError,
-            MemoryBudgetError, DistributedError) as e:
+            MemoryBudgetError, DistributedError, EngineError) as e:
         print(f"fxcompress: error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,17 @@ Tensors outside compressed layers (embeddings, norms, dense linears, buffers) ar
 they are under their ``state_dict`` names: :func:`dense_tensors` chooses them and
 :func:`set_tensor` assigns them back.
 
+Pruned kinds have two **layouts** (:data:`SPARSE_LAYOUTS`), chosen when a checkpoint is
+written and recorded in the entry's ``"layout"`` (absent: ``"bitmask"``, the only layout of
+earlier checkpoints):
+
+* ``"dense"`` (the default): what serving engines read. A pruned linear is an ordinary
+  ``weight`` holding its zeros; a pruned and quantized one is compressed-tensors'
+  ``pack-quantized`` with every pruned weight at its group's zero-point code, so it
+  dequantizes to exactly 0. The keep-mask is the non-zero pattern (:func:`implied_mask`);
+* ``"bitmask"``: fxcompress's compact layout, a keep-mask and the kept values only (smaller
+  on disk; read by ``fxcompress.load`` alone).
+
 A new layer kind (the experts of a mixture-of-experts block, say) is one :class:`Codec`
 subclass passed to :func:`register`; ``format`` and ``streaming`` need no change.
 """
@@ -51,6 +62,9 @@ from .modules import (
 )
 
 Entry = dict[str, Any]  # one layer's entry in config.json
+SPARSE_LAYOUTS = ("dense", "bitmask")  # how pruned kinds are stored; the first is the default
+DEFAULT_SPARSE_LAYOUT = SPARSE_LAYOUTS[0]
+STRUCTURES = ("2:4", "unstructured")  # the keep-mask's structure, as compressed-tensors names it
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # local tensor name -> (shape, dtype)
 
 
@@ -107,6 +121,21 @@ class Codec(ABC):
         """compressed-tensors ``QuantizationArgs`` of the weights and the ``targets`` naming
         this layer (``name`` as the checkpoint names it), when compressed-tensors readers can
         read it; None otherwise."""
+        return None
+
+    def describe_as(self, m: nn.Module, layout: str) -> Entry:
+        """:meth:`describe` for a checkpoint written in the sparse ``layout`` (one of
+        :data:`SPARSE_LAYOUTS`); kinds without a keep-mask have one layout and ignore it."""
+        return self.describe(m)
+
+    def plain_linears(self, entry: Entry) -> list[str] | None:
+        """Local names of the ordinary linears (a ``weight`` and maybe a ``bias``) this entry
+        is stored as — ``[""]`` for the layer itself — which readers load as unquantized
+        linears; None when it is not stored so."""
+        return None
+
+    def pruning(self, entry: Entry) -> tuple[int, int, str] | None:
+        """(weights, kept weights, structure) of a pruned layer; None for one not pruned."""
         return None
 
 
@@ -225,7 +254,8 @@ class _LinearCodec(Codec):
         if (not self.required <= set(entry)
                 or not _positive_ints(entry, "in_features", "out_features")
                 or not isinstance(entry["bias"], bool) or (entry["bias"] and "dtype" not in entry)
-                or ("nnz" in self.required and not _nnz_ok(entry))):
+                or ("nnz" in self.required and not _nnz_ok(entry))
+                or not _layout_ok(entry)):
             return f"an invalid entry {entry!r}"
         return None
 
@@ -271,6 +301,34 @@ class _LinearCodec(Codec):
                                   f"config.json says nnz={entry['nnz']}")
         return mask
 
+    def _implied(self, entry: Entry, nonzero: Tensor, tensor: str, where: str) -> Tensor:
+        """The keep-mask of a dense-layout layer from its non-zero pattern (stored in
+        ``tensor``), checked against the entry's structure and ``nnz``."""
+        try:
+            mask = implied_mask(nonzero, entry["structure"])
+        except ValueError as e:
+            raise CheckpointError(f"{where}{tensor}: {e}") from None
+        if int(mask.sum()) != entry["nnz"]:
+            raise CheckpointError(f"{where}{tensor} keeps {int(mask.sum())} weights, "
+                                  f"config.json says nnz={entry['nnz']}")
+        return mask
+
+    def pruning(self, entry: Entry) -> tuple[int, int, str] | None:
+        if "nnz" not in entry:
+            return None
+        structure = entry.get("structure") or "unstructured"
+        return entry["out_features"] * entry["in_features"], entry["nnz"], structure
+
+    @staticmethod
+    def _dense_entry(entry: Entry, mask: Tensor, nonzero: Tensor, structure: str | None
+                     ) -> Entry:
+        """``entry`` for the dense layout of a layer with keep-``mask`` whose stored non-zero
+        pattern is ``nonzero``: its structure (``structure``, or found from the mask) and the
+        ``nnz`` of the keep-mask load will rebuild."""
+        structure = structure or ("2:4" if is_two_four(mask) else "unstructured")
+        nnz = int(implied_mask(nonzero, structure).sum())
+        return {**entry, "layout": "dense", "structure": structure, "nnz": nnz}
+
 
 class QuantizedCodec(_LinearCodec):
     """A :class:`QuantLinear` in compressed-tensors' ``pack-quantized`` layout:
@@ -295,9 +353,9 @@ class QuantizedCodec(_LinearCodec):
             out["weight_zero_point"] = pack.pack_rows(m.weight_zero_point, m.bits)
         if m.weight_g_idx is not None:
             out["weight_g_idx"] = m.weight_g_idx
-        return self._encode_linear(m, {**out, **self._encode_codes(m)})
+        return self._encode_linear(m, {**out, **self._encode_codes(m, entry)})
 
-    def _encode_codes(self, m: QuantLinear) -> dict[str, Tensor]:
+    def _encode_codes(self, m: QuantLinear, entry: Entry) -> dict[str, Tensor]:
         return {"weight_packed": m.weight_packed}
 
     def entry_problem(self, entry: Entry) -> str | None:
@@ -378,9 +436,12 @@ class QuantizedCodec(_LinearCodec):
 
 
 class SparseQuantizedCodec(QuantizedCodec):
-    """A pruned :class:`QuantLinear` (``weight_bitmask``): the grid as ``quantized``, the codes
-    as a keep-mask plus the kept codes in one bit stream (``weight_kept_packed``). Pruned codes
-    must equal their group's zero point: they are rebuilt from it on load."""
+    """A pruned :class:`QuantLinear` (``weight_bitmask``). Pruned codes must equal their
+    group's zero point. Layout ``"dense"``: exactly the ``quantized`` tensors (compressed-tensors
+    ``pack-quantized``, readable by engines), the keep-mask implied by the codes that differ
+    from the zero point. Layout ``"bitmask"``: the grid as ``quantized``, the codes as a
+    keep-mask plus the kept codes in one bit stream (``weight_kept_packed``); pruned codes are
+    rebuilt from the zero point on load."""
 
     kind = "sparse-quantized"
     sparse = True
@@ -393,37 +454,71 @@ class SparseQuantizedCodec(QuantizedCodec):
         mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
         return {**super().describe(m), "kind": self.kind, "nnz": int(mask.sum())}
 
-    def _encode_codes(self, m: QuantLinear) -> dict[str, Tensor]:
+    def describe_as(self, m: QuantLinear, layout: str, structure: str | None = None) -> Entry:
+        entry = self.describe(m)
+        if layout == "bitmask":
+            return entry
+        self._pruned_codes(m)  # refuse before anything is written
+        mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
+        return self._dense_entry(entry, mask, self._nonzero(m), structure)
+
+    def _nonzero(self, m: QuantLinear) -> Tensor:
+        zero = _zero_codes(m.weight_zero_point, m.weight_g_idx, m.group_size, m.in_features)
+        return m.codes() != zero
+
+    def _pruned_codes(self, m: QuantLinear) -> Tensor:
+        """The codes of ``m``, checked to hold the zero point at every pruned position."""
         mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
         codes = m.codes()
         zero = _zero_codes(m.weight_zero_point, m.weight_g_idx, m.group_size, m.in_features)
         if not torch.equal(codes[~mask], zero[~mask]):
             raise ValueError("a pruned QuantLinear holds codes other than its zero point at "
-                             "pruned positions; it cannot be stored in the sparse layout")
+                             "pruned positions; it cannot be stored as a pruned layer")
+        return codes
+
+    def _encode_codes(self, m: QuantLinear, entry: Entry) -> dict[str, Tensor]:
+        codes = self._pruned_codes(m)
+        if self._dense(entry.get("layout")):
+            return {"weight_packed": m.weight_packed}
+        mask = pack.unpack_bitmask(m.weight_bitmask, m.in_features)
         return {"weight_bitmask": m.weight_bitmask,
                 "weight_kept_packed": pack.pack(codes[mask][None], m.bits)[0]}
 
+    @staticmethod
+    def _dense(layout: str | None) -> bool:
+        return layout == "dense"
+
     def _expected_codes(self, entry: Entry) -> Shapes:
+        if self._dense(entry.get("layout")):
+            return super()._expected_codes(entry)
         return {**self._bitmask(entry),
                 "weight_kept_packed": ((pack.packed_width(entry["nnz"], entry["bits"]),),
                                        torch.int32)}
 
     def _decode_codes(self, m: QuantLinear, entry: Entry, t: dict[str, Tensor],
                       where: str) -> None:
-        mask = self._mask(entry, t, where)
         k, bits = entry["in_features"], entry["bits"]
         codes = _zero_codes(m.weight_zero_point, m.weight_g_idx, entry["group_size"], k)
+        if self._dense(entry.get("layout")):
+            m.weight_packed = t["weight_packed"]
+            mask = self._implied(entry, m.codes() != codes, "weight_packed", where)
+            m.weight_bitmask = pack.pack_bitmask(mask)
+            return
+        mask = self._mask(entry, t, where)
         kept = pack.unpack(t["weight_kept_packed"][None], bits, entry["nnz"])[0]
         m.weight_packed = pack.pack(codes.masked_scatter(mask, kept), bits)
         m.weight_bitmask = t["weight_bitmask"]
 
-    def config_group(self, name: str, entry: Entry) -> None:
-        return None
+    def config_group(self, name: str, entry: Entry) -> tuple[dict[str, Any], list[str]] | None:
+        return super().config_group(name, entry) if self._dense(entry.get("layout")) else None
 
 
 class SparseCodec(_LinearCodec):
-    """A :class:`SparseLinear` (pruned, not quantized): ``weight_bitmask``, the kept weights in
-    row-major order (``weight_values``), ``weight_shape``, ``bias``."""
+    """A :class:`SparseLinear` (pruned, not quantized). Layout ``"dense"``: an ordinary
+    ``weight`` holding zeros at the pruned positions (what any reader of the original model
+    reads), ``bias``; the keep-mask is implied by the non-zero weights. Layout ``"bitmask"``:
+    ``weight_bitmask``, the kept weights in row-major order (``weight_values``),
+    ``weight_shape``, ``bias``."""
 
     kind = "sparse"
     required = _LinearCodec.required | {"dtype", "nnz"}
@@ -435,32 +530,93 @@ class SparseCodec(_LinearCodec):
         return {**self._linear_entry(m), "dtype": dtype_name(m.weight.dtype),
                 "nnz": int(m.mask.sum())}
 
+    def describe_as(self, m: SparseLinear, layout: str, structure: str | None = None) -> Entry:
+        entry = self.describe(m)
+        if layout == "bitmask":
+            return entry
+        return self._dense_entry(entry, m.mask, self._pruned_weight(m) != 0, structure)
+
+    @staticmethod
+    def _pruned_weight(m: SparseLinear) -> Tensor:
+        return torch.where(m.mask, m.weight.detach(), torch.zeros((), dtype=m.weight.dtype))
+
     def encode(self, m: SparseLinear, entry: Entry) -> dict[str, Tensor]:
+        if entry.get("layout") == "dense":
+            out = {"weight": self._pruned_weight(m)}
+            return {**out, "bias": m.bias.detach()} if m.bias is not None else out
         return self._encode_linear(m, {"weight_bitmask": pack.pack_bitmask(m.mask),
                                        "weight_values": m.weight.detach()[m.mask]})
 
     def expected(self, entry: Entry) -> Shapes:
+        dtype = dtype_named(entry["dtype"])
+        if entry.get("layout") == "dense":
+            out: Shapes = {"weight": ((entry["out_features"], entry["in_features"]), dtype)}
+            if entry["bias"]:
+                out["bias"] = ((entry["out_features"],), dtype)
+            return out
         return {**self._linear_expected(entry), **self._bitmask(entry),
-                "weight_values": ((entry["nnz"],), dtype_named(entry["dtype"]))}
+                "weight_values": ((entry["nnz"],), dtype)}
 
     def decode(self, entry: Entry, t: dict[str, Tensor], where: str) -> SparseLinear:
         return self.build(entry, t, where)
 
     def build(self, entry: Entry, t: dict[str, Tensor], where: str) -> SparseLinear:
-        self._check_shape(entry, t, where)
         n, k = entry["out_features"], entry["in_features"]
-        mask = self._mask(entry, t, where)
         m = SparseLinear(k, n, entry["bias"], device="meta", dtype=dtype_named(entry["dtype"]))
         if entry["bias"]:
             m.bias = nn.Parameter(t["bias"])
+        if entry.get("layout") == "dense":
+            m.weight = nn.Parameter(t["weight"])
+            m.mask = self._implied(entry, t["weight"] != 0, "weight", where)
+            return m
+        self._check_shape(entry, t, where)
+        mask = self._mask(entry, t, where)
         m.weight = nn.Parameter(torch.zeros(n, k, dtype=t["weight_values"].dtype)
                                 .masked_scatter_(mask, t["weight_values"]))
         m.mask = mask
         return m
 
+    def plain_linears(self, entry: Entry) -> list[str] | None:
+        return [""] if entry.get("layout") == "dense" else None
+
     def to_compressed(self, m: SparseLinear, loss: float, part: str = "") -> Compressed:
         return Compressed((m.out_features, m.in_features), loss, mask=m.mask.clone(),
                           values=m.weight.detach().float())
+
+
+def is_two_four(mask: Tensor) -> bool:
+    """Whether ``mask`` (``(N, K)`` bool) keeps exactly two of every four consecutive weights
+    of a row."""
+    k = mask.shape[-1]
+    return k % 4 == 0 and bool((mask.reshape(-1, k // 4, 4).sum(-1) == 2).all())
+
+
+def implied_mask(nonzero: Tensor, structure: str) -> Tensor:
+    """The keep-mask a dense-layout layer implies: its non-zero weights (or codes off the zero
+    point). A kept weight that is exactly zero cannot be told from a pruned one, which changes
+    no output; for a ``"2:4"`` structure each group of four is completed to exactly two kept
+    with its first zero positions (a kept exact zero does occur: SparseGPT zeroes the weights
+    of dead input columns, and one may be kept where three of four are dead), so the 2:4
+    kernels still apply. Raises ValueError for a pattern the structure excludes."""
+    if structure != "2:4":
+        return nonzero
+    n, k = nonzero.shape
+    if k % 4:
+        raise ValueError(f"a 2:4 layer needs a multiple of 4 input features, not {k}")
+    groups = nonzero.reshape(n, k // 4, 4)
+    if bool((groups.sum(-1) > 2).any()):
+        raise ValueError("holds more than two non-zero weights in a group of four, which a "
+                         "2:4 layer cannot")
+    missing = 2 - groups.sum(-1, keepdim=True)
+    zeros = ~groups
+    return (groups | (zeros & (zeros.cumsum(-1) <= missing))).reshape(n, k)
+
+
+def _layout_ok(entry: Entry) -> bool:
+    layout = entry.get("layout", "bitmask")
+    if layout not in SPARSE_LAYOUTS or ("layout" in entry and "nnz" not in entry):
+        return False
+    return layout == "bitmask" or entry.get("structure") in STRUCTURES
 
 
 def _nnz_ok(entry: Entry) -> bool:
@@ -556,10 +712,16 @@ class ExpertsCodec(Codec):
     # -- Codec -----------------------------------------------------------------------------
 
     def describe(self, m: nn.Module) -> Entry:
+        return self.describe_as(m, "bitmask")
+
+    def describe_as(self, m: nn.Module, layout: str) -> Entry:
         entry: Entry = {"kind": self.kind, "num_experts": m.num_experts, "hidden": m.hidden,
                         "intermediate": m.intermediate, "act": m.act, "names": list(m.names)}
-        subs = [(codec_for(v), v) for _, v in self._views(m, {**entry, "linear": {}})]
-        described = [c.describe(v) for c, v in subs]
+        views = [v for _, v in self._views(m, {**entry, "linear": {}})]
+        codec = codec_for(views[0])
+        described = [codec.describe_as(v, layout) for v in views]
+        if len({d.get("structure") for d in described}) > 1:  # one structure for all experts
+            described = [codec.describe_as(v, layout, "unstructured") for v in views]
         linear = {k: v for k, v in described[0].items()
                   if k not in ("in_features", "out_features", "nnz")}
         if "symmetric" in linear:  # one grid for all: symmetric only if every expert is
@@ -668,11 +830,25 @@ class ExpertsCodec(Codec):
                           mask=None if bitmask is None
                           else pack.unpack_bitmask(bitmask[e], codes.shape[1]))
 
+    def plain_linears(self, entry: Entry) -> list[str] | None:
+        if LINEAR_CODECS[entry["linear"]["kind"]].plain_linears(entry["linear"]) is None:
+            return None
+        return [name for name, _ in self._linears(entry)]
+
+    def pruning(self, entry: Entry) -> tuple[int, int, str] | None:
+        if "nnz" not in entry:
+            return None
+        weights = 3 * entry["num_experts"] * entry["hidden"] * entry["intermediate"]
+        kept = sum(sum(n) for n in entry["nnz"])
+        return weights, kept, entry["linear"].get("structure") or "unstructured"
+
     def config_group(self, name: str, entry: Entry) -> tuple[dict[str, Any], list[str]] | None:
-        if entry["linear"]["kind"] != QUANTIZED.kind:
+        codec = LINEAR_CODECS[entry["linear"]["kind"]]
+        found = codec.config_group(name, self._linear_entry(entry, 0, 2, "down_proj"))
+        if found is None:
             return None
         gate, up, down = entry["names"]
-        args, _ = QUANTIZED.config_group(name, self._linear_entry(entry, 0, 2, "down_proj"))
+        args, _ = found
         # the checkpoint's names, and the gate_proj/up_proj/down_proj vLLM matches for
         # every family
         alternatives = "|".join(dict.fromkeys([gate, up, down, *DEFAULT_EXPERT_NAMES]))

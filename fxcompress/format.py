@@ -59,6 +59,8 @@ from torch import Tensor, nn
 
 from . import hub
 from .codecs import (
+    DEFAULT_SPARSE_LAYOUT,
+    SPARSE_LAYOUTS,
     CheckpointError,
     Entry,
     codec_for,
@@ -298,8 +300,10 @@ class CheckpointWriter(PartialCheckpoint):
 
     Tensors are appended, as they are made, to raw ``.part`` files of at most ``shard_size``
     bytes in :func:`partial_dir`; compressed layers go through their codec
-    (:meth:`add_layer`). :meth:`commit` makes everything added so far durable and records it
-    in ``progress.json`` (tensor offsets and CRC-32s, finished layers), which is what
+    (:meth:`add_layer`), pruned ones in ``sparse_layout`` (one of
+    :data:`~fxcompress.codecs.SPARSE_LAYOUTS`). :meth:`commit` makes everything added so far
+    durable and records it in ``progress.json`` (tensor offsets and CRC-32s, finished
+    layers), which is what
     ``resume`` trusts: bytes after the last commit are cut off. :meth:`finish` turns each part
     into a safetensors file — header first, tensors ordered by alignment (the file order
     safetensors itself uses) — writes the index, side files and ``config.json``, and swaps the
@@ -308,7 +312,8 @@ class CheckpointWriter(PartialCheckpoint):
 
     def __init__(self, out_dir: str | Path, shard_size: int | str = DEFAULT_SHARD_SIZE, *,
                  fingerprint: str | None = None, resume: bool = False, overwrite: bool = False,
-                 hint: str | None = None):
+                 hint: str | None = None, sparse_layout: str = DEFAULT_SPARSE_LAYOUT):
+        check_sparse_layout(sparse_layout)
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"{out} exists and is not a folder: a checkpoint is a "
@@ -330,6 +335,7 @@ class CheckpointWriter(PartialCheckpoint):
             self.folder.mkdir(parents=True)
             state = _fresh_state(fingerprint)
         super().__init__(out, state)
+        self.sparse_layout = sparse_layout
         self._file: Any = None
 
     def _resume(self, out: Path, fingerprint: str | None) -> dict | None:
@@ -366,7 +372,7 @@ class CheckpointWriter(PartialCheckpoint):
         codec = codec_for(m)
         if codec is None:
             raise TypeError(f"{name} is a {type(m).__name__}, which no codec stores")
-        entry = codec.describe(m)
+        entry = codec.describe_as(m, self.sparse_layout)
         for local, t in codec.encode(m, entry).items():
             self.add(f"{name}.{local}", t)
         self.layers[name] = entry
@@ -476,18 +482,31 @@ def _copy_range(src: Any, dst: Any, begin: int, count: int) -> None:
     dst.flush()
 
 
+def check_sparse_layout(layout: str) -> None:
+    if layout not in SPARSE_LAYOUTS:
+        raise ValueError(f"sparse_layout={layout!r}: choose one of {', '.join(SPARSE_LAYOUTS)}")
+
+
 def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Recipe | None,
                         to_checkpoint: hub.Rename = str) -> dict[str, Any]:
     """``config.json["quantization_config"]``: compressed-tensors' schema plus our metadata.
     ``quant_method`` is ``"compressed-tensors"`` only if compressed-tensors can read every
-    layer (its codec gives it a config group, and it did not replace a transposed
-    ``Conv1D``). ``targets`` and ``ignore`` name modules as the checkpoint does
-    (``to_checkpoint``); our own ``layers`` entries keep the model's names. ``ignore`` lists
-    every linear left dense, routers included (modules with their own 2-D weight)."""
+    layer (its codec gives it a config group or stores it as plain linears, and it did not
+    replace a transposed ``Conv1D``). ``targets`` and ``ignore`` name modules as the
+    checkpoint does (``to_checkpoint``); our own ``layers`` entries keep the model's names.
+    ``ignore`` lists every linear left unquantized, routers included (modules with their own
+    2-D weight), and the pruned linears stored as plain ones; ``sparsity_config`` describes
+    those (:func:`_sparsity_config`)."""
     groups: dict[str, dict[str, Any]] = {}
     readable = not _transposed_layers(model, layers)
+    plain: list[str] = []
     for name, entry in layers.items():
-        found = codec_of(entry).config_group(to_checkpoint(name), entry)
+        codec = codec_of(entry)
+        linears = codec.plain_linears(entry)
+        if linears is not None:
+            plain += [to_checkpoint(".".join(filter(None, (name, local)))) for local in linears]
+            continue
+        found = codec.config_group(to_checkpoint(name), entry)
         if found is None:
             readable = False
             continue
@@ -502,12 +521,12 @@ def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Reci
 
     return {
         "quant_method": "compressed-tensors" if readable else "fxcompress",
-        "format": "pack-quantized",
+        "format": "pack-quantized" if groups or not readable else "dense",
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
-        "ignore": dense,
+        "ignore": dense + plain,
         "kv_cache_scheme": None,
-        "sparsity_config": {},
+        "sparsity_config": _sparsity_config(model, layers, dense) if readable else {},
         "fxcompress": {
             "format_version": FORMAT_VERSION,
             "version": __version__,
@@ -516,6 +535,38 @@ def quantization_config(model: nn.Module, layers: dict[str, Entry], recipe: Reci
             "tied": dense_tensors(model, layers)[1],
         },
     }
+
+
+def _sparsity_config(model: nn.Module, layers: dict[str, Entry], dense: list[str]
+                     ) -> dict[str, Any]:
+    """compressed-tensors' ``SparsityCompressionConfig`` of a checkpoint whose pruned layers
+    are all stored in the dense layout (empty when none is pruned): ``format`` ``"dense"``,
+    ``sparsity_structure`` (``"2:4"`` when every pruned layer is), ``global_sparsity`` (the
+    pruned share of all the model's weights) and, as ``ignore``, the linears left unpruned.
+    ``targets`` stays unset (compressed-tensors: every layer not ignored): vLLM refuses a
+    sparsity config that names targets, as it no longer runs sparse kernels."""
+    pruned = [p for p in (codec_of(e).pruning(e) for e in layers.values()) if p is not None]
+    if not pruned:
+        return {}
+    names, _ = dense_tensors(model, layers)
+    state = model.state_dict(keep_vars=True)
+    weights = sum(state[n].numel() for n in names if state[n].is_floating_point())
+    weights += sum(_layer_weights(e) for e in layers.values())
+    removed = sum(w - kept for w, kept, _ in pruned)
+    structures = {s for _, _, s in pruned}
+    unpruned = [name for name, e in layers.items() if codec_of(e).pruning(e) is None]
+    return {"format": "dense", "targets": None, "ignore": dense + unpruned,
+            "global_sparsity": removed / weights if weights else 0.0,
+            "sparsity_structure": structures.pop() if len(structures) == 1 else "unstructured"}
+
+
+def _layer_weights(entry: Entry) -> int:
+    """Weights of one compressed layer (the product of its linears' shapes)."""
+    if "out_features" in entry:
+        return entry["out_features"] * entry["in_features"]
+    if entry.get("kind") == "experts":
+        return 3 * entry["num_experts"] * entry["hidden"] * entry["intermediate"]
+    return 0
 
 
 def _dense_linear(m: nn.Module) -> bool:
@@ -679,7 +730,8 @@ def _recipe_of(model: nn.Module) -> Recipe | None:
 
 
 def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
-         max_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False) -> Path:
+         max_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+         sparse_layout: str = DEFAULT_SPARSE_LAYOUT) -> Path:
     """Write ``model`` (compressed by :func:`fxcompress.compile`) to the folder ``path``.
 
     Hugging Face models get their config, generation config and tokenizer files (from
@@ -690,13 +742,19 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     the files it holds besides a checkpoint are kept. The partial output of an interrupted
     streamed run into ``path`` (:func:`fxcompress.streaming.compress_checkpoint`) is not
     deleted unless ``overwrite``: :class:`ResumeError` instead. Returns the folder.
+
+    ``sparse_layout`` says how pruned layers are stored (:data:`~fxcompress.codecs.
+    SPARSE_LAYOUTS`): ``"dense"`` (the default) as engines read them — a plain weight holding
+    its zeros, or ``pack-quantized`` codes with pruned weights at the zero point — or
+    ``"bitmask"``, a keep-mask and the kept values only (smaller, read by :func:`load` alone).
     """
     layers = compressed_layers(model)
     if not layers:
         raise ValueError("the model has no compressed layers: run fxcompress.compile first "
                          "(a dense model is saved with its own save_pretrained/state_dict)")
     writer = CheckpointWriter(path, max_shard_size, overwrite=overwrite,
-                              hint="overwrite=True to delete it and save anyway")
+                              hint="overwrite=True to delete it and save anyway",
+                              sparse_layout=sparse_layout)
     try:
         names, _ = dense_tensors(model, layers)
         state = model.state_dict(keep_vars=True)

@@ -361,9 +361,9 @@ def _report(r: LayerReport) -> dict:
 
 
 def _fingerprint(model_dir: Path, recipe: Recipe, chunks: list, source: Checkpoint,
-                 compute: torch.dtype | None, precision: str) -> str:
+                 compute: torch.dtype | None, precision: str, layout: str) -> str:
     h = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
-    h.update(f"{compute}:{precision}".encode())
+    h.update(f"{compute}:{precision}:{layout}".encode())
     h.update((model_dir / fmt.CONFIG_NAME).read_bytes())
     for name, s in sorted(source.stored.items()):
         h.update(f"{name}:{s.dtype}:{s.shape}".encode())
@@ -391,6 +391,7 @@ def compress_checkpoint(
     max_shard_size: int | str = fmt.DEFAULT_SHARD_SIZE,
     compute_dtype: str | torch.dtype | None = "auto",
     calibration_precision: str = "auto",
+    sparse_layout: str = fmt.DEFAULT_SPARSE_LAYOUT,
 ) -> Report:
     """Compress the Hugging Face checkpoint in ``model_dir`` into ``out_dir`` (a folder
     :func:`fxcompress.load` reads), holding one layer at a time; see the module docstring.
@@ -409,7 +410,8 @@ def compress_checkpoint(
     CPUs without native bf16 arithmetic, and float32 is the more accurate), the checkpoint's
     own dtype on CUDA; ``None`` the checkpoint's dtype; or a dtype. Whatever it is, the output
     stores what stays dense in the checkpoint's dtype. ``calibration_precision``: that of the
-    calibration passes' float32 matmuls, as for :func:`fxcompress.compile`. Under an
+    calibration passes' float32 matmuls, as for :func:`fxcompress.compile`.
+    ``sparse_layout``: how pruned layers are stored, as for :func:`fxcompress.save`. Under an
     initialised ``torch.distributed`` process group the work is spread over its ranks and
     rank 0 writes ``out_dir``; every rank returns the same :class:`~fxcompress.api.Report`.
     Under a launcher (``torchrun``: ``WORLD_SIZE`` > 1) with no process group it raises
@@ -421,6 +423,7 @@ def compress_checkpoint(
     if offload not in ("auto", "cpu", "disk", "none", None):
         raise ValueError(f"offload={offload!r}: expected 'auto', 'cpu', 'disk' or 'none'")
     places = ["cpu", "disk"] if offload == "auto" else [None if offload == "none" else offload]
+    fmt.check_sparse_layout(sparse_layout)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
@@ -438,7 +441,8 @@ def compress_checkpoint(
     _load_buffers(model, source)
     chunks, samples = calibration_batches(model, calibration, batch_size, ranks=team.world)
     mine = team.shard(chunks) if isinstance(team, Distributed) else chunks
-    fingerprint = _fingerprint(model_dir, recipe, chunks, source, compute, precision)
+    fingerprint = _fingerprint(model_dir, recipe, chunks, source, compute, precision,
+                               sparse_layout)
     if resume:  # a partial output of another job, or a damaged one, is refused before work
         with team.guard(f"checking {partial_dir(out_dir)}"):
             if team.rank == 0:
@@ -460,7 +464,7 @@ def compress_checkpoint(
             check_memory(segments, budget)
         # only a run that will start opens (resumes, or deletes with overwrite) the output
         output, done = _open_output(team, model, source, recipe, out_dir, resume, overwrite,
-                                    fingerprint, shard_size, stored)
+                                    fingerprint, shard_size, stored, sparse_layout)
         dense, _ = dense_tensors(model, {*plan, *(s.module_name for s in sites if s.fqn in plan)})
         with team.guard("the uncompressed tensors"):
             if output is not None:
@@ -541,7 +545,7 @@ def _check_output(team: Team, out_dir: Path, resume: bool, overwrite: bool) -> N
 
 def _open_output(team: Team, model: nn.Module, source: Checkpoint, recipe: Recipe,
                  out_dir: Path, resume: bool, overwrite: bool, fingerprint: str,
-                 shard_size: int, stored: dict[str, torch.dtype]
+                 shard_size: int, stored: dict[str, torch.dtype], sparse_layout: str
                  ) -> tuple[_Output | None, Done | None]:
     """Rank 0 opens (or resumes) the partial output; with ``resume`` every rank reads the
     completed layers from it (a folder all ranks see)."""
@@ -549,7 +553,8 @@ def _open_output(team: Team, model: nn.Module, source: Checkpoint, recipe: Recip
     with team.guard(f"opening {partial_dir(out_dir)}"):
         if team.rank == 0:
             writer = fmt.CheckpointWriter(out_dir, shard_size, fingerprint=fingerprint,
-                                          resume=resume, overwrite=overwrite)
+                                          resume=resume, overwrite=overwrite,
+                                          sparse_layout=sparse_layout)
             output = _Output(model, source, writer, recipe, stored)
     if isinstance(team, Distributed):
         team.barrier("opening the output")

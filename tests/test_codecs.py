@@ -170,3 +170,25 @@ def test_a_registered_kind_is_saved_and_loaded_without_other_changes(tmp_path, m
 
     with pytest.raises(CheckpointError, match=r"layer 1 is a Banks, not Banks\[3, 4, 16\]"):
         load(tmp_path / "ckpt", build=wrong)
+
+
+@pytest.mark.parametrize("case", ["sparse-quantized", "sparse-quantized-unstructured", "sparse"])
+def test_pruned_kinds_round_trip_in_the_dense_layout(case):
+    """The dense layout stores what an unpruned reader reads (a ``weight``, or the
+    ``quantized`` kind's tensors) and rebuilds a module with the same masked weights and
+    outputs; the structure and nnz it records are those of the rebuilt keep-mask."""
+    c, b = _compressed(METHODS[case], True)
+    m = compressed_module(c, b, torch.float32)
+    codec = codec_for(m)
+    entry = codec.describe_as(m, "dense")
+    assert entry["layout"] == "dense" and codec.entry_problem(entry) is None
+    assert entry["structure"] == ("2:4" if case == "sparse-quantized" else "unstructured")
+    tensors = codec.encode(m, entry)
+    plain = {"weight", "bias"} if case == "sparse" else {
+        "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "bias"}
+    assert set(tensors) == plain == set(codec.expected(entry))
+    back = codec.decode(entry, {k: t.clone() for k, t in tensors.items()}, "here: ")
+    x = torch.randn(3, 64)
+    assert type(back) is type(m) and torch.equal(m(x), back(x))
+    again = codec.to_compressed(back, 0.5)
+    assert torch.equal(compressed_module(again, b, torch.float32)(x), m(x))

@@ -55,17 +55,41 @@ def roundtrip(model: nn.Module, folder: Path, **kwargs) -> nn.Module:
     return load(folder)
 
 
-def assert_same(a: nn.Module, b: nn.Module) -> None:
+def assert_same(a: nn.Module, b: nn.Module, exact_masks: bool = True) -> None:
+    """Same tensors, modules and outputs. Without ``exact_masks`` (the dense layout, whose
+    keep-masks are implied by the weights) a keep-mask may differ where the weight is zero:
+    the masked weights and the 2:4 structure must then be the same."""
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
+        if not exact_masks and k.endswith(("weight_bitmask", ".mask")):
+            assert sa[k].shape == sb[k].shape, k
+            continue
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    if not exact_masks:
+        assert_same_masked_weights(a, b)
     for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules(), strict=True):
         assert na == nb and type(ma) is type(mb), na
         if isinstance(ma, QuantLinear):
             assert ma.kernel == mb.kernel
     with torch.no_grad():
         assert torch.equal(output(a, IDS), output(b, IDS))
+
+
+def assert_same_masked_weights(a: nn.Module, b: nn.Module) -> None:
+    from fxcompress.codecs import is_two_four
+    from fxcompress.kernels import pack
+
+    for name, ma in a.named_modules():
+        mb = b.get_submodule(name)
+        if isinstance(ma, SparseLinear):
+            assert torch.equal(torch.where(ma.mask, ma.weight, 0),
+                               torch.where(mb.mask, mb.weight, 0)), name
+            assert is_two_four(ma.mask) == is_two_four(mb.mask), name
+        elif isinstance(ma, QuantLinear) and ma.weight_bitmask is not None:
+            masks = [pack.unpack_bitmask(m.weight_bitmask, m.in_features) for m in (ma, mb)]
+            assert torch.equal(ma.dequantize() * masks[0], mb.dequantize() * masks[1]), name
+            assert is_two_four(masks[0]) == is_two_four(masks[1]), name
 
 
 # ------------------------------------------------------------------------- round trips
@@ -95,12 +119,13 @@ def w4() -> nn.Module:
     return quick(build("llama", HIDDEN), GPTQ(4, 32))
 
 
+@pytest.mark.parametrize("layout", ["dense", "bitmask"])
 @pytest.mark.parametrize("case", CASES)
-def test_round_trip_is_exact(case, tmp_path):
+def test_round_trip_is_exact(case, layout, tmp_path):
     arch, recipe = CASES[case]
     model = quick(build(arch, HIDDEN), recipe)
-    loaded = roundtrip(model, tmp_path)
-    assert_same(model, loaded)
+    loaded = roundtrip(model, tmp_path, sparse_layout=layout)
+    assert_same(model, loaded, exact_masks=layout == "bitmask")
     assert not loaded.training
 
 
@@ -288,11 +313,11 @@ def mixed(tmp_path_factory) -> tuple[nn.Module, Path]:
     """A tiny Llama compressed with :data:`MIXED`, and its checkpoint (do not mutate)."""
     folder = tmp_path_factory.mktemp("mixed")
     model = quick(build("llama", HIDDEN), MIXED)
-    save(model, folder)
+    save(model, folder, sparse_layout="bitmask")
     return model, folder
 
 
-def test_layout_on_disk(mixed):
+def test_bitmask_layout_on_disk(mixed):
     model, tmp_path = mixed
     t = load_file(tmp_path / "model.safetensors")
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
