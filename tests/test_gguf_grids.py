@@ -242,3 +242,33 @@ def test_module_codec_and_encoder_keep_the_blocks():
     value, raw = ENCODERS[GGMLLinear](m)
     assert value == gguf.GGMLQuantizationType.Q4_K and np.array_equal(raw, c.blocks.numpy())
     assert codec.entry_problem({**entry, "ggml_type": "Q4_K", "in_features": 100}) is not None
+
+
+@pytest.mark.slow
+def test_compile_plans_the_mix_and_checkpoints_round_trip(tmp_path):
+    """The named recipe end to end on a tiny Llama of 2 blocks: each linear gets the type
+    llama-quantize would give it (hidden 64: 32-block fallbacks; the down projection's 256
+    columns: K-quants), and save/load keeps the blocks and the function exactly."""
+    import fxcompress
+
+    from .models import VOCAB, build, output
+
+    model = build("llama", 64, layers=2, intermediate=256)
+    fxcompress.compile(model, torch.randint(0, VOCAB, (4, 16)), NAMED["gptq-q4_k_m"],
+                       progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, GGMLLinear)}
+    assert len(layers) == 2 * 7
+    for i, more in enumerate([False, True]):  # use_more_bits(i, 2)
+        assert use_more_bits(i, 2) == more
+        assert layers[f"model.layers.{i}.mlp.down_proj"].type.name == ("Q6_K" if more else "Q4_K")
+        assert layers[f"model.layers.{i}.self_attn.v_proj"].type.name == ("Q8_0" if more
+                                                                            else "Q5_0")
+        assert layers[f"model.layers.{i}.mlp.up_proj"].type.name == "Q5_0"
+    fxcompress.save(model, tmp_path)
+    loaded = fxcompress.load(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(output(model, ids), output(loaded, ids))
+    for n, m in loaded.named_modules():
+        if n in layers:
+            assert torch.equal(m.weight_blocks, layers[n].weight_blocks), n
