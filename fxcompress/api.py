@@ -172,6 +172,7 @@ def plan_sites(recipe: Recipe, sites: list[Site], others: dict[str, str], model:
     when a rule names it explicitly. Raises or warns on recipes that cannot be what the user
     meant."""
     plan, skipped = {}, {}
+    layers = block_count(s.fqn for s in sites)
     others = {**others, **_unsupported_experts(sites)}
     for name, reason in others.items():
         match = recipe.match(name)
@@ -191,7 +192,7 @@ def plan_sites(recipe: Recipe, sites: list[Site], others: dict[str, str], model:
         elif s.tied and not _explicit(match[0], s.fqn):
             skipped[s.fqn] = "weight tied to another parameter (name it in a rule to compress)"
         else:
-            plan[s.fqn] = match[1]
+            plan[s.fqn] = match[1].for_layer(s.fqn, s.shape, layers)
     _check_experts_uniform(sites, plan)
     site_names = [s.fqn for s in sites] + [s.module_name for s in sites if s.index is not None]
     for pattern, method in recipe.rules:
@@ -208,6 +209,13 @@ def plan_sites(recipe: Recipe, sites: list[Site], others: dict[str, str], model:
             warnings.warn(f"recipe pattern {pattern!r} matches no module; the linear layers "
                           f"are: {shown}", stacklevel=3)
     return plan, skipped
+
+
+def block_count(names: Iterable[str]) -> int:
+    """How many blocks (decoder layers) a model has, from its linears' names: one more than
+    the largest index in a ``.N.`` path component (0 when no name has one)."""
+    found = [int(m.group(1)) for n in names if (m := re.search(r"\.(\d+)\.", n))]
+    return max(found) + 1 if found else 0
 
 
 def _check_experts_uniform(sites: list[Site], plan: dict[str, Method]) -> None:

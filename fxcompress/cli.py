@@ -185,11 +185,15 @@ def _dir_size(path: Path) -> int:
 def _bits_per_weight(model: torch.nn.Module, layout: str = "bitmask") -> tuple[float, int]:
     """Stored bits per weight of the compressed linears, and how many weights they hold, with
     pruned layers in the sparse ``layout`` (dense: every weight stored)."""
+    from .gguf.linear import GGMLLinear
     from .modules import QuantLinear, SparseLinear
 
     bits, weights = 0, 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, GGMLLinear):
+            n = m.in_features * m.out_features
+            stored = 8 * m.weight_blocks.numel()
+        elif isinstance(m, QuantLinear):
             n = m.in_features * m.out_features
             groups = m.weight_scale.numel()
             zero_bits = 0 if m.sym else m.bits

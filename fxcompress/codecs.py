@@ -619,6 +619,63 @@ def _layout_ok(entry: Entry) -> bool:
     return layout == "bitmask" or entry.get("structure") in STRUCTURES
 
 
+class GGMLCodec(_LinearCodec):
+    """A :class:`~fxcompress.gguf.linear.GGMLLinear`: its ggml blocks as they are
+    (``weight_blocks``, uint8 ``(out, bytes per row)``), ``weight_shape``, ``bias``; the entry
+    names the type (``"ggml_type": "Q4_K"``) and the dtype the layer computes in."""
+
+    kind = "ggml"
+    required = _LinearCodec.required | {"ggml_type", "weight_dtype"}
+
+    def accepts(self, m: nn.Module) -> bool:
+        from .gguf.linear import GGMLLinear
+
+        return isinstance(m, GGMLLinear)
+
+    def describe(self, m: nn.Module) -> Entry:
+        return {**self._linear_entry(m), "ggml_type": m.type.name,
+                "weight_dtype": dtype_name(m.dtype)}
+
+    def encode(self, m: nn.Module, entry: Entry) -> dict[str, Tensor]:
+        return self._encode_linear(m, {"weight_blocks": m.weight_blocks})
+
+    def entry_problem(self, entry: Entry) -> str | None:
+        from .gguf.grids import TYPES
+
+        problem = super().entry_problem(entry)
+        if problem is None and (entry["ggml_type"] not in TYPES
+                                or entry["in_features"] % TYPES[entry["ggml_type"]].block):
+            problem = (f"an unsupported ggml type {entry['ggml_type']!r} for "
+                       f"{entry['in_features']} input features")
+        return problem
+
+    def expected(self, entry: Entry) -> Shapes:
+        from .gguf.grids import TYPES
+
+        t = TYPES[entry["ggml_type"]]
+        return {**self._linear_expected(entry),
+                "weight_blocks": ((entry["out_features"], t.row_bytes(entry["in_features"])),
+                                  torch.uint8)}
+
+    def decode(self, entry: Entry, t: dict[str, Tensor], where: str) -> nn.Module:
+        from .gguf.grids import TYPES
+        from .gguf.linear import GGMLLinear
+
+        self._check_shape(entry, t, where)
+        m = GGMLLinear(entry["in_features"], entry["out_features"],
+                       TYPES[entry["ggml_type"]].value, entry["bias"], device="meta",
+                       dtype=dtype_named(entry["weight_dtype"]))
+        m.weight_blocks = t["weight_blocks"]
+        if entry["bias"]:
+            m.bias = nn.Parameter(t["bias"], requires_grad=False)
+        m.prepare()
+        return m
+
+    def to_compressed(self, m: nn.Module, loss: float, part: str = "") -> Compressed:
+        return Compressed((m.out_features, m.in_features), loss, ggml_type=m.ggml_type,
+                          blocks=m.weight_blocks.clone())
+
+
 def _nnz_ok(entry: Entry) -> bool:
     nnz = entry.get("nnz")
     return (isinstance(nnz, int) and not isinstance(nnz, bool)
@@ -635,6 +692,7 @@ def _zero_codes(zero: Tensor, g_idx: Tensor | None, group_size: int, k: int) -> 
 QUANTIZED = register(QuantizedCodec())
 SPARSE_QUANTIZED = register(SparseQuantizedCodec())
 SPARSE = register(SparseCodec())
+GGML = register(GGMLCodec())
 LINEAR_CODECS = {c.kind: c for c in (QUANTIZED, SPARSE_QUANTIZED, SPARSE)}
 
 

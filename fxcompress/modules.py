@@ -570,6 +570,10 @@ def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype,
                       prepare: bool = True) -> nn.Module:
     """The module that computes with ``c`` (``prepare``: see :meth:`QuantLinear.
     from_compressed`)."""
+    if c.blocks is not None:
+        from .gguf.linear import GGMLLinear
+
+        return GGMLLinear.from_compressed(c, bias, dtype, prepare)
     if c.quantized:
         return QuantLinear.from_compressed(c, bias, dtype, prepare)
     return SparseLinear.from_compressed(c, bias, dtype)
@@ -579,8 +583,10 @@ def decompress(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of ``model`` (in place) with an ``nn.Linear`` holding its
     dequantized/masked weight in float32: the same function evaluated without the integer
     kernels (e.g. to compare quality with tools that simulate quantization in float)."""
+    from .gguf.linear import GGMLLinear
+
     for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, GGMLLinear)):
             w = m.dequantize()
         elif isinstance(m, SparseLinear):
             w = torch.where(m.mask, m.weight, 0).detach().float()

@@ -71,6 +71,11 @@ class Method:
         """Relative time of one solve: ``out·in`` for data-free methods."""
         return float(shape[0]) * shape[1]
 
+    def for_layer(self, name: str, shape: tuple[int, int], layers: int) -> Method:
+        """The method as it applies to the linear ``name`` of ``shape`` (out, in) in a model of
+        ``layers`` blocks: itself, unless the method chooses per layer (a llama.cpp mix)."""
+        return self
+
     def workspace(self, shape: tuple[int, int]) -> int:
         """Peak bytes a solve allocates besides the statistics, its result included
         (measured on the algorithms: ``benchmarks/solver_memory.py``): about 17 bytes a
@@ -211,6 +216,63 @@ class GPTQ(_HessianMethod):
         return gptq(w, stats.hessian, self, name, stats.cross)
 
 
+@dataclass(frozen=True)
+class GGUFQuant(_HessianMethod):
+    """GPTQ on llama.cpp's own grids, so that the GGUF file holds GPTQ's weights.
+
+    ``ftype`` names a llama-quantize mix (``"q4_k_m"``, ``"q3_k_m"``): each linear gets the
+    ggml type llama-quantize would give it, from its name, shape and the model's block count
+    (:mod:`fxcompress.gguf.mix`), resolved into ``type`` when the recipe is planned; ``type``
+    (``"Q4_K"``, ``"Q6_K"``, ``"Q5_0"``, ...) may also be set directly. The grid is fitted as
+    llama-quantize fits it with an importance matrix (``imatrix``: weighted by ``diag H``,
+    the statistic llama-imatrix collects), then GPTQ rounds onto it
+    (:func:`fxcompress.gguf.gptq.gptq_ggml`); ``act_order``, ``damp``, ``block_size`` and
+    ``dense_output`` are GPTQ's.
+    """
+
+    ftype: str = "q4_k_m"
+    type: str | None = None
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    dense_output: bool = True
+    imatrix: bool = True
+
+    def __post_init__(self) -> None:
+        from .gguf.grids import TYPES
+        from .gguf.mix import FTYPES
+
+        if self.ftype not in FTYPES:
+            raise RecipeError(f"ftype must be one of {FTYPES}, got {self.ftype!r}")
+        if self.type is not None and self.type not in TYPES:
+            raise RecipeError(f"type must be one of {sorted(TYPES)} or None, got {self.type!r}")
+        if not 0 <= self.damp < 1:
+            raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise RecipeError(f"block_size must be positive, got {self.block_size}")
+
+    def for_layer(self, name: str, shape: tuple[int, int], layers: int) -> GGUFQuant:
+        from .gguf.mix import tensor_type
+
+        return dataclasses.replace(self, type=tensor_type(self.ftype, name, shape[1], layers))
+
+    def held(self, shape: tuple[int, int], compact: bool = False, folded: bool = False) -> int:
+        return shape[0] * -(-shape[1] // 32) * 34  # the largest blocks: Q8_0, 34 bytes a 32
+
+    def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
+              ) -> Compressed:
+        from .gguf.gptq import gptq_ggml
+        from .gguf.grids import block_type
+
+        if self.type is None:
+            raise RecipeError(f"GGUFQuant(ftype={self.ftype!r}) has no type for "
+                              f"{name or 'this weight'}: a recipe resolves it per layer "
+                              f"(Method.for_layer), or set type=")
+        return gptq_ggml(w, stats.hessian, block_type(self.type), act_order=self.act_order,
+                         damp=self.damp, block_size=self.block_size, imatrix=self.imatrix,
+                         name=name, cross=stats.cross)
+
+
 OWL_LMBDA = 0.04  # SparseGPT's default OWL spread for unstructured sparsity
 
 
@@ -337,7 +399,8 @@ def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
         raise RecipeError(f"sparsity must be in [0, 0.99], got {sparsity}")
 
 
-METHODS: dict[str, type] = {c.__name__: c for c in (GPTQ, SparseGPT, RTN, Magnitude)}
+METHODS: dict[str, type] = {c.__name__: c for c in (GPTQ, SparseGPT, RTN, Magnitude,
+                                                     GGUFQuant)}
 
 
 def method_to_dict(method: Method) -> dict[str, Any]:
@@ -600,6 +663,8 @@ NAMED: dict[str, Recipe] = {
     "gptq-q4_0": _decoder(GPTQ(4, 32, sym=True)),
     "gptq-q4_1": _decoder(GPTQ(4, 32)),
     "gptq-q8_0": _decoder(GPTQ(8, 32, sym=True)),
+    "gptq-q4_k_m": _decoder(GGUFQuant("q4_k_m")),
+    "gptq-q3_k_m": _decoder(GGUFQuant("q3_k_m")),
 }
 
 

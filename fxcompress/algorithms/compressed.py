@@ -39,6 +39,10 @@ class Compressed:
     packed: Tensor | None = None  # ``codes`` packed as QuantLinear stores them (compact)
     bitmask: Tensor | None = None  # ``mask`` packed 8 to a byte (compact)
     row_loss: Tensor | None = None  # (out,) the loss of each output row
+    # a weight on one of llama.cpp's grids (fxcompress.gguf): its ggml type's value and the
+    # exact ggml blocks, uint8 (out, bytes per row)
+    ggml_type: int | None = None
+    blocks: Tensor | None = None
 
     def split(self, sizes: list[int]) -> list[Compressed]:
         """Cut along the output rows, e.g. a q/k/v solved as one stacked weight (rows of
@@ -54,7 +58,8 @@ class Compressed:
                 codes=cut(self.codes), scale=cut(self.scale), zero=cut(self.zero),
                 g_idx=self.g_idx, bits=self.bits, group_size=self.group_size, sym=self.sym,
                 mask=cut(self.mask), values=cut(self.values), damp=self.damp, row_loss=row_loss,
-                packed=cut(self.packed), bitmask=cut(self.bitmask)))
+                packed=cut(self.packed), bitmask=cut(self.bitmask),
+                ggml_type=self.ggml_type, blocks=cut(self.blocks)))
             start += size
         if start != self.shape[0]:
             raise ValueError(f"split sizes {sizes} do not add up to {self.shape[0]} rows")
@@ -102,6 +107,11 @@ class Compressed:
 
     def dense(self) -> Tensor:
         """The compressed weight as a dense float32 ``(out, in)`` matrix."""
+        if self.blocks is not None:
+            from ..gguf.grids import BY_VALUE, dequantize_blocks
+
+            return dequantize_blocks(self.blocks.cpu().numpy(), BY_VALUE[self.ggml_type],
+                                     self.shape[1]).to(self.blocks.device)
         if self.quantized:
             codes, keep = self.integer_codes(), self.keep()
             if self.static_groups:  # (codes - zero) * scale group by group, in one buffer
