@@ -537,7 +537,8 @@ def test_config_with_other_dense_shapes_names_file_and_tensor(bad):
 
 def test_config_with_other_layer_shapes_names_layer(bad):
     _edit_config(bad, lambda c: c.update(intermediate_size=2 * HIDDEN + 32))
-    with pytest.raises(CheckpointError, match=r"config\.json: layer model\.layers\.0\.mlp\."
+    with pytest.raises(CheckpointError, match=r"config\.json: intermediate_size=160 disagrees "
+                                              r"with the tensors: layer model\.layers\.0\.mlp\."
                                               r"down_proj is a Linear with weight \(64, 160\) "
                                               r"in the model built from the config, but the "
                                               r"checkpoint stores \(64, 128\)"):

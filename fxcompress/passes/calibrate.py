@@ -745,12 +745,27 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There oneDNN's
-    float32 matmuls in bf16 run 2–4× faster (AMX, measured); elsewhere they are emulated, slower."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX) *and* this torch's
+    oneDNN takes float32 matmuls to bf16 under ``fp32_precision="bf16"``. The second is
+    probed once on a small product: some builds use that path only on AMX CPUs, and a run that
+    says bf16 must compute in bf16. Elsewhere bf16 products are emulated, slower."""
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:  # a torch without these probes: assume not
         return False
+    return bool(hardware) and torch.backends.mkldnn.is_available() and _bf16_matmuls_apply()
+
+
+@functools.cache
+def _bf16_matmuls_apply() -> bool:
+    """Whether a float32 product changes under oneDNN's bf16 setting (bf16-rounded inputs
+    leave a relative error near 2⁻⁹; float32's is near 2⁻²³)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=g), torch.randn(256, 64, generator=g)
+    exact = a.double() @ b.double()
+    with matmul_precision("bf16"):
+        product = a @ b
+    return bool((product.double() - exact).norm() > 1e-5 * exact.norm())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
