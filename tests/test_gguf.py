@@ -246,3 +246,38 @@ def test_qwen2_keeps_hugging_faces_row_order_and_writes_biases_and_head(tmp_path
     assert tensors["output.weight"].tensor_type == T.F32  # the head is not tied
     assert r.fields["general.architecture"].contents() == "qwen2"
     assert "qwen2.vocab_size" not in r.fields  # the converter's Qwen2 class writes none
+
+
+def test_k_quant_mix_writes_its_blocks_and_the_head_by_the_output_rule(tmp_path):
+    """A ``gptq-q4_k_m`` checkpoint: every linear's GGUF tensor is its stored ggml blocks
+    (q/k rows in rope order), and the embedding its tied head shares is on llama.cpp's output
+    rule (Q8_0 for rows that are no multiple of 256), as llama-quantize writes it."""
+    from transformers import AutoTokenizer
+
+    import fxcompress
+    from fxcompress.gguf.grids import dequantize_blocks
+    from fxcompress.gguf.linear import GGMLLinear
+    from fxcompress.recipe import NAMED
+
+    write_tokenizer(tmp_path / "tok")
+    model = build("llama", HIDDEN, layers=2, intermediate=256)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    fxcompress.compile(model, torch.randint(0, VOCAB, (4, 16)), NAMED["gptq-q4_k_m"],
+                       progress=False)
+    save(model, tmp_path / "ck", tokenizer=AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    r, tensors = read(write_gguf(tmp_path / "ck", tmp_path / "m.gguf", pre_tokenizer="gpt-2"))
+    file_type = r.fields["general.file_type"]
+    assert file_type.parts[file_type.data[0]][0] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, GGMLLinear)
+    stored = tensors["blk.1.ffn_down.weight"]
+    assert stored.tensor_type == down.ggml_type
+    assert np.array_equal(np.asarray(stored.data).reshape(down.weight_blocks.shape),
+                          down.weight_blocks.numpy())
+    embed = tensors["token_embd.weight"]
+    assert embed.tensor_type == gguf.GGMLQuantizationType.Q8_0 and "output.weight" not in tensors
+    w = model.model.embed_tokens.weight.detach().float()
+    back = dequantize_blocks(np.asarray(embed.data), "Q8_0", w.shape[1]).reshape(w.shape)
+    err = ((back - w).norm() / w.norm()).item()
+    assert 0 < err < 1e-2, err  # 8-bit rounding: small but not nothing

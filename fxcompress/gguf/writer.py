@@ -98,7 +98,10 @@ def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
     partial = out_file.with_name(f".{out_file.name}.partial")
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch.arch])
     tensors = list(_tensors(model, hparams, arch, None if dtype == "auto" else dtype))
-    _add_hyperparameters(writer, hparams, folder, arch, _file_type(tensors))
+    mix = _mix_ftype(model) if dtype in (None, "auto") else None
+    file_type = int(getattr(gguf.LlamaFileType, f"MOSTLY_{mix.upper()}")) if mix else \
+        _file_type(tensors)
+    _add_hyperparameters(writer, hparams, folder, arch, file_type)
     _add_tokenizer(writer, folder, hparams, arch, pre_tokenizer)
     for name, kind, data in tensors:
         writer.add_tensor(name, data, raw_dtype=T(kind))
@@ -148,9 +151,19 @@ def _tensors(model: nn.Module, hparams: dict[str, Any], arch: Architecture,
     names = gguf.get_tensor_name_map(arch.arch, hparams["num_hidden_layers"])
     linears = {n: m for n, m in model.named_modules() if _is_linear(m)}
     tied = _tied_head(model)
+    ftype = _mix_ftype(model) if dtype is None else None
+    # what llama.cpp reads as the output head (the embedding, when the head is tied to it):
+    # a _K_M mix quantizes it by llama.cpp's output rule unless the recipe compressed it
+    head = model.get_output_embeddings()
+    head_weight = next((n for n, p in model.named_parameters()
+                        if head is not None and p is head.weight), None)
     done: set[str] = set()
     for key, t in model.state_dict(keep_vars=True).items():
         owner = key.rpartition(".")[0]
+        if ftype is not None and key == head_weight and type(linears.get(owner)) in (
+                type(None), nn.Linear):  # not compressed by the recipe
+            yield _named(names, key, hparams, arch, *_mix_head(t.detach(), ftype, hparams))
+            continue
         if owner in linears:
             if owner in done or owner == tied:
                 continue
@@ -159,6 +172,30 @@ def _tensors(model: nn.Module, hparams: dict[str, Any], arch: Architecture,
                 yield _named(names, f"{owner}.{suffix}", hparams, arch, kind, raw)
         else:
             yield _named(names, key, hparams, arch, *_float(key, t.detach(), dtype))
+
+
+def _mix_ftype(model: nn.Module) -> str | None:
+    """The llama-quantize mix (``"q4_k_m"``) of a checkpoint made by a ``GGUFQuant`` recipe,
+    None for any other."""
+    from ..recipe import GGUFQuant
+
+    recipe = getattr(model, "fxcompress_recipe", None)
+    mixes = {m.ftype for _, m in getattr(recipe, "rules", ()) if isinstance(m, GGUFQuant)}
+    if len(mixes) > 1:
+        raise GGUFExportError(f"the recipe mixes llama.cpp file types {sorted(mixes)}: "
+                              f"a GGUF has one")
+    return mixes.pop() if mixes else None
+
+
+def _mix_head(w: torch.Tensor, ftype: str, hparams: dict[str, Any]) -> Encoded:
+    """The output head (or the embedding a tied head shares) in the type llama-quantize's
+    ``ftype`` mix gives it, rounded to nearest on llama.cpp's own grid (no importance: the
+    head's inputs are not calibrated), as llama-quantize does for it."""
+    from . import grids, mix
+
+    t = mix.tensor_type(ftype, "lm_head", w.shape[1], hparams["num_hidden_layers"])
+    g = grids.fit(w.float(), t)
+    return grids.TYPES[t].value, grids.encode(grids.quantize_weight(w.float(), g), g)
 
 
 def _is_linear(m: nn.Module) -> bool:
