@@ -332,7 +332,7 @@ def test_export_compressed_moe(tmp_path):
 
 def _saved(arch, method, folder):
     model, dense = _compress(arch, method)
-    fxcompress.save(model, folder)
+    fxcompress.save(model, folder, sparse_layout="bitmask")  # stores keep-masks exactly
     return model, dense
 
 
@@ -521,9 +521,10 @@ def test_streamed_experts_equal_in_memory(arch, method, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(source)
     fxcompress.compile(model, _calibration(), method, progress=False, batch_size=4)
     report = compress_checkpoint(source, _calibration(), method, tmp_path / "out",
-                                 progress=False, batch_size=4, max_memory="1GiB")
+                                 progress=False, batch_size=4, max_memory="1GiB",
+                                 sparse_layout="bitmask")  # keep-masks stored exactly
     assert sum(r.routed is not None for r in report.layers) == 2 * 2 * EXPERTS
-    fxcompress.save(model, tmp_path / "mem")
+    fxcompress.save(model, tmp_path / "mem", sparse_layout="bitmask")
     assert _stored_names(tmp_path / "out") == _stored_names(tmp_path / "mem")
     a, b = _state(fxcompress.load(tmp_path / "out")), _state(model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
