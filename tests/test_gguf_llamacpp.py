@@ -125,3 +125,23 @@ def test_q4_0_gguf_perplexity_within_1_percent_of_its_f32_gguf(q4_0_checkpoint, 
     dense = perplexity(f32, text=text, seqlen=512, windows=8, llama_cpp=source)
     assert quant.tokens == dense.tokens == 8 * 255
     assert abs(quant.ppl / dense.ppl - 1) < 0.01, (quant.ppl, dense.ppl)
+
+
+def test_cli_eval_with_llama_cpp_prints_the_gguf_beside_its_f32(q4_0_checkpoint, capsys):
+    """``fxcompress eval DIR --engine llama.cpp``: llama-perplexity on the checkpoint's GGUF
+    and on its dequantized F32 GGUF, and their ratio, within 1 % for Q4_0."""
+    import re
+
+    from fxcompress.cli import main
+
+    source = llama_cpp_source()
+    try:
+        find_binary("llama-perplexity", source)
+    except EngineError as e:
+        pytest.skip(str(e))
+    assert main(["eval", str(q4_0_checkpoint), "--engine", "llama.cpp", "--llama-cpp",
+                 str(source), "--windows", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    ratio = float(re.search(r"llama\.cpp: GGUF / F32: ([0-9.]+)", out).group(1))
+    own = float(re.search(r"F32 GGUF, [^)]*\): ([0-9.]+)", out).group(1))
+    assert own > 1 and abs(ratio - 1) < 0.01, out
