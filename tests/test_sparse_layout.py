@@ -165,9 +165,9 @@ def test_a_dense_weight_that_breaks_its_structure_is_named(tmp_path):
     tensors = load_file(file)
     name = "model.layers.0.mlp.gate_proj.weight"
     tensors[name] = torch.randn_like(tensors[name]) + 3  # no zeros left
-    save_file(tensors, file, metadata={"format": "pt"})
+    save_file(tensors, file, metadata={"format": "pt"})  # rewritten without checksums
     with pytest.raises(CheckpointError, match=rf"{name}: holds more than two non-zero"):
-        load(tmp_path)
+        load(tmp_path, verify=False)
 
 
 def test_an_unknown_layout_is_an_error(mixed_dense, tmp_path):
