@@ -290,13 +290,15 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _synthetic_llama(folder: Path, layers: int, seed: int = 0) -> int:
-    """A random Llama of ``layers`` × 36 MiB (fp32) saved to ``folder``; its size in bytes."""
+def _synthetic_llama(folder: Path, layers: int, seed: int = 0, hidden: int = 1024,
+                     intermediate: int = 2048, heads: int = 8) -> int:
+    """A random Llama of ``layers`` × 36 MiB (fp32, at the default width) saved to
+    ``folder``; its size in bytes."""
     import transformers as T
 
     torch.manual_seed(seed)
-    config = T.LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2048,
-                           num_attention_heads=8, num_key_value_heads=2,
+    config = T.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate,
+                           num_attention_heads=heads, num_key_value_heads=2,
                            num_hidden_layers=layers, tie_word_embeddings=True)
     T.LlamaForCausalLM(config).save_pretrained(folder)
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))

@@ -16,9 +16,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from fxcompress.sizes import parse_size
+
+from .test_streaming import _synthetic_llama
 
 CHILD = textwrap.dedent("""
     import json, sys
@@ -51,13 +52,7 @@ MARGIN = 1.5
 
 
 def _narrow_llama(folder: Path, layers: int, seed: int = 0) -> None:
-    import transformers as T
-
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(vocab_size=512, hidden_size=384, intermediate_size=1536,
-                           num_attention_heads=6, num_key_value_heads=2,
-                           num_hidden_layers=layers, tie_word_embeddings=True)
-    T.LlamaForCausalLM(config).save_pretrained(folder)
+    _synthetic_llama(folder, layers, seed, hidden=384, intermediate=1536, heads=6)
 
 
 @pytest.mark.slow

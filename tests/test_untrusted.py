@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fxcompress import GPTQ, SparseGPT
+from fxcompress import GPTQ
 from fxcompress import format as fmt
 from fxcompress.cli import main
 from fxcompress.format import CheckpointError, PartialCheckpoint, ResumeError, load, save
@@ -30,8 +30,7 @@ from fxcompress.streaming import (
 
 from .models import VOCAB, build
 from .test_format import HIDDEN, assert_same, quick
-
-RECIPE = {r".*\.mlp\..*": GPTQ(4, 32), r".*": SparseGPT(0.5)}
+from .test_streaming import RECIPE
 
 
 def _calibration() -> torch.Tensor:
@@ -166,16 +165,23 @@ def _spy_headers(monkeypatch) -> list[Path]:
     return opened
 
 
+def _point_index_at(folder: Path, target: str, elsewhere: Path) -> str:
+    """Make the index's first entry name ``target``, with a copy of its shard put in
+    ``elsewhere`` (so that following the entry would find a real file); returns the tensor."""
+    index = json.loads((folder / fmt.INDEX_NAME).read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    elsewhere.mkdir()
+    shutil.copy(folder / shard, elsewhere / "x.safetensors")
+    index["weight_map"][name] = target
+    (folder / fmt.INDEX_NAME).write_text(json.dumps(index))
+    return name
+
+
 @pytest.mark.parametrize("target", ["../elsewhere/x.safetensors", "/etc/passwd"])
 def test_load_refuses_an_index_entry_outside_the_folder(w4, tmp_path, monkeypatch, target):
     folder = tmp_path / "ckpt"
     save(w4, folder, max_shard_size="40KB")
-    index = json.loads((folder / fmt.INDEX_NAME).read_text())
-    name, shard = next(iter(index["weight_map"].items()))
-    (tmp_path / "elsewhere").mkdir()
-    shutil.copy(folder / shard, tmp_path / "elsewhere" / "x.safetensors")
-    index["weight_map"][name] = target
-    (folder / fmt.INDEX_NAME).write_text(json.dumps(index))
+    name = _point_index_at(folder, target, tmp_path / "elsewhere")
     opened = _spy_headers(monkeypatch)
     with pytest.raises(CheckpointError, match=rf"{fmt.INDEX_NAME}.*{name}.*outside"):
         load(folder)
@@ -187,12 +193,7 @@ def test_compress_refuses_an_index_entry_outside_the_folder(dense, tmp_path, mon
                                                            target):
     folder = tmp_path / "model"
     shutil.copytree(dense, folder)
-    index = json.loads((folder / fmt.INDEX_NAME).read_text())
-    name, shard = next(iter(index["weight_map"].items()))
-    (tmp_path / "elsewhere").mkdir()
-    shutil.copy(folder / shard, tmp_path / "elsewhere" / "x.safetensors")
-    index["weight_map"][name] = target
-    (folder / fmt.INDEX_NAME).write_text(json.dumps(index))
+    name = _point_index_at(folder, target, tmp_path / "elsewhere")
     opened = _spy_headers(monkeypatch)
     with pytest.raises(CheckpointError, match=rf"{name}.*outside"):
         Checkpoint(folder, skeleton(folder), torch.device("cpu"))

@@ -97,8 +97,8 @@ def write_gguf(checkpoint_dir: str | Path, out_file: str | Path, *,
     # written beside out_file: a layer that cannot be written leaves no file, a crash no half
     partial = out_file.with_name(f".{out_file.name}.partial")
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch.arch])
-    tensors = list(_tensors(model, hparams, arch, None if dtype == "auto" else dtype))
     mix = _mix_ftype(model) if dtype in (None, "auto") else None
+    tensors = list(_tensors(model, hparams, arch, None if dtype == "auto" else dtype, mix))
     file_type = int(getattr(gguf.LlamaFileType, f"MOSTLY_{mix.upper()}")) if mix else \
         _file_type(tensors)
     _add_hyperparameters(writer, hparams, folder, arch, file_type)
@@ -144,14 +144,15 @@ def _architecture(hparams: dict[str, Any]) -> Architecture:
 
 
 def _tensors(model: nn.Module, hparams: dict[str, Any], arch: Architecture,
-             dtype: str | None) -> Iterator[tuple[str, int, np.ndarray]]:
+             dtype: str | None, ftype: str | None = None
+             ) -> Iterator[tuple[str, int, np.ndarray]]:
     """``(GGUF name, ggml type, data)`` of every tensor in the model's order (data: raw bytes
     ``(rows, bytes per row)``, or a float array for F32/F16): linears as their encoder or
-    ``dtype`` says, the rest as stored."""
+    ``dtype`` says, the rest as stored; with a llama-quantize mix ``ftype``, the output head
+    as that mix types it."""
     names = gguf.get_tensor_name_map(arch.arch, hparams["num_hidden_layers"])
     linears = {n: m for n, m in model.named_modules() if _is_linear(m)}
     tied = _tied_head(model)
-    ftype = _mix_ftype(model) if dtype is None else None
     # what llama.cpp reads as the output head (the embedding, when the head is tied to it):
     # a _K_M mix quantizes it by llama.cpp's output rule unless the recipe compressed it
     head = model.get_output_embeddings()
