@@ -94,7 +94,7 @@ EXAMPLE = """\
 version: 1
 rules:                  # a list, tried in order: the first pattern matching a layer wins
   - pattern: 'model\\.layers\\..*'   # regular expression, matched against the whole name
-    method: GPTQ        # GPTQ, SparseGPT, RTN, Magnitude, or null (leave the layers dense)
+    method: GPTQ        # GPTQ, SparseGPT, RTN, Magnitude, GGUFQuant, or null (dense)
     bits: 4             # the method's fields (see `fxcompress recipes`)
     group_size: 64
   - pattern: '.*'

@@ -8,7 +8,7 @@ through :data:`METHODS`; calibration asks a method only through :class:`Method`.
 """
 
 from . import owl
-from .base import CROSS, HESSIAN, Method
+from .base import CROSS, HESSIAN, Method, Planner
 from .gguf import GGUFQuant
 from .gptq import GPTQ
 from .magnitude import Magnitude
@@ -20,11 +20,10 @@ METHODS: dict[str, type[Method]] = {c.__name__: c for c in (
     GPTQ, SparseGPT, RTN, Magnitude, GGUFQuant,
 )}
 
-# steps that re-plan methods from a statistic of the dense model, before calibration: each
-# offers ``eligible(site, method)``, ``column_norms``-like gathering and ``apply``
-PLANNERS = (owl,)
+# steps that re-plan methods from a statistic of the dense model, before calibration
+PLANNERS: tuple[Planner, ...] = (owl,)
 
 __all__ = [
     "CROSS", "GGUFQuant", "GPTQ", "HESSIAN", "INPUT_NORMS", "METHODS", "Magnitude", "Method",
-    "PLANNERS", "RTN", "SparseGPT",
+    "PLANNERS", "Planner", "RTN", "SparseGPT",
 ]

@@ -13,15 +13,18 @@ solve a :class:`~fxcompress.algorithms.Statistics`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..algorithms.grid import BITS, Grid, check
 from ..errors import RecipeError
 
 if TYPE_CHECKING:
     import torch
+    from torch import fx
 
     from ..algorithms import Compressed, Statistics
+    from ..passes.sites import Site
 
 HESSIAN = "hessian"  # H = 2 X̃ᵀX̃ / n over the compressed model's inputs X̃
 CROSS = "cross"  # C = 2 (X - X̃)ᵀ X̃ / n, X the dense model's inputs (dense-output calibration)
@@ -82,6 +85,25 @@ class Method:
         codes and mask when ``compact`` (an in-memory run's results but experts'); nothing
         for pruned values ``folded`` into the layer's own weight."""
         return codes_bytes(shape, getattr(self, "bits", 8), compact)
+
+
+class Planner(Protocol):
+    """A step that re-plans sites from a statistic of the dense model, before calibration
+    (``methods/owl.py``). Calibration knows no method: for each planner in
+    :data:`~fxcompress.methods.PLANNERS` with an :meth:`eligible` site it measures
+    :data:`STATISTIC` with :meth:`column_norms` over the first chunk, and replaces the plan's
+    methods by what :meth:`apply` returns (rank 0 decides, the team shares it)."""
+
+    STATISTIC: str
+
+    def eligible(self, s: Site, method: Method | None) -> bool: ...
+
+    def column_norms(self, gm: fx.GraphModule, inputs: Sequence[Any], params: Any, interp: Any,
+                     targets: set[fx.Node]) -> dict[fx.Node, torch.Tensor]: ...
+
+    def apply(self, plan: Mapping[str, Method], sites: Sequence[Site],
+              norms: Callable[[set[fx.Node]], dict[fx.Node, torch.Tensor]],
+              weight: Callable[[Site], torch.Tensor]) -> dict[str, Method]: ...
 
 
 def codes_bytes(shape: tuple[int, int], bits: int, packed: bool) -> int:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INPUT_NORMS = "input_norms"  # ‖x_j‖ per input feature of a layer, over the dense model's tokens
+STATISTIC = INPUT_NORMS  # what this planner measures (methods.base.Planner)
 OWL_LMBDA = 0.04  # the default spread of unstructured SparseGPT (see SparseGPT.owl)
 
 
