@@ -82,15 +82,14 @@ def linear_table(rounds: int) -> str:
     import torch
     import torch.nn.functional as F
 
-    from fxcompress import RTN
-    from fxcompress.algorithms import rtn
+    from fxcompress.algorithms import Grid, rtn
     from fxcompress.modules import compressed_module
 
     torch.manual_seed(0)
     k = n = 4096
     w = torch.randn(n, k) / k**0.5
     wb = w.bfloat16()
-    layer = compressed_module(rtn(w, RTN(4, 128)), None, torch.float32).eval()
+    layer = compressed_module(rtn(w, Grid(4, 128)), None, torch.float32).eval()
     compiled = torch.compile(layer, fullgraph=True)
     rows = ["| batch | dense fp32 (ms) | dense bf16 (ms) | int4 g128 eager (ms) | "
             "int4 g128 compiled (ms) | int4 vs fp32 | int4 vs bf16 |",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fxcompress import GPTQ
-from fxcompress.algorithms import Hessian, gptq, rtn
+from fxcompress.algorithms import Hessian, Statistics, rtn
 
 VARIANTS = ("routed", "weighted", "all", "hybrid", "rtn")
 
@@ -87,9 +87,9 @@ def compress_block(moe, x, variant: str, method: GPTQ) -> tuple[torch.Tensor, to
         few = variant == "hybrid" and len(tok) < gu.shape[2]
         rows = x if variant == "all" or few else x[tok]
         p = w[tok, slot] if variant == "weighted" else None
-        new_gu[e] = gptq(gu[e], _hessian(rows, p)[0], method).dense()
+        new_gu[e] = method.solve(gu[e], Statistics(_hessian(rows, p)[0], 1)).dense()
         g, u = F.linear(rows, new_gu[e]).chunk(2, -1)
-        new_dn[e] = gptq(dn[e], _hessian(F.silu(g) * u, p)[0], method).dense()
+        new_dn[e] = method.solve(dn[e], Statistics(_hessian(F.silu(g) * u, p)[0], 1)).dense()
     return new_gu, new_dn
 
 

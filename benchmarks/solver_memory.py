@@ -29,17 +29,17 @@ def measure(solver: str, side: str, rows: int, cols: int) -> float:
     import torch
 
     from benchmarks.solver_speed import problem
-    from fxcompress.algorithms import gptq, sparsegpt
+    from fxcompress.algorithms import Statistics
+    from fxcompress.methods import GPTQ, SparseGPT
     from fxcompress.passes.calibrate import release_freed_memory
-    from fxcompress.recipe import GPTQ, SparseGPT
     from tests.algorithms import reference
     from tests.memory import PeakRSS
 
     w, h = problem(rows, cols)
     calls = {
-        ("gptq", "fxcompress"): lambda: gptq(w, h, GPTQ(4, 128)),
+        ("gptq", "fxcompress"): lambda: GPTQ(4, 128).solve(w, Statistics(h, 1)),
         ("gptq", "reference"): lambda: reference.gptq(w, h, 4, 128),
-        ("sparsegpt", "fxcompress"): lambda: sparsegpt(w, h, SparseGPT(0.5)),
+        ("sparsegpt", "fxcompress"): lambda: SparseGPT(0.5).solve(w, Statistics(h, 1)),
         ("sparsegpt", "reference"): lambda: reference.sparsegpt(w, h, 0.5),
     }
     call = calls[solver, side]

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fxcompress.algorithms import Hessian, gptq, sparsegpt  # noqa: E402
-from fxcompress.recipe import GPTQ, SparseGPT  # noqa: E402
+from fxcompress.algorithms import Hessian, Statistics  # noqa: E402
+from fxcompress.methods import GPTQ, SparseGPT  # noqa: E402
 from tests.algorithms import reference  # noqa: E402
 
 SHAPES = [(4096, 4096), (576, 1536), (1536, 576)]  # (out, in): a 7B-sized layer, SmolLM2's
@@ -64,13 +64,13 @@ def main() -> None:
         ref_sparse = timed(lambda w=w, h=h: reference.sparsegpt(w, h, 0.5)[1], args.repeats)
         # the same algorithm as the reference (sweep, natural order), then the defaults
         cases = {
-            f"GPTQ w4 g{gs}, sweep": (GPTQ(4, gs, act_order=False), gptq, ref_gptq),
-            f"GPTQ w4 g{gs}, defaults (act-order)": (GPTQ(4, gs), gptq, ref_gptq),
-            "SparseGPT 50%, sweep": (SparseGPT(0.5, solver="sweep"), sparsegpt, ref_sparse),
-            "SparseGPT 50%, defaults (ADMM)": (SparseGPT(0.5), sparsegpt, ref_sparse),
+            f"GPTQ w4 g{gs}, sweep": (GPTQ(4, gs, act_order=False), ref_gptq),
+            f"GPTQ w4 g{gs}, defaults (act-order)": (GPTQ(4, gs), ref_gptq),
+            "SparseGPT 50%, sweep": (SparseGPT(0.5, solver="sweep"), ref_sparse),
+            "SparseGPT 50%, defaults (ADMM)": (SparseGPT(0.5), ref_sparse),
         }
-        for name, (method, solve, (t_ref, l_ref)) in cases.items():
-            t_ours, l_ours = timed(lambda w=w, h=h, m=method, f=solve: f(w, h, m).loss,
+        for name, (method, (t_ref, l_ref)) in cases.items():
+            t_ours, l_ours = timed(lambda w=w, h=h, m=method: m.solve(w, Statistics(h, 1)).loss,
                                    args.repeats)
             rows.append(f"| {out_f}x{in_f} | {name} | {t_ref:.2f} | {t_ours:.2f} | "
                         f"{t_ref / t_ours:.1f}x | {l_ref:.5g} | {l_ours:.5g} |")

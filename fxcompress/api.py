@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
+from .errors import RecipeError
+from .methods import Method
 from .modules import experts_unsupported
 from .passes import calibrate, capture, find_sites, rewrite
 from .passes.calibrate import (
@@ -38,7 +40,7 @@ from .passes.liveness import (
     over_budget,
 )
 from .passes.sites import Site
-from .recipe import Method, Recipe, RecipeError
+from .recipe import Recipe
 from .sizes import human, parse_size
 
 log = logging.getLogger(__name__)

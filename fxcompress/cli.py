@@ -691,8 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     from .assets import AssetError
     from .distributed import DistributedError
     from .engines import EngineError
+    from .errors import RecipeError
     from .format import CheckpointError
-    from .recipe import RecipeError
     from .streaming import MemoryBudgetError
 
     try:

@@ -72,9 +72,10 @@ from .codecs import (
     set_module,
     set_tensor,
 )
+from .errors import RecipeError
 from .passes.calibrate import release_freed_memory
 from .paths import inside_folder
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe
 from .sizes import parse_size
 
 __all__ = ["CheckpointError", "CheckpointWriter", "PartialCheckpoint", "ResumeError", "load",

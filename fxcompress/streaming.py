@@ -62,6 +62,7 @@ from .api import Report, calibration_batches, numerics, plan_sites
 from .codecs import codec_for, dense_tensors
 from .distributed import Distributed, active, check_launch, to_cpu
 from .format import ResumeError, partial_dir
+from .methods import Method
 from .modules import (
     checkpoint_expert_names,
     compressed_experts,
@@ -88,7 +89,7 @@ from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes
     over_budget,
 )
 from .passes.sites import Site
-from .recipe import Method, Recipe
+from .recipe import Recipe
 from .sizes import parse_size
 
 log = logging.getLogger(__name__)

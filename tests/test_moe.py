@@ -11,7 +11,7 @@ import torch
 
 import fxcompress
 from fxcompress import GPTQ, RTN, QuantExperts, Recipe, RecipeError, SparseExperts, SparseGPT
-from fxcompress.algorithms import output_error, rtn
+from fxcompress.algorithms import Grid, output_error, rtn
 from fxcompress.api import plan_sites
 from fxcompress.format import CheckpointError
 from fxcompress.passes import calibrate, capture, find_sites
@@ -168,7 +168,7 @@ def test_gptq_beats_rtn_per_expert_on_the_calibration_objective():
         w = s.matrix(weights[f"{s.module_name}.{s.attr}"]).float()
         h = hessians[s.fqn]
         gptq_loss = output_error(w, results[s.fqn].dense(), h)
-        rtn_loss = output_error(w, rtn(w, RTN(4, 32)).dense(), h)
+        rtn_loss = output_error(w, rtn(w, Grid(4, 32)).dense(), h)
         assert gptq_loss < rtn_loss, s.fqn
 
 

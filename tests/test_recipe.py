@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from fxcompress.recipe import EXAMPLE, GPTQ, NAMED, Recipe, RecipeError, SparseGPT
+from fxcompress.errors import RecipeError
+from fxcompress.methods import GPTQ, SparseGPT
+from fxcompress.recipe import EXAMPLE, NAMED, Recipe
 
 SHAPE = "A recipe file looks like this:"  # shape errors end with the example
 
@@ -116,3 +118,12 @@ def test_file_values_keep_their_types():
         Recipe.from_yaml("rules:\n  - {pattern: c, method: SparseGPT, solver: [admm]}\n")
     with pytest.raises(RecipeError, match="solver must be one of"):
         Recipe.from_yaml("rules:\n  - {pattern: c, method: SparseGPT, solver: adam}\n")
+
+
+def test_no_two_named_recipes_are_the_same_recipe():
+    """A name is a promise of a different setting: two equal recipes under two names (as the
+    act-order variants became when act-order turned default) would be measured twice."""
+    seen: dict[Recipe, str] = {}
+    for name, recipe in NAMED.items():
+        assert recipe not in seen, f"{name} equals {seen.get(recipe)}"
+        seen[recipe] = name

@@ -17,16 +17,15 @@ from torch import nn
 
 import fxcompress
 from fxcompress import QuantLinear, SparseGPT, SparseLinear
-from fxcompress.algorithms import magnitude, rtn
+from fxcompress.methods import RTN, Magnitude
 from fxcompress.modules import compressed_module
-from fxcompress.recipe import RTN, Magnitude
 from fxcompress.training import LoRALinear, add_lora, densify, enforce_masks, keep_masks
 
 from .models import VOCAB, build
 
 
 def _sparse(linear: nn.Linear, sparsity: float = 0.5) -> SparseLinear:
-    c = magnitude(linear.weight.detach(), Magnitude(sparsity))
+    c = Magnitude(sparsity).solve(linear.weight.detach())
     return SparseLinear.from_compressed(c, linear.bias)
 
 
@@ -138,7 +137,7 @@ KERNELS = {"int4pack": RTN(4, 64), "int8pack": RTN(8, -1), "canonical": RTN(8, 6
 def test_input_gradient_matches_the_dequantized_dense_weight(kernel):
     torch.manual_seed(0)
     linear = nn.Linear(128, 96)
-    m = QuantLinear.from_compressed(rtn(linear.weight.detach(), KERNELS[kernel]), linear.bias)
+    m = QuantLinear.from_compressed(KERNELS[kernel].solve(linear.weight.detach()), linear.bias)
     assert m.kernel == kernel
     buffers = {n: b.clone() for n, b in m.named_buffers()}
     x = torch.randn(3, 5, 128, requires_grad=True)
@@ -160,7 +159,7 @@ def _quantize_layers(model: nn.Module, cfg: RTN) -> nn.Module:
     layers = model.model.layers
     for name, mod in list(layers.named_modules()):
         if isinstance(mod, nn.Linear):
-            q = compressed_module(rtn(mod.weight.detach(), cfg), mod.bias, mod.weight.dtype)
+            q = compressed_module(cfg.solve(mod.weight.detach()), mod.bias, mod.weight.dtype)
             parent, _, child = name.rpartition(".")
             setattr(layers.get_submodule(parent), child, q)
     return model

@@ -1,8 +1,13 @@
-"""Pure math on (W, H): tensors in, tensors out. No modules, graphs, printing or flags."""
+"""Pure math on (W, H): tensors in, tensors out. No modules, graphs, printing or flags.
+
+The solvers take plain arguments (a :class:`Grid`, numbers, flags) and import nothing from
+``methods`` or ``recipe``: a method's configuration is turned into them in its own file
+(``fxcompress/methods/``), so the math can be read, tested and reused without the recipes."""
 
 from .baselines import magnitude, magnitude_mask, rtn
 from .compressed import Compressed
 from .gptq import gptq
+from .grid import BITS, Grid
 from .hessian import (
     Cross,
     Hessian,
@@ -16,7 +21,7 @@ from .hessian import (
 from .sparsegpt import sparsegpt
 
 __all__ = [
-    "Compressed", "Cross", "Hessian", "HessianNotPositiveDefinite", "factor", "gptq", "magnitude",
-    "magnitude_mask", "output_error", "OutputCross", "rtn", "sparsegpt", "Statistics",
-    "WeightedCross",
+    "BITS", "Compressed", "Cross", "Grid", "Hessian", "HessianNotPositiveDefinite", "factor",
+    "gptq", "magnitude", "magnitude_mask", "output_error", "OutputCross", "rtn", "sparsegpt",
+    "Statistics", "WeightedCross",
 ]

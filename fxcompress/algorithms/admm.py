@@ -34,9 +34,10 @@ from .hessian import WeightedCross, factor
 def _keep_largest(score: Tensor, drop: int) -> Tensor:
     """Keep-mask of all but the ``drop`` smallest entries of ``score`` (non-negative, no NaN).
 
-    A radix select, ~4x faster than ``topk`` on a layer and called every reselect iteration:
-    the bits of a non-negative float order like the float, so one histogram of their top 16
-    bits finds the bin that holds the threshold, and only that bin's entries are ranked."""
+    A radix select, faster than ``topk`` on a layer (benchmarks/RESULTS.md, ADMM mask
+    selection) and called every reselect iteration: the bits of a non-negative float order
+    like the float, so one histogram of their top 16 bits finds the bin that holds the
+    threshold, and only that bin's entries are ranked."""
     flat = score.flatten()
     if drop <= 0:
         return torch.ones_like(score, dtype=torch.bool)
@@ -54,7 +55,7 @@ def _keep_largest(score: Tensor, drop: int) -> Tensor:
 def _n_m_keep(score: Tensor, n: int, m: int) -> Tensor:
     """Keep-mask of the ``n`` largest of every ``m`` consecutive inputs of each row (ties to
     the first): an entry is kept when fewer than ``n`` of its group beat it. One compare per
-    pair of positions over all groups at once, ~4x faster than ``topk`` on groups of four."""
+    pair of positions over all groups at once, faster than ``topk`` on groups of four."""
     g = score.reshape(-1, m).t()  # (m, groups)
     beaten = [torch.zeros(g.shape[1], dtype=torch.uint8, device=score.device) for _ in g]
     for i in range(m):

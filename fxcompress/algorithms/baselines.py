@@ -9,25 +9,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..recipe import RTN, Magnitude
 from . import grid
 from .compressed import Compressed
+from .grid import Grid
 
 
-def rtn(w: Tensor, cfg: RTN = RTN(), mask: Tensor | None = None) -> Compressed:
+def rtn(w: Tensor, g: Grid, mask: Tensor | None = None) -> Compressed:
     """Round each weight to the nearest point of its group's grid (pruned weights to zero)."""
     rows, cols = w.shape
-    gs = grid.check(cfg.bits, cfg.group_size, cols)
+    gs = grid.check(g.bits, g.group_size, cols)
     w = w.float()
-    scale, zero = grid.fit_groups(w, cfg.bits, gs, cfg.sym, cfg.mse)
+    scale, zero = grid.fit_groups(w, g.bits, gs, g.sym, g.mse)
     g_idx = (torch.arange(cols, device=w.device) // gs).to(torch.int32)
     s, z = grid.expand(scale, g_idx), grid.expand(zero, g_idx)
-    codes = grid.quantize(w, s, z, cfg.bits)
+    codes = grid.quantize(w, s, z, g.bits)
     if mask is not None:
         codes = torch.where(mask, codes, z)
     return Compressed(shape=(rows, cols), loss=float("nan"), codes=codes.to(torch.uint8),
-                      scale=scale, zero=zero.to(torch.uint8), g_idx=g_idx, bits=cfg.bits,
-                      group_size=gs, sym=cfg.sym, mask=mask)
+                      scale=scale, zero=zero.to(torch.uint8), g_idx=g_idx, bits=g.bits,
+                      group_size=gs, sym=g.sym, mask=mask)
 
 
 def magnitude_mask(w: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None = None
@@ -50,10 +50,11 @@ def magnitude_mask(w: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None
     return keep.reshape(rows, cols // m, m).scatter_(2, drop, False).reshape(rows, cols)
 
 
-def magnitude(w: Tensor, cfg: Magnitude = Magnitude()) -> Compressed:
-    """Magnitude pruning, with round-to-nearest of the kept weights when ``cfg.quant``."""
-    mask = magnitude_mask(w, cfg.sparsity, cfg.n_m)
-    if cfg.quant is not None:
-        return rtn(w, cfg.quant, mask)
+def magnitude(w: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
+              quant: Grid | None = None) -> Compressed:
+    """Magnitude pruning, with round-to-nearest of the kept weights onto ``quant``."""
+    mask = magnitude_mask(w, sparsity, n_m)
+    if quant is not None:
+        return rtn(w, quant, mask)
     return Compressed(shape=tuple(w.shape), loss=float("nan"), mask=mask,
                       values=w.float() * mask)

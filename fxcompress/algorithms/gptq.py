@@ -9,7 +9,7 @@ paper          here
 ``W``          ``w`` (out, in): rows are output channels, columns input features
 ``H``          ``h = 2 XᵀX / n``, damped by ``λ = damp · mean(diag H)``
 ``H⁻¹``        never formed: ``H = V Vᵀ`` (``hessian.factor``), ``Cholesky(H⁻¹) = V⁻¹``
-``B``          ``cfg.block_size``: the lazy-batch width (``sweep.Sweep``)
+``B``          ``block_size``: the lazy-batch width (``sweep.Sweep``)
 ``Q``          ``codes`` with ``scale``/``zero`` per (row, group)
 ``E``          the per-column error ``(w_j - q_j) / [H⁻¹]_jj`` inside ``Sweep``
 ``quant(·)``   ``grid.quantize`` then ``grid.dequantize``
@@ -28,60 +28,47 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..recipe import GPTQ
 from . import grid
 from .compressed import Compressed
+from .grid import Grid
 from .hessian import WeightedCross, factor
 from .sweep import Sweep
 
 
-def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
+def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = True,
+         static_groups: bool = True, damp: float = 0.01, block_size: int = 128,
          name: str | None = None, cross: Tensor | WeightedCross | None = None) -> Compressed:
-    """Quantize ``w`` (out, in) given its input Hessian ``h`` (in, in); with the cross moment
-    ``cross`` of dense-output calibration, fit the dense layer's output (``hessian.factor``).
+    """Quantize ``w`` (out, in) onto grid ``g`` given its input Hessian ``h`` (in, in); with
+    the cross moment ``cross`` of dense-output calibration, fit the dense layer's output
+    (``hessian.factor``). ``act_order`` sweeps by decreasing ``diag H``; ``static_groups``
+    then fits the groups before the sweep (see the module docstring).
 
     Several weights sharing ``h`` (q/k/v, gate/up) may be given as a sequence: they are swept
     as one stacked weight (one factorisation, one pass of per-column work) and the result
     covers their rows in order; ``Compressed.split`` cuts it. The rows of GPTQ are
     independent given ``h``, so each part equals its own solve."""
     cols = h.shape[0]
-    gs = grid.check(cfg.bits, cfg.group_size, cols)
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if cfg.act_order \
+    gs = grid.check(g.bits, g.group_size, cols)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order \
         else None
-    f = factor(w, h, cfg.damp, name, cross, perm)
+    f = factor(w, h, damp, name, cross, perm)
     rows, dev = f.wt.shape[1], f.wt.device
 
     # Group parameters fitted before the sweep (per-channel, or act-order static groups).
-    dynamic = gs < cols and not (cfg.act_order and cfg.static_groups)
+    dynamic = gs < cols and not (act_order and static_groups)
     col_group = torch.arange(cols, device=dev) // gs  # group of each swept column
     if dynamic:
         scale_t = torch.empty(cols // gs, rows, device=dev)
         zero_t = torch.empty(cols // gs, rows, device=dev)
     else:
-        scale_t, zero_t = _fixed_grid(f.wt, perm, gs, cfg)
+        scale_t, zero_t = _fixed_grid(f.wt, perm, gs, g)
         if perm is not None:
             col_group = col_group[perm]  # group of the original column that is swept j-th
 
-    block = (max(cfg.block_size // gs, 1) * gs) if dynamic else cfg.block_size
+    block = (max(block_size // gs, 1) * gs) if dynamic else block_size
     sweep = Sweep(f, block)
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)
-    c_block = torch.empty(min(block, cols), rows, dtype=f.wt.dtype, device=dev)  # codes
-    c_rows, scales, zeros = c_block.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
-    maxq = 2**cfg.bits - 1
-    groups = col_group.tolist()
-    for b0 in range(0, cols, block):
-        b1 = min(b0 + block, cols)
-        for j in range(b0, b1):
-            g = groups[j]
-            if dynamic and j % gs == 0:
-                s, z = grid.fit(sweep.current(j, j + gs).t(), cfg.bits, cfg.sym, cfg.mse)
-                scales[g].copy_(s)
-                zeros[g].copy_(z)
-            s, z = scales[g], zeros[g]
-            wj = sweep.column()
-            c = torch.div(wj, s, out=c_rows[j - b0]).round_().add_(z).clamp_(0, maxq)
-            sweep.commit(wj, (c - z).mul_(s))  # grid.quantize / dequantize, in place
-        codes_t[b0:b1] = c_block[:b1 - b0]
+    codes_t = _round_columns(sweep, g, gs if dynamic else 0, col_group.tolist(), scale_t,
+                             zero_t)
     row_loss, damp = sweep.row_loss(), f.damp
     del sweep, f
 
@@ -91,12 +78,40 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, cfg: GPTQ = GPTQ(),
     return Compressed(
         shape=(rows, cols), loss=float(row_loss.sum()), row_loss=row_loss, codes=codes,
         scale=scale_t.t().contiguous(),
-        zero=zero_t.t().to(torch.uint8).contiguous(), g_idx=g_idx, bits=cfg.bits,
-        group_size=gs, sym=cfg.sym, damp=damp,
+        zero=zero_t.t().to(torch.uint8).contiguous(), g_idx=g_idx, bits=g.bits,
+        group_size=gs, sym=g.sym, damp=damp,
     )
 
 
-def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, cfg: GPTQ) -> tuple[Tensor, Tensor]:
+def _round_columns(sweep: Sweep, g: Grid, dynamic: int, groups: list[int], scale_t: Tensor,
+                   zero_t: Tensor) -> Tensor:
+    """Round every column in sweep order onto its group's grid, committing each to ``sweep``;
+    the codes ``(cols, rows)``. With ``dynamic`` (the group size; 0: the grids are fixed) a
+    group's grid is fitted, into ``scale_t``/``zero_t``, on the current values of its columns
+    when the sweep reaches its first one."""
+    cols, rows = sweep.rt.shape
+    dev, block = sweep.rt.device, sweep.block
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)
+    c_block = torch.empty(min(block, cols), rows, dtype=sweep.rt.dtype, device=dev)  # codes
+    c_rows, scales, zeros = c_block.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
+    maxq = 2**g.bits - 1
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        for j in range(b0, b1):
+            k = groups[j]
+            if dynamic and j % dynamic == 0:
+                s, z = grid.fit(sweep.current(j, j + dynamic).t(), g.bits, g.sym, g.mse)
+                scales[k].copy_(s)
+                zeros[k].copy_(z)
+            s, z = scales[k], zeros[k]
+            wj = sweep.column()
+            c = torch.div(wj, s, out=c_rows[j - b0]).round_().add_(z).clamp_(0, maxq)
+            sweep.commit(wj, (c - z).mul_(s))  # grid.quantize / dequantize, in place
+        codes_t[b0:b1] = c_block[:b1 - b0]
+    return codes_t
+
+
+def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, g: Grid) -> tuple[Tensor, Tensor]:
     """Scales and zero points ``(groups, rows)`` fitted on the original weights (dead columns
     zeroed) before the sweep; ``wt`` holds them transposed, in the sweep's column order."""
     cols = wt.shape[0]
@@ -104,7 +119,7 @@ def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, cfg: GPTQ) -> tuple[Te
     scale, zero = [], []
     for g0 in range(0, cols, gs):
         part = wt[g0:g0 + gs] if where is None else wt[where[g0:g0 + gs]]
-        s, z = grid.fit(part.t(), cfg.bits, cfg.sym, cfg.mse)
+        s, z = grid.fit(part.t(), g.bits, g.sym, g.mse)
         scale.append(s)
         zero.append(z)
     return torch.stack(scale), torch.stack(zero)

@@ -12,12 +12,26 @@ Shapes: parameters are fitted per row of ``x``; ``fit_groups`` fits one set per
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from ..recipe import BITS, RecipeError
+from ..errors import RecipeError
 
+BITS = (2, 3, 4, 8)  # the widths the packed layouts and kernels store (``kernels/pack.py``)
 _FP16_TINY = 2.0**-14  # smallest normal float16: scales never underflow in storage
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A quantization grid as the solvers take it: plain values, so that ``algorithms`` needs
+    no method configuration (the methods build one from theirs)."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one scale per output channel
+    sym: bool = False
+    mse: bool = False  # search shrunken ranges per group (the GPTQ reference's ``mse``)
 
 
 def check(bits: int, group_size: int, columns: int) -> int:

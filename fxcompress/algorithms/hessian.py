@@ -34,8 +34,8 @@ MLP's down projection) it is cheaper to gather in that form, ``W C = 2 ((X − X
 (:class:`OutputCross`): ``2 · out · in`` multiply-adds a token instead of ``in²``. (Not as
 ``2 YᵀX̃ / n − W H`` from the dense output Y, which would be cheaper still: that difference of
 two large sums loses the drift's low digits, and the solve amplifies them in the directions
-the calibration data barely spans: a 2-rank run then disagreed with a one-process run on 43 %
-of a small test model's codes.)
+the calibration data barely spans: a 2-rank run then disagreed with a one-process run on
+many of a small test model's codes; benchmarks/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class Hessian:
     """Running ``Σ 2·xᵀx`` over calibration activations, with the number of rows seen.
 
     Only the lower triangle of ``sum`` is maintained (layers wider than two panels accumulate
-    it in column panels, skipping the blocks above the diagonal: 0.64x the time of the full
-    product at 4096 x 576 and 4096 x 1536, one thread, measured); ``value()`` symmetrises it.
+    it in column panels, skipping the blocks above the diagonal, which saves time on wide
+    layers: benchmarks/RESULTS.md); ``value()`` symmetrises it.
     Partial sums of several batches or processes add up as they are.
     """
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ..recipe import RecipeError
+from ..errors import RecipeError
 from .grids import QK_K
 
 FTYPES = ("q4_k_m", "q3_k_m")

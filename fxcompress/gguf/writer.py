@@ -178,7 +178,7 @@ def _tensors(model: nn.Module, hparams: dict[str, Any], arch: Architecture,
 def _mix_ftype(model: nn.Module) -> str | None:
     """The llama-quantize mix (``"q4_k_m"``) of a checkpoint made by a ``GGUFQuant`` recipe,
     None for any other."""
-    from ..recipe import GGUFQuant
+    from ..methods import GGUFQuant
 
     recipe = getattr(model, "fxcompress_recipe", None)
     mixes = {m.ftype for _, m in getattr(recipe, "rules", ()) if isinstance(m, GGUFQuant)}

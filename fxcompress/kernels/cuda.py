@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton_kernels as tk
+from .dense import activation, dequantize, experts_loop
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -26,8 +27,6 @@ def quant_linear(x: Tensor, w_packed: Tensor, scale: Tensor, zero: Tensor,
     with them means an unprepared weight: dequantize (correct, slow)."""
     if bits != 3 and g_idx is None and (group_size % 16 == 0 or group_size >= in_features):
         return _unflat(tk.quant_matmul(_flat(x), w_packed, scale, zero, bits, group_size, bias), x)
-    from .ops import dequantize
-
     w = dequantize(w_packed, scale, zero, g_idx, bits, group_size, in_features)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -51,7 +50,6 @@ def moe_quant(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, s1: Tensor, z
     activation; the router's weights and the sum over the k slots in float32. Grids the kernel
     does not serve (3 bits, groups not a multiple of 16) dequantize per expert."""
     from . import triton_moe as tm
-    from .ops import activation, dequantize, experts_loop
 
     hidden, inter = x.shape[-1], s2.shape[-1] * group2
     if not (tm.supported(bits, group1, hidden) and tm.supported(bits, group2, inter)):

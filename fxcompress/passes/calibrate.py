@@ -67,11 +67,11 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..algorithms import Compressed, Cross, Hessian, OutputCross, Statistics, WeightedCross
-from ..kernels.ops import activation
+from ..kernels.dense import activation
+from ..methods import CROSS, HESSIAN, Method, owl
 from ..modules import EXPERT_BANKS, experts_activation
 from ..paths import inside_folder
-from ..recipe import CROSS, HESSIAN, Method
-from . import liveness, owl
+from . import liveness
 from .liveness import PRICE, Costs, Liveness, SegmentMemory, plan_of_schedule
 from .sites import Site, weight_path
 

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from fxcompress.algorithms import Hessian
+from fxcompress.algorithms import Grid, Hessian, gptq
+
+GRID = ("bits", "group_size", "sym", "mse")
+
+
+def gptq_flat(w, h, **kw):
+    """:func:`gptq` with the grid's fields given beside the sweep's, as the tests' settings
+    list them."""
+    g = Grid(**{k: v for k, v in kw.items() if k in GRID})
+    return gptq(w, h, g, **{k: v for k, v in kw.items() if k not in GRID})
 
 
 def correlated_problem(rows: int, cols: int, n: int = 1024, seed: int = 0

@@ -1,10 +1,12 @@
 """ADMM pruning against a slow reference: the exact least-squares weights for its mask."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from fxcompress import GPTQ, SparseGPT
-from fxcompress.algorithms import Statistics, output_error, sparsegpt
+from fxcompress.algorithms import Statistics, output_error
 from fxcompress.algorithms.admm import _keep_largest, _n_m_keep, admm_prune, select_mask
 
 
@@ -99,8 +101,8 @@ def test_admm_is_no_worse_than_the_sweep_on_correlated_inputs(cfg):
     """On inputs with correlated, unevenly scaled features (where the greedy sweep's
     compensation is furthest from optimal), ADMM's output error is lower."""
     w, h = _problem(rows=64, cols=128, n=2048, seed=3, dtype=torch.float32)
-    sweep = sparsegpt(w, h, cfg)
-    admm = sparsegpt(w, h, SparseGPT(**{**vars(cfg), "solver": "admm"}))
+    sweep = cfg.solve(w, Statistics(h, 2048))
+    admm = dataclasses.replace(cfg, solver="admm").solve(w, Statistics(h, 2048))
     assert admm.sparsity() == pytest.approx(sweep.sparsity(), abs=1e-3)
     assert output_error(w, admm.dense(), h) < output_error(w, sweep.dense(), h)
     if cfg.quant is not None:  # the quantized result keeps the ADMM mask, on the grid

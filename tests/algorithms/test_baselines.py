@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from fxcompress.algorithms import magnitude, magnitude_mask, rtn
-from fxcompress.recipe import RTN, Magnitude
+from fxcompress.algorithms import Grid, magnitude, magnitude_mask, rtn
+from fxcompress.methods import RTN, Magnitude
 
 
 def test_rtn_is_round_to_nearest_on_the_fitted_grid():
     w = torch.randn(8, 64)
-    c = rtn(w, RTN(bits=4, group_size=16))
+    c = rtn(w, Grid(bits=4, group_size=16))
     s = c.scale[:, c.g_idx.long()]
     z = c.zero[:, c.g_idx.long()].float()
     assert torch.equal(c.codes.float(), torch.clamp(torch.round(w / s) + z, 0, 15))
@@ -27,7 +27,7 @@ def test_magnitude_n_m_keeps_the_largest_n_of_every_m(n_m):
 
 def test_magnitude_with_rtn_quantizes_the_kept_weights():
     w = torch.randn(8, 64)
-    c = magnitude(w, Magnitude(n_m=(2, 4), quant=RTN(bits=4, group_size=32)))
+    c = magnitude(w, n_m=(2, 4), quant=Grid(bits=4, group_size=32))
     assert (c.dense()[~c.mask] == 0).all()
     assert c.quantized and c.sparsity() == 0.5
 

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from fxcompress.algorithms import gptq, output_error, rtn
-from fxcompress.recipe import GPTQ
+from fxcompress.algorithms import Grid, gptq, output_error, rtn
 
 from . import reference
-from .conftest import correlated_problem
+from .conftest import correlated_problem, gptq_flat
 from .conftest import output_error as measured_error
 
 SETTINGS = [
@@ -22,7 +21,7 @@ SETTINGS = [
 @pytest.mark.parametrize("kw", SETTINGS)
 def test_reported_loss_equals_measured_output_error(problem, kw):
     w, x, h = problem
-    c = gptq(w, h, GPTQ(damp=1e-7, **kw))
+    c = gptq_flat(w, h, damp=1e-7, **kw)
     assert c.loss == pytest.approx(measured_error(w, c.dense(), x), rel=2e-3)
     assert c.loss == pytest.approx(output_error(w, c.dense(), h), rel=2e-3)
 
@@ -30,9 +29,8 @@ def test_reported_loss_equals_measured_output_error(problem, kw):
 def _against_reference(w, h, kw):
     """(relative loss difference, fraction of weights that differ) between the solver and
     the right-looking reference on the same problem."""
-    cfg = GPTQ(block_size=64, **kw)
-    c = gptq(w, h, cfg)
-    kw = {**kw, "act_order": cfg.act_order, "static_groups": cfg.static_groups}
+    kw = {"act_order": True, "static_groups": True, **kw}  # the solver's defaults
+    c = gptq_flat(w, h, block_size=64, **kw)
     q_ref, loss_ref = reference.gptq(w, h, block_size=64, **kw)
     mismatch = (c.dense() - q_ref).abs() > 1e-3 * q_ref.abs().max()
     return abs(c.loss - loss_ref) / loss_ref, mismatch.float().mean().item()
@@ -71,15 +69,15 @@ def test_a_grid_bug_fails_the_reference_comparison(problem, monkeypatch, kw):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_beats_round_to_nearest(bits, group_size, act_order):
     w, x, h = correlated_problem(64, 256, seed=bits)
-    cfg = GPTQ(bits=bits, group_size=group_size, act_order=act_order)
-    ours = measured_error(w, gptq(w, h, cfg).dense(), x)
-    baseline = measured_error(w, rtn(w, cfg.grid).dense(), x)
+    g = Grid(bits=bits, group_size=group_size)
+    ours = measured_error(w, gptq(w, h, g, act_order=act_order).dense(), x)
+    baseline = measured_error(w, rtn(w, g).dense(), x)
     assert ours < baseline
 
 
 def test_codes_grid_and_group_index(problem):
     w, x, h = problem
-    c = gptq(w, h, GPTQ(bits=3, group_size=64))
+    c = gptq(w, h, Grid(bits=3, group_size=64))
     assert c.codes.dtype == torch.uint8 and c.codes.max() <= 7
     assert c.scale.shape == c.zero.shape == (48, 4)
     assert torch.equal(c.g_idx.long(), torch.arange(256) // 64) and c.static_groups
@@ -87,9 +85,10 @@ def test_codes_grid_and_group_index(problem):
 
 def test_static_act_order_keeps_the_natural_group_index(problem):
     w, x, h = problem
-    plain = gptq(w, h, GPTQ(bits=4, group_size=32))
-    static = gptq(w, h, GPTQ(bits=4, group_size=32, act_order=True))
-    dynamic = gptq(w, h, GPTQ(bits=4, group_size=32, act_order=True, static_groups=False))
+    g = Grid(bits=4, group_size=32)
+    plain = gptq(w, h, g)
+    static = gptq(w, h, g, act_order=True)
+    dynamic = gptq(w, h, g, act_order=True, static_groups=False)
     assert torch.equal(static.g_idx, plain.g_idx) and static.static_groups
     assert not dynamic.static_groups
     assert torch.equal(torch.bincount(dynamic.g_idx.long()), torch.full((8,), 32))
@@ -98,7 +97,7 @@ def test_static_act_order_keeps_the_natural_group_index(problem):
 def test_does_not_modify_its_inputs(problem):
     w, x, h = problem
     w0, h0 = w.clone(), h.clone()
-    gptq(w, h, GPTQ(bits=4, group_size=32, act_order=True))
+    gptq(w, h, Grid(bits=4, group_size=32), act_order=True)
     assert torch.equal(w, w0) and torch.equal(h, h0)
 
 
@@ -106,11 +105,11 @@ def test_rows_are_independent_so_stacked_layers_split_exactly(problem):
     """q/k/v share H: one sweep over their stacked rows equals three sweeps."""
     w, x, h = problem
     parts = [w[:16], w[16:24], w[24:]]
-    cfg = GPTQ(bits=4, group_size=32, act_order=True)
-    stacked = gptq(torch.cat(parts), h, cfg).split([16, 8, 24])
-    given_apart = gptq(parts, h, cfg).split([16, 8, 24])
+    grid = Grid(bits=4, group_size=32)
+    stacked = gptq(torch.cat(parts), h, grid, act_order=True).split([16, 8, 24])
+    given_apart = gptq(parts, h, grid, act_order=True).split([16, 8, 24])
     for part, s, g in zip(parts, stacked, given_apart, strict=True):
-        alone = gptq(part, h, cfg)
+        alone = gptq(part, h, grid, act_order=True)
         assert torch.equal(s.codes, alone.codes) and torch.equal(s.scale, alone.scale)
         assert torch.equal(g.codes, alone.codes) and torch.equal(g.zero, alone.zero)
         assert s.loss == pytest.approx(alone.loss, rel=1e-4)

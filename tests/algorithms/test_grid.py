@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fxcompress.algorithms import grid
-from fxcompress.recipe import RecipeError
+from fxcompress.errors import RecipeError
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

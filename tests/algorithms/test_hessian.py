@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from fxcompress.algorithms import Hessian, HessianNotPositiveDefinite, factor, gptq
-from fxcompress.recipe import GPTQ
+from fxcompress.algorithms import Grid, Hessian, HessianNotPositiveDefinite, factor, gptq
 
 
 @pytest.mark.parametrize("features", [16, 300])  # full, and triangular in ragged panels
@@ -78,7 +77,7 @@ def test_dead_columns_are_zeroed_and_their_diagonal_set_to_one():
     assert f.dead.nonzero().flatten().tolist() == [3, 7]
     assert (f.wt[[3, 7]] == 0).all() and torch.equal(f.wt[0], w[:, 0])
     assert torch.allclose((f.v @ f.v.t())[3, 3], torch.tensor(1.0))
-    q = gptq(w, h, GPTQ(bits=4, group_size=-1, damp=0.0))
+    q = gptq(w, h, Grid(bits=4, group_size=-1), damp=0.0)
     assert (q.dense()[:, [3, 7]] == 0).all()
 
 
@@ -102,7 +101,7 @@ def test_not_positive_definite_names_the_layer():
     h = -torch.eye(6)
     h[0, 0] = 10.0
     with pytest.raises(HessianNotPositiveDefinite, match="model.layers.3.mlp.up_proj"):
-        gptq(torch.randn(4, 6), h, GPTQ(bits=4, group_size=-1), name="model.layers.3.mlp.up_proj")
+        gptq(torch.randn(4, 6), h, Grid(bits=4, group_size=-1), name="model.layers.3.mlp.up_proj")
 
 
 def test_nan_hessian_is_an_error():

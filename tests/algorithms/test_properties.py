@@ -4,8 +4,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxcompress.algorithms import Hessian, gptq, magnitude_mask, output_error, rtn, sparsegpt
-from fxcompress.recipe import GPTQ, RTN, SparseGPT
+from fxcompress.algorithms import (
+    Grid,
+    Hessian,
+    gptq,
+    magnitude_mask,
+    output_error,
+    rtn,
+    sparsegpt,
+)
 
 
 @st.composite
@@ -35,9 +42,8 @@ def damped_error(w, c, h):
 @given(problems(), st.sampled_from([2, 3, 4, 8]), st.booleans(), st.booleans(), st.booleans())
 def test_gptq_invariants(problem, bits, sym, grouped, act_order):
     w, h, gs = problem
-    cfg = GPTQ(bits=bits, group_size=gs if grouped else -1, sym=sym, act_order=act_order,
-               block_size=8, damp=1e-4)
-    c = gptq(w, h, cfg)
+    g = Grid(bits=bits, group_size=gs if grouped else -1, sym=sym)
+    c = gptq(w, h, g, act_order=act_order, block_size=8, damp=1e-4)
     assert c.codes.shape == w.shape and int(c.codes.max()) < 2**bits
     assert torch.isfinite(c.dense()).all()
     measured = damped_error(w, c, h)
@@ -49,12 +55,12 @@ def test_gptq_invariants(problem, bits, sym, grouped, act_order):
        st.sampled_from([None, 4, 8]))
 def test_sparsegpt_invariants(problem, sparsity, n_m, bits):
     w, h, gs = problem
-    quant = GPTQ(bits=bits, group_size=gs) if bits else None
+    quant = Grid(bits=bits, group_size=gs) if bits else None
     if n_m and quant and gs % n_m[1]:
         return
     for solver in ("sweep", "admm"):
-        c = sparsegpt(w, h, SparseGPT(sparsity, n_m=n_m, quant=quant, block_size=4, damp=1e-4,
-                                      solver=solver))
+        c = sparsegpt(w, h, sparsity, n_m, quant=quant, block_size=4, damp=1e-4,
+                      solver=solver)
         if n_m:
             assert (c.mask.reshape(w.shape[0], -1, n_m[1]).sum(-1) == n_m[0]).all()
         else:
@@ -69,7 +75,7 @@ def test_sparsegpt_invariants(problem, sparsity, n_m, bits):
 @given(problems(), st.sampled_from([2, 3, 4, 8]), st.booleans())
 def test_rtn_dequantizes_within_half_a_step(problem, bits, grouped):
     w, h, gs = problem
-    c = rtn(w, RTN(bits=bits, group_size=gs if grouped else -1))
+    c = rtn(w, Grid(bits=bits, group_size=gs if grouped else -1))
     step = c.scale[:, c.g_idx.long()]
     assert ((c.dense() - w).abs() <= 0.5 * step + 1e-5).all()
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxcompress.algorithms import Hessian, gptq, rtn, sparsegpt
+from fxcompress.algorithms import Hessian, Statistics
+from fxcompress.methods import GPTQ, RTN, SparseGPT
 from fxcompress.modules import QuantLinear, SparseLinear
-from fxcompress.recipe import GPTQ, RTN, SparseGPT
 
 K, N = 256, 96
 
@@ -43,7 +43,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_matches_dequantized_reference(cfg, kernel, dtype):
     w = torch.randn(N, K)
-    c = gptq(w, _h(), cfg)
+    c = cfg.solve(w, Statistics(_h(), K))
     m = QuantLinear.from_compressed(c, torch.randn(N), dtype=dtype)
     assert m.kernel == kernel
     x = torch.randn(3, 5, K, dtype=dtype)
@@ -59,13 +59,14 @@ def test_quant_linear_matches_dequantized_reference(cfg, kernel, dtype):
 
 @pytest.mark.parametrize("cfg, kernel", CASES[:3] + CASES[6:10])
 def test_ops_pass_opcheck(cfg, kernel):
-    m = QuantLinear.from_compressed(gptq(torch.randn(N, K), _h(), cfg), torch.randn(N))
+    m = QuantLinear.from_compressed(cfg.solve(torch.randn(N, K), Statistics(_h(), K)),
+                                    torch.randn(N))
     op, args = _args(m, torch.randn(2, 7, K, requires_grad=True))
     torch.library.opcheck(op, args)
 
 
 def test_canonical_path_is_the_reference_on_cpu():
-    c = rtn(torch.randn(N, K), RTN(4, 64))
+    c = RTN(4, 64).solve(torch.randn(N, K))
     m = QuantLinear.from_compressed(c)
     x = torch.randn(4, K)
     y = torch.ops.fxcompress.quant_linear(x, m.weight_packed, m.weight_scale,
@@ -76,7 +77,7 @@ def test_canonical_path_is_the_reference_on_cpu():
 @pytest.mark.parametrize("cfg", [GPTQ(4, 64), GPTQ(8, -1), GPTQ(3, 32, act_order=True,
                                                                   static_groups=False)])
 def test_input_gradient_matches_dense_weight(cfg):
-    c = gptq(torch.randn(N, K), _h(), cfg)
+    c = cfg.solve(torch.randn(N, K), Statistics(_h(), K))
     m = QuantLinear.from_compressed(c)
     x = torch.randn(6, K, requires_grad=True)
     g = torch.randn(6, N)
@@ -88,7 +89,7 @@ def test_input_gradient_matches_dense_weight(cfg):
 
 
 def test_masked_linear_matches_and_masks_weight_gradient():
-    c = sparsegpt(torch.randn(N, K), _h(), SparseGPT(n_m=(2, 4)))
+    c = SparseGPT(n_m=(2, 4)).solve(torch.randn(N, K), Statistics(_h(), K))
     m = SparseLinear.from_compressed(c, torch.randn(N))
     x = torch.randn(4, K, requires_grad=True)
     y = m(x)
@@ -99,7 +100,7 @@ def test_masked_linear_matches_and_masks_weight_gradient():
 
 
 def test_module_moves_and_reloads_rebuild_the_kernel_layout():
-    c = gptq(torch.randn(N, K), _h(), GPTQ(4, 64))
+    c = GPTQ(4, 64).solve(torch.randn(N, K), Statistics(_h(), K))
     m = QuantLinear.from_compressed(c)
     x = torch.randn(2, K)
     y = m(x)
@@ -112,7 +113,7 @@ def test_module_moves_and_reloads_rebuild_the_kernel_layout():
 
 
 def test_wrong_input_width_is_a_clear_error():
-    m = QuantLinear.from_compressed(rtn(torch.randn(N, K), RTN(4, 64)))
+    m = QuantLinear.from_compressed(RTN(4, 64).solve(torch.randn(N, K)))
     with pytest.raises(ValueError, match="expects 256 input features"):
         m(torch.randn(2, 100))
 
@@ -125,7 +126,7 @@ def test_triton_layouts_decode_to_the_same_weight(cfg):
     """The layouts prepared for the CUDA kernels, read back by the ops' CPU reference branch
     (the kernels themselves are tested under the Triton interpreter in test_triton_kernels)."""
     w, h = torch.randn(N, K), _h()
-    c = gptq(w, h, cfg) if isinstance(cfg, GPTQ) else sparsegpt(w, h, cfg)
+    c = cfg.solve(w, Statistics(h, K))
     m = QuantLinear.from_compressed(c, torch.randn(N))
     m._prepare_triton()
     assert m.kernel == ("sparse24" if isinstance(cfg, SparseGPT) else "triton")

@@ -10,8 +10,8 @@ from torch import fx, nn
 
 import fxcompress
 from fxcompress import GPTQ, RTN, SparseGPT
+from fxcompress.methods import Method
 from fxcompress.passes.calibrate import matmul_precision, native_bf16, resolve_precision
-from fxcompress.recipe import Method
 
 from ..models import VOCAB, build, output
 

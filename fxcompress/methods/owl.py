@@ -9,16 +9,21 @@ of its scores above ``owl_m`` times the block's mean score. The ratios are mappe
 count, and subtracted from the requested sparsity: the blocks' sparsities span a range
 ``2·owl_lmbda`` wide whose weighted mean is the requested one.
 
-The norms come from one dense forward pass over the first calibration chunk (on SmolLM2 the
-block sparsities from 8 samples differ from those of all 128 by under 0.001). With a team of
-processes rank 0 computes them and shares the result, so every rank — and a run with one
-process on the same data — prunes alike.
+OWL is the example of a statistic and a planner going through the methods' one door: the
+statistic (:data:`INPUT_NORMS`, the dense model's input norms) is declared here, a method asks
+for it through :meth:`~fxcompress.methods.base.Method.model_needs` (SparseGPT with a spread),
+and calibration, knowing no method, gathers it with :func:`column_norms` and lets
+:func:`apply` re-plan the sites that asked. Adding another such step is one file like this one
+and one line in ``methods/__init__.py`` (``PLANNERS``).
+
+The norms come from one dense forward pass over the first calibration chunk (measured close
+enough to all samples' on SmolLM2: benchmarks/RESULTS.md, OWL). With a team of processes rank
+0 computes them and shares the result, so every rank — and a run with one process on the same
+data — prunes alike.
 
 A block is a site's name up to its first numeric component (``model.layers.3``); experts keep
-the requested sparsity (their inputs are routed, not one activation per block).
-Measured on SmolLM2 (benchmarks/RESULTS.md): 50 % 37.04 → 36.87 (Moby-Dick 92.64 → 92.23),
-60 % 49.60 → 49.55 (148.0 → 142.8) with ``owl_m=5, owl_lmbda=0.04``; 0.08 was worse on
-Moby-Dick at 50 %, 0.15 worse than none on both texts, which is why the default is small.
+the requested sparsity (their inputs are routed, not one activation per block). Measurements
+of the spread: benchmarks/RESULTS.md, OWL.
 """
 
 from __future__ import annotations
@@ -27,14 +32,20 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, fx
 
-from ..recipe import Method, SparseGPT
-from .sites import Site
+from .base import Method
+
+if TYPE_CHECKING:
+    from ..passes.sites import Site  # read for its fqn, index, shape and input only
 
 log = logging.getLogger(__name__)
+
+INPUT_NORMS = "input_norms"  # ‖x_j‖ per input feature of a layer, over the dense model's tokens
+STATISTIC = INPUT_NORMS  # what this planner measures (methods.base.Planner)
+OWL_LMBDA = 0.04  # the default spread of unstructured SparseGPT (see SparseGPT.owl)
 
 
 def block_of(fqn: str) -> str:
@@ -45,8 +56,9 @@ def block_of(fqn: str) -> str:
 
 
 def eligible(s: Site, method: Method | None) -> bool:
-    """Whether OWL moves this site's sparsity."""
-    return isinstance(method, SparseGPT) and method.owl > 0 and s.index is None
+    """Whether OWL moves this site's sparsity: its method asks for the input norms (and so
+    has ``sparsity``, ``owl`` and ``owl_m``), and it is not an expert."""
+    return method is not None and INPUT_NORMS in method.model_needs() and s.index is None
 
 
 def spread(ratios: Mapping[str, float], sizes: Mapping[str, int], sparsity: float,

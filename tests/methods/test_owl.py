@@ -11,8 +11,9 @@ import torch
 
 import fxcompress
 from fxcompress import SparseGPT
-from fxcompress.passes import owl
-from fxcompress.recipe import Recipe, RecipeError
+from fxcompress.errors import RecipeError
+from fxcompress.methods import owl
+from fxcompress.recipe import Recipe
 from tests.models import build
 
 

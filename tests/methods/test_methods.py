@@ -1,0 +1,87 @@
+"""The methods' one door: each registered method checks a layer's shape before any data,
+solves through its solver with plain arguments, and declares the statistics it needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxcompress.algorithms import Grid, Hessian, Statistics, gptq, rtn, sparsegpt
+from fxcompress.errors import RecipeError
+from fxcompress.methods import (
+    CROSS,
+    GPTQ,
+    HESSIAN,
+    INPUT_NORMS,
+    METHODS,
+    PLANNERS,
+    RTN,
+    GGUFQuant,
+    Magnitude,
+    Method,
+    SparseGPT,
+    owl,
+)
+from fxcompress.recipe import method_from_dict, method_to_dict
+
+
+def _problem(rows: int = 24, cols: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, cols, generator=g) * torch.exp(0.5 * torch.randn(cols, generator=g))
+    h = Hessian.zeros(cols)
+    h.add(x)
+    return torch.randn(rows, cols, generator=g), h.value()
+
+
+def test_the_registry_holds_every_method_by_its_name():
+    assert set(METHODS) == {"GPTQ", "SparseGPT", "RTN", "Magnitude", "GGUFQuant"}
+    for name, cls in METHODS.items():
+        assert cls.__name__ == name and issubclass(cls, Method)
+        assert method_from_dict(method_to_dict(cls())) == cls()
+    assert owl in PLANNERS
+
+
+@pytest.mark.parametrize("method, shape, error", [
+    (GPTQ(4, 64), (8, 100), "group_size 64 does not divide in_features 100"),
+    (RTN(3, 48), (8, 64), "group_size 48 does not divide in_features 64"),
+    (SparseGPT(n_m=(2, 8)), (8, 60), "2:8 sparsity needs in_features divisible by 8"),
+    (Magnitude(n_m=(2, 4), quant=RTN(4, 32)), (8, 48), "group_size 32 does not divide"),
+    (SparseGPT(n_m=(2, 4), quant=GPTQ(4, 32)), (8, 48), "group_size 32 does not divide"),
+    (GGUFQuant(type="Q4_K"), (8, 576), "Q4_K needs in_features that are a multiple of 256"),
+])
+def test_check_refuses_a_shape_before_any_data(method, shape, error):
+    with pytest.raises(RecipeError, match=error) as e:
+        method.check(shape, "model.layers.0.mlp.up_proj")
+    assert "model.layers.0.mlp.up_proj" in str(e.value)
+
+
+@pytest.mark.parametrize("method", [GPTQ(4, 64), GPTQ(4, -1), RTN(8, 32), SparseGPT(0.5),
+                                    SparseGPT(n_m=(2, 4), quant=GPTQ(4, 32)), Magnitude(0.6),
+                                    GGUFQuant(type="Q4_0"), GGUFQuant()])
+def test_check_accepts_a_shape_the_solver_takes(method):
+    method.check((8, 128))
+
+
+def test_solve_is_the_solver_on_plain_arguments():
+    """A method's solve and its solver given the same settings by hand agree exactly."""
+    w, h = _problem()
+    stats = Statistics(h, 512)
+    cfg = GPTQ(3, 16, sym=True, act_order=False, damp=0.02, block_size=32)
+    ours, plain = cfg.solve(w, stats), gptq(w, h, Grid(3, 16, sym=True), act_order=False,
+                                            damp=0.02, block_size=32)
+    assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.scale, plain.scale)
+    assert ours.loss == plain.loss > 0
+    cfg = SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), solver="sweep")
+    ours = cfg.solve(w, stats)
+    plain = sparsegpt(w, h, n_m=(2, 4), quant=Grid(4, 16), solver="sweep")
+    assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.mask, plain.mask)
+    assert torch.equal(RTN(4, 32).solve(w).codes, rtn(w, Grid(4, 32)).codes)
+
+
+def test_statistics_are_declared_by_the_method():
+    assert GPTQ().needs() == {HESSIAN, CROSS}
+    assert GPTQ(dense_output=False).needs() == {HESSIAN}
+    assert RTN().needs() == Magnitude().needs() == frozenset()  # data-free
+    assert SparseGPT(0.5).model_needs() == {INPUT_NORMS}  # OWL's spread on by default
+    assert SparseGPT(0.5, owl_lmbda=0).model_needs() == frozenset()
+    assert SparseGPT(n_m=(2, 4)).model_needs() == GPTQ().model_needs() == frozenset()
