@@ -72,7 +72,7 @@ from .codecs import (
     set_module,
     set_tensor,
 )
-from .passes.calibrate import release_freed_memory
+from .osmem import release_freed_memory
 from .paths import inside_folder
 from .recipe import Recipe, RecipeError
 from .sizes import parse_size
