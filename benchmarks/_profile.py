@@ -15,10 +15,10 @@ from pathlib import Path
 
 # Where the phases of a run happen: (module, attribute path, phase).
 PHASES = [
-    ("fxcompress.passes.calibrate", "_Run.run_segment", "forward"),
-    ("fxcompress.passes.calibrate", "_Run.statistics", "statistics"),
+    ("fxcompress.calibration.run", "Run.run_segment", "forward"),
+    ("fxcompress.calibration.statistics", "pinned_sums", "statistics"),
     ("fxcompress.algorithms.hessian", "Hessian.value", "statistics"),
-    ("fxcompress.passes.calibrate", "_Run.solve", "solve"),
+    ("fxcompress.calibration.run", "Run.solve", "solve"),
     ("fxcompress.streaming", "_Output.write_dense", "write"),
     ("fxcompress.streaming", "_Output.sink", "write"),
     ("fxcompress.streaming", "_Output.finish", "write"),
@@ -59,10 +59,10 @@ class Profile:
                 self.missing.append(f"{module}.{path}")
                 continue
             setattr(owner, attr, self._timed(getattr(owner, attr), phase, attr == "sink"))
-        calibrate = importlib.import_module("fxcompress.passes.calibrate")
+        run = importlib.import_module("fxcompress.calibration.run").Run
         for step in STEPS:
-            if hasattr(calibrate._Run, step):
-                setattr(calibrate._Run, step, self._measured(getattr(calibrate._Run, step)))
+            if hasattr(run, step):
+                setattr(run, step, self._measured(getattr(run, step)))
 
     def start(self) -> None:
         """Take the baseline now (after loading the model and the data)."""

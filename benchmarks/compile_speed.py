@@ -50,7 +50,7 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
         import importlib
 
         value = None if price < 0 else price
-        pass_module = importlib.import_module("fxcompress.passes.calibrate")
+        pass_module = importlib.import_module("fxcompress.calibration.entry")
         pass_module.calibrate.__kwdefaults__["recompute"] = value
         api = importlib.import_module("fxcompress.api")
         if hasattr(api, "PRICE"):  # compile() passes fit_memory()'s price, whose first try is this

@@ -41,7 +41,7 @@ CHILD = r"""
 import json, sys, time, torch
 import fxcompress
 from fxcompress import GPTQ
-from fxcompress.passes.calibrate import release_freed_memory
+from fxcompress.osmem import release_freed_memory
 from fxcompress.streaming import compress_checkpoint
 
 case, model_dir, ids_file, out, budget = sys.argv[1:6]

@@ -129,11 +129,11 @@ def generate(folder: Path, layers: int, seed: int = 0) -> Path:
 
 # Where the phases of a streamed run happen: (module, attribute path, phase).
 PHASES = [
-    ("fxcompress.passes.calibrate", "_Run.run_segment", "forward"),
-    ("fxcompress.passes.calibrate", "_Run._accumulate", "hessian"),
-    ("fxcompress.passes.calibrate", "_Run.statistics", "hessian"),
+    ("fxcompress.calibration.run", "Run.run_segment", "forward"),
+    ("fxcompress.calibration.statistics", "accumulate", "hessian"),
+    ("fxcompress.calibration.statistics", "pinned_sums", "hessian"),
     ("fxcompress.algorithms.hessian", "Hessian.value", "hessian"),
-    ("fxcompress.passes.calibrate", "_Run.solve", "solve"),
+    ("fxcompress.calibration.run", "Run.solve", "solve"),
     ("fxcompress.streaming", "_Output.write_dense", "write"),
     ("fxcompress.streaming", "_Output.sink", "write"),
     ("fxcompress.streaming", "_Output.finish", "write"),

@@ -31,7 +31,7 @@ def measure(solver: str, side: str, rows: int, cols: int) -> float:
     from benchmarks.solver_speed import problem
     from fxcompress.algorithms import Statistics
     from fxcompress.methods import GPTQ, SparseGPT
-    from fxcompress.passes.calibrate import release_freed_memory
+    from fxcompress.osmem import release_freed_memory
     from tests.algorithms import reference
     from tests.memory import PeakRSS
 

@@ -17,28 +17,25 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import kernels  # noqa: F401  (registers torch.ops.fxcompress)
-from .errors import RecipeError
-from .methods import Method
-from .modules import experts_unsupported
-from .passes import calibrate, capture, find_sites, rewrite
-from .passes.calibrate import (
+from .calibration import (
+    EAGER,
+    PRICE,
     LayerReport,
+    SegmentMemory,
+    calibrate,
+    check_memory,
     estimate_memory,
     folds,
     held_bytes,
-    release_freed_memory,
-    resident_bytes,
-    resolve_precision,
-    trim_slack,
-)
-from .passes.capture import as_call, call_kwargs, evaluating
-from .passes.liveness import (
-    EAGER,
-    PRICE,
-    SegmentMemory,
-    check_memory,
     over_budget,
+    resolve_precision,
 )
+from .errors import RecipeError
+from .methods import Method
+from .modules import experts_unsupported
+from .osmem import release_freed_memory, resident_bytes, trim_slack
+from .passes import capture, find_sites, rewrite
+from .passes.capture import as_call, call_kwargs, evaluating
 from .passes.sites import Site
 from .recipe import Recipe
 from .sizes import human, parse_size

@@ -1,6 +1,6 @@
 """Calibration spread over the ranks of a ``torch.distributed`` process group.
 
-The calibrate pass asks a :class:`~fxcompress.passes.calibrate.Team` four things; this one
+The calibrate pass asks a :class:`~fxcompress.calibration.Team` four things; this one
 answers them with PyTorch's own collectives (gloo on CPU, nccl on GPUs), so any launcher that
 initialises a process group — ``torchrun`` on one machine or many, SLURM, Kubernetes — works:
 
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .algorithms import Compressed, Hessian
-from .passes.calibrate import Step
+from .calibration import Step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

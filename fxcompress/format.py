@@ -73,7 +73,7 @@ from .codecs import (
     set_tensor,
 )
 from .errors import RecipeError
-from .passes.calibrate import release_freed_memory
+from .osmem import release_freed_memory
 from .paths import inside_folder
 from .recipe import Recipe
 from .sizes import parse_size

@@ -14,7 +14,7 @@
    are resident.
 3. **Bounded frontier.** Activations that cross a barrier are kept for all calibration
    samples on CPU (``offload="cpu"``, moved to the compute device op by op) or on disk
-   (``offload="disk"``); see :mod:`fxcompress.passes.calibrate`.
+   (``offload="disk"``); see :mod:`fxcompress.calibration`.
 4. **Output shard by shard.** Each compressed layer is encoded by its codec
    (:mod:`fxcompress.codecs`) and appended to the current shard by the checkpoint writer
    ``fxcompress.save`` uses too (:class:`fxcompress.format.CheckpointWriter`) as soon as it is
@@ -59,6 +59,19 @@ from . import format as fmt
 from . import hub
 from .algorithms import Compressed
 from .api import Report, calibration_batches, numerics, plan_sites
+from .calibration import (  # noqa: F401  (re-exported: the errors and sizes of max_memory)
+    LayerReport,
+    Local,
+    MemoryBudgetError,
+    SegmentMemory,
+    Snapshots,
+    Team,
+    calibrate,
+    check_memory,
+    over_budget,
+    resolve_precision,
+)
+from .calibration import estimate_memory as calibrate_estimate
 from .codecs import codec_for, dense_tensors
 from .distributed import Distributed, active, check_launch, to_cpu
 from .format import ResumeError, partial_dir
@@ -69,25 +82,8 @@ from .modules import (
     compressed_module,
     experts_unsupported,
 )
+from .osmem import release_freed_memory, resident_bytes, trim_slack
 from .passes import capture, find_sites
-from .passes.calibrate import (
-    LayerReport,
-    Local,
-    Snapshots,
-    Team,
-    calibrate,
-    release_freed_memory,
-    resident_bytes,
-    resolve_precision,
-    trim_slack,
-)
-from .passes.calibrate import estimate_memory as calibrate_estimate
-from .passes.liveness import (  # noqa: F401  (re-exported: the errors and sizes of max_memory)
-    MemoryBudgetError,
-    SegmentMemory,
-    check_memory,
-    over_budget,
-)
 from .passes.sites import Site
 from .recipe import Recipe
 from .sizes import parse_size
@@ -252,7 +248,7 @@ def estimate_memory(ep: ExportedProgram, sites: list[Site], plan: Mapping[str, M
                     offload: str | None) -> list[SegmentMemory]:
     """Peak tensor bytes of every segment of a streamed calibration: the liveness plan the
     run executes, with parameters read from ``source`` while needed and every result handed
-    to the writer as it is made (:func:`fxcompress.passes.calibrate.estimate_memory`)."""
+    to the writer as it is made (:func:`fxcompress.calibration.estimate_memory`)."""
     return calibrate_estimate(ep, sites, dict(plan), chunks, offload=offload, weights=source,
                               keep_results=False)
 

@@ -39,7 +39,8 @@ def _digest(results: dict) -> str:
 def _in_memory_calibrate(team: Distributed | None) -> str:
     """The pass itself, on a model in memory: every rank must end with the same results."""
     from fxcompress.api import calibration_batches
-    from fxcompress.passes import calibrate, capture, find_sites
+    from fxcompress.calibration import calibrate
+    from fxcompress.passes import capture, find_sites
 
     model = build("llama", hidden=64, layers=2)
     chunks, _ = calibration_batches(model, _calibration(), 2)
@@ -55,7 +56,7 @@ def _worker(rank: int, world: int, init: str, model_dir: str, out: str, mode: st
             results: str) -> None:
     import torch.distributed as dist
 
-    run = importlib.import_module("fxcompress.passes.calibrate")._Run
+    run = importlib.import_module("fxcompress.calibration.run").Run
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,

@@ -13,9 +13,9 @@ import fxcompress
 from fxcompress import GPTQ, RTN, QuantExperts, Recipe, RecipeError, SparseExperts, SparseGPT
 from fxcompress.algorithms import Grid, output_error, rtn
 from fxcompress.api import plan_sites
+from fxcompress.calibration import EAGER, PRICE, calibrate
 from fxcompress.format import CheckpointError
-from fxcompress.passes import calibrate, capture, find_sites
-from fxcompress.passes.liveness import EAGER, PRICE
+from fxcompress.passes import capture, find_sites
 
 from .models import EXPERTS, MOE, VOCAB, build, output, relative_error, substituted, uneven_features
 
@@ -213,10 +213,11 @@ def test_streamed_estimate_counts_expert_results_until_their_block_is_written(mo
     (Every other cost is set to zero here, so what is left is the results held.)"""
     import dataclasses
 
-    from fxcompress.passes import liveness
-    from fxcompress.passes.calibrate import estimate_memory, schedule
+    from fxcompress.calibration import estimate as memory
+    from fxcompress.calibration.estimate import estimate_memory
+    from fxcompress.calibration.schedule import schedule
 
-    estimate = liveness.estimate
+    estimate = memory.segment_peaks
 
     def results_only(live, groups, costs, dense_live=None):
         zero = dataclasses.replace(
@@ -224,7 +225,7 @@ def test_streamed_estimate_counts_expert_results_until_their_block_is_written(mo
             replaced=lambda s: 0, statistics=lambda x: 0, op_workspace=lambda n, c: 0)
         return estimate(live, groups, zero, dense_live)
 
-    monkeypatch.setattr(liveness, "estimate", results_only)
+    monkeypatch.setattr(memory, "segment_peaks", results_only)
     model = build("qwen3moe", hidden=HIDDEN)
     chunks = [((), {"input_ids": _calibration(), "use_cache": False})]
     ep = capture(model, *chunks[0])
@@ -557,14 +558,14 @@ def test_streamed_experts_resume(tmp_path, monkeypatch):
     """Interrupted while writing the second block's experts, a resumed run solves only what
     was not written (the first block's experts are read back per expert) and ends with the
     same checkpoint as an uninterrupted run."""
+    from fxcompress.calibration.run import Run
     from fxcompress.format import CheckpointWriter
-    from fxcompress.passes.calibrate import _Run
     from fxcompress.streaming import compress_checkpoint, partial_dir
 
     source = _dense_checkpoint("qwen3moe", tmp_path / "dense")
     recipe = GPTQ(4, 32)
     compress_checkpoint(source, _calibration(), recipe, tmp_path / "whole", progress=False)
-    add, solve, calls = CheckpointWriter.add_layer, _Run.solve, {"n": 0}
+    add, solve, calls = CheckpointWriter.add_layer, Run.solve, {"n": 0}
 
     def interrupt(self, name, m, report=None):
         if name == "model.layers.1.mlp.experts":
@@ -581,7 +582,7 @@ def test_streamed_experts_resume(tmp_path, monkeypatch):
         calls["n"] += 1
         return solve(self, *args, **kwargs)
 
-    monkeypatch.setattr(_Run, "solve", count)
+    monkeypatch.setattr(Run, "solve", count)
     report = compress_checkpoint(source, _calibration(), recipe, tmp_path / "out",
                                  progress=False, resume=True)
     per_layer = 4 + 2 * EXPERTS  # q, k, v, o and the experts' two banks

@@ -151,7 +151,7 @@ def test_interrupted_run_resumes_to_the_same_result(checkpoint, in_memory, tmp_p
     assert not out.exists() and partial_dir(out).exists()
 
     monkeypatch.setattr(CheckpointWriter, "add", add)
-    run = importlib.import_module("fxcompress.passes.calibrate")._Run
+    run = importlib.import_module("fxcompress.calibration.run").Run
     solve = run.solve
 
     def count(self, *args, **kwargs):
@@ -173,7 +173,7 @@ def test_resume_continues_from_the_frontier_snapshot(checkpoint, in_memory, tmp_
     """A resumed run does not replay the layers before the last frontier snapshot (both
     paths of dense-output saved), and ends with the same checkpoint; a damaged snapshot is
     reported and the run replays instead, to the same result."""
-    calibrate = importlib.import_module("fxcompress.passes.calibrate")
+    calibrate = importlib.import_module("fxcompress.calibration.run")
     monkeypatch.setattr("fxcompress.streaming.SNAPSHOT_EVERY", 0.0)  # after every barrier
     out = tmp_path / "out"
     add = CheckpointWriter.add
@@ -194,13 +194,13 @@ def test_resume_continues_from_the_frontier_snapshot(checkpoint, in_memory, tmp_
         return state["segment"]
 
     ran = []
-    run_segment = calibrate._Run.run_segment
+    run_segment = calibrate.Run.run_segment
 
     def record(self, k):
         ran.append(k)
         return run_segment(self, k)
 
-    monkeypatch.setattr(calibrate._Run, "run_segment", record)
+    monkeypatch.setattr(calibrate.Run, "run_segment", record)
     last = run_once()
     assert last > 4  # layer 0 and layer 1's attention are behind it
     ran.clear()

@@ -1,8 +1,8 @@
-"""The compiler passes: capture → find_sites → calibrate → rewrite."""
+"""The compiler passes around calibration: capture → find_sites → (``fxcompress.calibration``)
+→ rewrite."""
 
-from .calibrate import calibrate
 from .capture import CaptureError, capture
 from .rewrite import rewrite
 from .sites import Site, find_sites
 
-__all__ = ["CaptureError", "Site", "calibrate", "capture", "find_sites", "rewrite"]
+__all__ = ["CaptureError", "Site", "capture", "find_sites", "rewrite"]

@@ -10,18 +10,19 @@ from torch import fx, nn
 
 import fxcompress
 from fxcompress import GPTQ, RTN, SparseGPT
+from fxcompress.calibration.interpreter import _ATTENTION, Interpreter
+from fxcompress.calibration.precision import matmul_precision, native_bf16, resolve_precision
 from fxcompress.methods import Method
-from fxcompress.passes.calibrate import matmul_precision, native_bf16, resolve_precision
 
 from ..models import VOCAB, build, output
 
-calibrate_module = importlib.import_module("fxcompress.passes.calibrate")  # not the function
+precision_module = importlib.import_module("fxcompress.calibration.precision")
 needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="no native bf16 matmuls on this CPU")
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native):
-    monkeypatch.setattr(calibrate_module, "native_bf16", lambda: native)
+    monkeypatch.setattr(precision_module, "native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32"
@@ -76,8 +77,8 @@ def test_attention_computes_in_bf16_only_in_a_bf16_run(bf16):
     q = torch.randn(2, 6, 48, 32, generator=g)
     k, v = torch.randn(2, 2, 48, 32, generator=g), torch.randn(2, 2, 48, 32, generator=g)
     kwargs = {"is_causal": True, "enable_gqa": True}
-    interp = calibrate_module._Interpreter(fx.symbolic_trace(nn.Identity()), bf16=bf16)
-    y = interp.call_function(calibrate_module._ATTENTION, (q, k, v), kwargs)
+    interp = Interpreter(fx.symbolic_trace(nn.Identity()), bf16=bf16)
+    y = interp.call_function(_ATTENTION, (q, k, v), kwargs)
     eager = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                                             **kwargs)

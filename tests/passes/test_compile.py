@@ -208,14 +208,14 @@ def test_data_free_methods_run_no_forward_pass(monkeypatch):
     result is the baseline applied to each weight."""
     from fxcompress import RTN, Magnitude
     from fxcompress.algorithms import baselines
-    from fxcompress.passes.calibrate import _Run
+    from fxcompress.calibration.run import Run
 
     def refuse(*args, **kwargs):
         raise AssertionError("a data-free recipe ran the calibration forward pass")
 
     model = build("llama")
     weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    monkeypatch.setattr(_Run, "run_segment", refuse)
+    monkeypatch.setattr(Run, "run_segment", refuse)
     fxcompress.compile(model, _calibration(), Recipe({".*mlp.*": Magnitude(0.5),
                                                       ".*": RTN(4, 32)}), progress=False)
     up = model.model.layers[0].mlp.up_proj
@@ -237,7 +237,7 @@ def test_pruned_values_are_folded_into_the_original_weights(monkeypatch, arch, m
     are the original storage (no second fp32 copy nor a mask is held), and the result is that of
     a run holding the values beside the originals. A fold before the dense path's last read
     of a weight (dense-output calibration) would change every later layer's statistics."""
-    calibrate_pass = sys.modules["fxcompress.passes.calibrate"]  # the package's name is the verb
+    calibrate_pass = sys.modules["fxcompress.calibration.run"]  # where the run asks folds()
     model = build(arch, layers=3)
     held = copy.deepcopy(model)
     originals = {n: m.weight.data_ptr() for n, m in model.named_modules()

@@ -6,40 +6,38 @@ import sys
 
 import pytest
 
-import fxcompress  # noqa: F401  (the package, for its THP default)
-
-calibrate = sys.modules["fxcompress.passes.calibrate"]
+from fxcompress import osmem
 
 
 def test_freed_memory_is_trimmed_only_once_the_slack_is_used(monkeypatch):
     trims, resident = [], [1000]
-    monkeypatch.setattr(calibrate, "_TRIM", trims.append)
-    monkeypatch.setattr(calibrate, "resident_bytes", lambda: resident[0])
-    monkeypatch.setattr(calibrate, "_trimmed_at", 0)
-    calibrate.release_freed_memory()  # no slack: always
+    monkeypatch.setattr(osmem, "_TRIM", trims.append)
+    monkeypatch.setattr(osmem, "resident_bytes", lambda: resident[0])
+    monkeypatch.setattr(osmem, "_trimmed_at", 0)
+    osmem.release_freed_memory()  # no slack: always
     assert len(trims) == 1
     resident[0] = 1500
-    calibrate.release_freed_memory(600)  # grown by 500 since the trim at 1000: kept
+    osmem.release_freed_memory(600)  # grown by 500 since the trim at 1000: kept
     assert len(trims) == 1
     resident[0] = 1601
-    calibrate.release_freed_memory(600)
+    osmem.release_freed_memory(600)
     assert len(trims) == 2
     resident[0] = 900  # the trim's result is the new mark
-    calibrate.release_freed_memory(0)
+    osmem.release_freed_memory(0)
     assert len(trims) == 3
     resident[0] = 1400
-    calibrate.release_freed_memory(600)
+    osmem.release_freed_memory(600)
     assert len(trims) == 3
     resident[0] = 1501
-    calibrate.release_freed_memory(600)
+    osmem.release_freed_memory(600)
     assert len(trims) == 4
 
 
 def test_slack_is_none_under_a_budget_and_a_bounded_share_of_the_estimate():
-    assert calibrate.trim_slack(1 << 30, 2 << 30) == 0
-    assert calibrate.trim_slack(1 << 30, "2GiB") == 0
-    assert calibrate.trim_slack(400 << 20, None) == 100 << 20
-    assert calibrate.trim_slack(100 << 30, None) == calibrate.TRIM_SLACK
+    assert osmem.trim_slack(1 << 30, 2 << 30) == 0
+    assert osmem.trim_slack(1 << 30, "2GiB") == 0
+    assert osmem.trim_slack(400 << 20, None) == 100 << 20
+    assert osmem.trim_slack(100 << 30, None) == osmem.TRIM_SLACK
 
 
 @pytest.mark.parametrize("given", [None, "0"])

@@ -1,5 +1,5 @@
 """A compressed layer's original weight, mapped from the checkpoint file, is paged out once the
-run no longer reads it (``_Run.page_out``): the process holds fewer of the file's pages, and
+run no longer reads it (``Run.page_out``): the process holds fewer of the file's pages, and
 the compressed model is the same."""
 
 import importlib
@@ -12,7 +12,7 @@ from fxcompress import GPTQ, Recipe, SparseGPT, compile
 
 from ..models import VOCAB, build, output
 
-_cal = importlib.import_module("fxcompress.passes.calibrate")  # the module, not the pass
+_cal = importlib.import_module("fxcompress.osmem")
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="page-out reads /proc/self/maps and calls madvise")

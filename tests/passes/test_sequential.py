@@ -9,12 +9,14 @@ import torch
 from fxcompress import GPTQ
 from fxcompress.algorithms import Hessian, WeightedCross
 from fxcompress.api import _batch
-from fxcompress.passes import calibrate, capture, find_sites
+from fxcompress.calibration import calibrate
+from fxcompress.calibration.frontier import ChunkEnv, Frontier
+from fxcompress.passes import capture, find_sites
 from fxcompress.passes.capture import call_kwargs
 
 from ..models import VOCAB, build, output
 
-_cal = importlib.import_module("fxcompress.passes.calibrate")  # the module, not the pass
+_interp = importlib.import_module("fxcompress.calibration.interpreter")
 
 
 def _hessian_of_input(model, module_name, calls):
@@ -131,8 +133,8 @@ def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
     (each with its own plan), never exceed what the memory estimate plans for them, and reach
     it: chunk by chunk, a segment releases what it read for the last time as it adds what it
     hands on."""
-    from fxcompress.passes import liveness
-    from fxcompress.passes.calibrate import Frontier, estimate_memory
+    from fxcompress.calibration import estimate as memory
+    from fxcompress.calibration.estimate import estimate_memory
 
     model = build("llama", hidden=64, layers=2)
     ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
@@ -140,13 +142,13 @@ def test_frontier_the_run_holds_is_the_estimates(monkeypatch):
     ep = capture(model, *calls[0])
     sites, _ = find_sites(ep, model)
     plan = {s.fqn: GPTQ(4, 32) for s in sites if s.fqn != "lm_head"}  # dense-output default
-    planned, frontier_peak = [], liveness._frontier_peak
+    planned, frontier_peak = [], memory._frontier_peak
 
     def record(before, keep, costs):  # called once per path and segment
         planned.append(frontier_peak(before, keep, costs))
         return planned[-1]
 
-    monkeypatch.setattr(liveness, "_frontier_peak", record)
+    monkeypatch.setattr(memory, "_frontier_peak", record)
     estimate_memory(ep, sites, plan, calls)
     frontiers, held = [], [0]
 
@@ -196,13 +198,15 @@ def test_dense_path_hands_on_the_layer_output_past_the_barrier(monkeypatch):
     the layer's output, where the compressed path must keep the 4×-wide MLP intermediate
     (at a price that does not recompute it, as for wide models): the dense frontier there
     is a fraction of the compressed one. The estimate counts each path with its own plan."""
-    from fxcompress.passes import liveness
-    from fxcompress.passes.calibrate import _plans, estimate_memory, schedule
+    from fxcompress.calibration import estimate as memory
+    from fxcompress.calibration import liveness
+    from fxcompress.calibration.estimate import estimate_memory
+    from fxcompress.calibration.schedule import schedule
 
     model, ids, calls, ep, sites, plan = _llama_w4(seed=4)
     sched = schedule(ep.graph_module, sites, plan)
     price = 64.0  # keep the intermediate: recomputing it costs 64 flops a byte here
-    live, dense = _plans(ep, sched, calls[0], price, True)
+    live, dense = liveness.plan_paths(ep, sched, calls[0], price, True)
     bind = liveness.symbols(ep, calls[0])
 
     def held(nodes):
@@ -217,9 +221,9 @@ def test_dense_path_hands_on_the_layer_output_past_the_barrier(monkeypatch):
     assert all(held(d.keep) <= held(c.keep) for c, d in
                zip(live.segments, dense.segments, strict=True))
 
-    shared = liveness.estimate  # the old plan: the dense path keeps what the other keeps
+    shared = memory.segment_peaks  # the old plan: the dense path keeps what the other keeps
     with monkeypatch.context() as m:
-        m.setattr(liveness, "estimate", lambda live, groups, costs, dense_live=None:
+        m.setattr(memory, "segment_peaks", lambda live, groups, costs, dense_live=None:
                   shared(live, groups, costs, None))
         before = max(s.total for s in estimate_memory(ep, sites, plan, calls, recompute=price))
     after = max(s.total for s in estimate_memory(ep, sites, plan, calls, recompute=price))
@@ -231,7 +235,7 @@ def test_memory_fallbacks_recompute_before_offloading():
     memory when only that fits, and offloads the frontier only after that."""
     import fxcompress
     from fxcompress.api import fit_memory
-    from fxcompress.passes.liveness import EAGER, PRICE
+    from fxcompress.calibration import EAGER, PRICE
 
     model, ids, calls, ep, sites, plan = _llama_w4(seed=4)
     cpu = torch.device("cpu")
@@ -265,12 +269,12 @@ def test_recomputing_gives_the_same_results_as_keeping():
     """docs/SCALING.md: recomputed values are computed with the same weights as the first
     time, so the liveness plan (keep everything, the default price, recompute eagerly) does
     not change a single code."""
-    from fxcompress.passes.calibrate import _plans, schedule
-    from fxcompress.passes.liveness import EAGER, PRICE
+    from fxcompress.calibration.liveness import EAGER, PRICE, plan_paths
+    from fxcompress.calibration.schedule import schedule
 
     _, _, calls, ep, sites, plan = _llama_w4(seed=5)
     sched = schedule(ep.graph_module, sites, plan)
-    recomputed = [sum(len(s.recomputed) for live in _plans(ep, sched, calls[0], r, True)
+    recomputed = [sum(len(s.recomputed) for live in plan_paths(ep, sched, calls[0], r, True)
                       for s in live.segments) for r in (None, PRICE, EAGER)]
     assert recomputed[0] == 0 and 0 < recomputed[1] <= recomputed[2]
     runs = [calibrate(ep, sites, plan, calls, progress=False, recompute=r)[0]
@@ -313,10 +317,10 @@ def test_results_written_in_place_equal_fresh_ones(arch, monkeypatch):
         dense, data = build(arch, hidden=64), torch.randint(0, VOCAB, (12, 16))
     calls = []
     table = {op: (lambda *a, f=f, **k: calls.append(f) or f(*a, **k), pos)
-             for op, (f, pos) in _cal._IN_PLACE.items()}
+             for op, (f, pos) in _interp._IN_PLACE.items()}
     models = []
     for in_place in (table, {}):
-        monkeypatch.setattr(_cal, "_IN_PLACE", in_place)
+        monkeypatch.setattr(_interp, "_IN_PLACE", in_place)
         m = copy.deepcopy(dense)
         compile(m, data, Recipe({"lm_head": None, ".*": GPTQ(4, 32)}), progress=False)
         models.append(m)
@@ -343,8 +347,8 @@ def test_a_value_held_twice_is_not_written_in_place():
     gm = fx.symbolic_trace(f)
     _, a, b, c, _ = gm.graph.nodes
     for held_twice in (True, False):
-        interp = _cal._Interpreter(gm)
-        interp.env = env = _cal._ChunkEnv(0, _cal.Frontier(1), {})
+        interp = _interp.Interpreter(gm)
+        interp.env = env = ChunkEnv(0, Frontier(1), {})
         env[a] = torch.randn(64)
         before = env[a].clone()
         if held_twice:
@@ -366,8 +370,8 @@ def test_an_integer_input_does_not_take_a_float_result():
         return torch.ops.aten.div.Tensor(x, 3), torch.ops.aten.rsqrt.default(x + 1)
 
     gm = fx.symbolic_trace(f)
-    interp = _cal._Interpreter(gm)
-    interp.env = env = _cal._ChunkEnv(0, _cal.Frontier(1), {})
+    interp = _interp.Interpreter(gm)
+    interp.env = env = ChunkEnv(0, Frontier(1), {})
     x = torch.randint(1, 100, (64,))
     for n in gm.graph.nodes:
         if n.op == "placeholder":

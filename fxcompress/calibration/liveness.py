@@ -1,5 +1,5 @@
 """liveness: what each segment of a calibration run computes, keeps and frees — one model for
-the run (``calibrate``) and for its memory estimate.
+the run (:mod:`~.run`) and for its memory estimate (:mod:`~.estimate`).
 
 Calibration runs the graph segment by segment: a segment ends at a *barrier*, where the input
 ``x`` of a group of linears is complete for every calibration chunk, their statistics (the
@@ -24,11 +24,11 @@ Statistics of ``x`` are accumulated chunk by chunk while the segment runs, so ``
 crosses the barrier only when that is the cheapest choice — except for *pinned* values, which
 cross it whatever they cost: a group of experts keeps its input and routing (and a second
 projection the first one's input) for its per-expert statistics, made at the barrier
-(``calibrate.schedule`` says why). Recomputed values run with the same
+(:func:`~.schedule.schedule` says why). Recomputed values run with the same
 (possibly already compressed) weights as the first time, so results are identical.
 
 The same :class:`Liveness` drives the run (what to execute, when to free, what to hand on) and
-:func:`transient_bytes` / the frontier sizes of the memory estimate.
+the memory estimate (:func:`~.estimate.segment_peaks`).
 """
 
 from __future__ import annotations
@@ -46,12 +46,11 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from ..sizes import human
+from .schedule import Schedule
 
 # default: flop-equivalents of recomputation one byte of frontier is worth. At 1024 the MLP
-# intermediate of a narrow model is recomputed from the normed hidden state (SmolLM2, hidden
-# 576: 576 flops a byte saved; estimated peak at 128 x 512 tokens 987 -> 660 MiB, ~7 TFLOP
-# more) and a wide one's is kept (Llama-2-7B: 4096 flops a byte)
+# intermediate of a narrow model is recomputed from the normed hidden state (its flops per
+# byte saved are about the hidden size) and a wide one's is kept (benchmarks/RESULTS.md)
 PRICE = 1024.0
 EAGER = 1e12  # when memory is short: recompute whatever saves a byte
 ELEMENT_COST = 64  # flop-equivalents of reading/writing one element (memory-bound ops)
@@ -196,8 +195,8 @@ def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
          cost: Callable[[fx.Node], float], price: float | None,
          pinned: Mapping[fx.Node, set[fx.Node]] | None = None,
          later: Sequence[Sequence[int]] | None = None) -> Liveness:
-    """The liveness of a schedule (``order``/``position``/``last_use`` of
-    ``calibrate.Schedule``, its ``segments()``), starting from the user ``inputs``.
+    """The liveness of a schedule (``order``/``position``/``last_use`` of a
+    :class:`~.schedule.Schedule`, its ``segments()``), starting from the user ``inputs``.
 
     ``nbytes(v)``: bytes of ``v``'s value for one chunk; ``cost(v)``: flop-equivalents of
     recomputing it; ``price``: flop-equivalents one byte of frontier is worth (``None``: never
@@ -237,9 +236,9 @@ def plan(order: Sequence[fx.Node], position: Mapping[fx.Node, int],
     return out
 
 
-def plan_of_schedule(ep: ExportedProgram, schedule: Any, chunk: tuple[tuple, dict],
+def plan_of_schedule(ep: ExportedProgram, schedule: Schedule, chunk: tuple[tuple, dict],
                      price: float | None, dense: bool = False) -> Liveness:
-    """:func:`plan` for a ``calibrate.Schedule`` of ``ep``, sizes taken from ``chunk``; with
+    """:func:`plan` for a :class:`~.schedule.Schedule` of ``ep``, sizes taken from ``chunk``; with
     ``dense``, the plan of dense-output's dense path (:func:`dense_segments`)."""
     bind = symbols(ep, chunk)
     user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
@@ -251,6 +250,15 @@ def plan_of_schedule(ep: ExportedProgram, schedule: Any, chunk: tuple[tuple, dic
                            schedule.pinned, nbytes) if dense else None
     return plan(schedule.order, schedule.position, schedule.last_use, segments,
                 inputs, nbytes, cost, price, schedule.pinned, later)
+
+
+def plan_paths(ep: ExportedProgram, sched: Schedule, chunk: tuple[tuple, dict],
+               recompute: float | None, dense: bool) -> tuple[Liveness, Liveness | None]:
+    """The liveness plan of the compressed path and, with a dense path (``dense``: a
+    statistic reads the dense model's values), the dense path's (its segments run on past
+    the barriers: :func:`dense_segments`)."""
+    live = plan_of_schedule(ep, sched, chunk, recompute)
+    return live, plan_of_schedule(ep, sched, chunk, recompute, dense=True) if dense else None
 
 
 def dense_segments(order: Sequence[fx.Node], last_use: Mapping[fx.Node, int],
@@ -349,176 +357,3 @@ def _cut(needed: set[fx.Node], before: set[fx.Node], x: fx.Node | None,
             g.add_edge((v, "out"), "sink")
     _, (reach, _) = nx.minimum_cut(g, "source", "sink")
     return {v for v in cands if (v, "in") in reach and (v, "out") not in reach}
-
-
-# ============================================================================ memory
-
-class MemoryBudgetError(MemoryError):
-    """One layer (weights, activations and solver workspace) does not fit ``max_memory``."""
-
-
-@dataclass
-class SegmentMemory:
-    """Estimated peak bytes of one segment: its run over the chunks, then the solves at its
-    barrier, whichever is larger (the parts are those of the larger)."""
-
-    layer: str  # the sites compressed at its end
-    weights: int  # parameters loaded, compressed weights in use, results held
-    activations: int  # the frontier in memory, one chunk's values
-    solver: int  # statistics, the largest solve's workspace
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.activations + self.solver
-
-
-@dataclass
-class Costs:
-    """What the estimate needs to know besides the liveness plan (all in bytes)."""
-
-    chunk_bytes: Callable[[fx.Node, int], int]  # value of a node for chunk c
-    chunks: int
-    offload: str | None  # where the frontier lives ("disk": not in memory)
-    dense: bool  # a second, dense frontier (dense-output calibration)
-    loaded: Callable[[fx.Node], int]  # a parameter streamed in while needed (0: resident)
-    solve: Callable[[Any], int]  # peak of one site's solve, its weight loaded (a Site)
-    result: Callable[[Any], int]  # a site's result (codes, masks...) while it is held
-    keep_results: bool  # results stay until the end (False: handed to a writer as made;
-    # an expert's wait there until every expert of its block has one, as the block is
-    # written whole)
-    replaced: Callable[[Any], int]  # the dense weight a compressed site computes with
-    statistics: Callable[[fx.Node], int]  # the statistics of a barrier input (sums, values)
-    op_workspace: Callable[[fx.Node, int], int] = lambda n, c: 0  # scratch inside one op
-
-
-def estimate(live: Liveness, groups: Mapping[fx.Node, Sequence[Any]],
-             costs: Costs, dense_live: Liveness | None = None) -> list[SegmentMemory]:
-    """Peak bytes of every segment of a run planned by ``live``: what the run holds, from the
-    same plan it runs (see the module docstring). ``groups`` maps each barrier input to the
-    sites compressed there; ``dense_live`` is the dense path's own plan (default: ``live``)."""
-    barrier_of = {s.fqn: k for k, seg in enumerate(live.segments)
-                  if seg.barrier is not None for s in groups[seg.barrier]}
-    sites = {s.fqn: s for g in groups.values() for s in g}
-    # the plan of each path; a parameter is resident from the first segment that reads it
-    # on either path to the last
-    paths = [live] + ([dense_live or live] if costs.dense else [])
-    first: dict[fx.Node, int] = {}
-    last: dict[fx.Node, int] = {}
-    for plan_ in paths:
-        for k, seg in enumerate(plan_.segments):
-            for n in seg.run:
-                for a in n.all_input_nodes:
-                    first[a] = min(first.get(a, k), k)
-        for a, k in plan_.last_segment.items():
-            last[a] = max(last.get(a, -1), k)
-    block_end: dict[str, int] = {}  # experts module -> the barrier its last expert is made
-    for f, s in sites.items():
-        if s.index is not None:
-            block_end[s.module_name] = max(block_end.get(s.module_name, -1), barrier_of[f])
-    out = []
-    for k, seg in enumerate(live.segments):
-        frontier_run = sum(_frontier_peak(p.frontier_before(k), p.segments[k].keep, costs)
-                           for p in paths)
-        frontier_solve = sum(_held(p.segments[k].keep, costs) for p in paths)
-        chunk = max(_chunk_peak(p.segments[k], set(p.frontier_before(k)), c, costs)
-                    for p in paths for c in range(costs.chunks))
-        loaded = sum(costs.loaded(p) for p, f in first.items() if f <= k <= last.get(p, -1))
-        in_use = sum(costs.replaced(s) for f, s in sites.items()
-                     if barrier_of[f] < k <= live.last_segment.get(s.node, -1))
-        held = sum(costs.result(s) for f, s in sites.items() if barrier_of[f] < k and (
-            costs.keep_results or s.index is not None and k <= block_end[s.module_name]))
-        stats = costs.statistics(seg.barrier) if seg.barrier is not None else 0
-        x = len(paths) * costs.chunk_bytes(seg.barrier, 0) if stats else 0
-        run = SegmentMemory("", loaded + in_use + held, frontier_run + chunk + x, stats)
-        layer, solve = "the output", SegmentMemory("", 0, 0, 0)
-        if seg.barrier is not None:
-            group = list(groups[seg.barrier])
-            layer = ", ".join(s.fqn for s in group)
-            staying = sum(costs.replaced(s) for f, s in sites.items()
-                          if barrier_of[f] < k < live.last_segment.get(s.node, -1))
-            made = sum(costs.replaced(s) + costs.result(s) for s in group)
-            solve = SegmentMemory("", loaded + staying + held + made, frontier_solve,
-                                  stats + max(costs.solve(s) for s in group))
-        peak = max(run, solve, key=lambda m: m.total)
-        out.append(SegmentMemory(layer, peak.weights, peak.activations, peak.solver))
-    return out
-
-
-def _held(values: Sequence[fx.Node], costs: Costs) -> int:
-    """Frontier bytes in memory: every chunk's value of each storage once."""
-    if costs.offload == "disk":
-        return 0
-    roots = {root(v) for v in values}
-    return sum(costs.chunk_bytes(r, c) for r in roots for c in range(costs.chunks))
-
-
-def _frontier_peak(before: Sequence[fx.Node], keep: Sequence[fx.Node], costs: Costs) -> int:
-    """Frontier bytes in memory while a segment runs: chunk by chunk, the values it reads for
-    the last time are released as the values it hands on are added (``calibrate._Run.
-    run_segment``); the peak is after the chunk where their sum is largest."""
-    if costs.offload == "disk":
-        return 0
-    old, new = {root(v) for v in before}, {root(v) for v in keep}
-    size = costs.chunk_bytes
-    staying = sum(size(r, c) for r in old & new for c in range(costs.chunks))
-    going = [sum(size(r, c) for r in old - new) for c in range(costs.chunks)]
-    coming = [sum(size(r, c) for r in new - old) for c in range(costs.chunks)]
-    return staying + max((sum(going[c:]) + sum(coming[:c + 1]) for c in range(costs.chunks)),
-                         default=0)
-
-
-def _chunk_peak(seg: Segment, before: set[fx.Node], c: int, costs: Costs) -> int:
-    """Peak bytes of chunk ``c``'s own values while the segment runs it: each storage from
-    the step that makes it to the step after which nothing of it is needed (values read back
-    from a disk frontier count too), plus the scratch of the op running."""
-    refs: dict[fx.Node, int] = {}  # storage -> live values on it
-    live_bytes = peak = 0
-
-    def hold(v: fx.Node) -> None:
-        nonlocal live_bytes
-        r = root(v)
-        if refs.get(r, 0) == 0:
-            live_bytes += costs.chunk_bytes(r, c)
-        refs[r] = refs.get(r, 0) + 1
-
-    def drop(v: fx.Node) -> None:
-        nonlocal live_bytes
-        r = root(v)
-        refs[r] -= 1
-        if refs[r] == 0:
-            live_bytes -= costs.chunk_bytes(r, c)
-
-    read: set[fx.Node] = set()
-    for i, n in enumerate(seg.run):
-        for a in n.all_input_nodes:
-            if a in before and a not in read and costs.offload == "disk":
-                read.add(a)
-                hold(a)
-        if root(n) not in before or costs.offload == "disk":
-            hold(n)
-        peak = max(peak, live_bytes + costs.op_workspace(n, c))
-        for v in seg.free[i]:
-            if (v in seg.run and (root(v) not in before or costs.offload == "disk")) \
-                    or v in read:
-                drop(v)
-    return peak
-
-
-def over_budget(segments: list[SegmentMemory], budget: int) -> SegmentMemory | None:
-    """The first segment that does not fit ``budget``, if any."""
-    return next((seg for seg in segments if seg.total > budget), None)
-
-
-def check_memory(segments: list[SegmentMemory], budget: int) -> None:
-    """Raise :class:`MemoryBudgetError` for the first segment over ``budget``."""
-    seg = over_budget(segments, budget)
-    if seg is not None:
-        peak = max(s.total for s in segments)
-        raise MemoryBudgetError(
-            f"max_memory={human(budget)} cannot hold the compression of {seg.layer}: it "
-            f"needs about {human(seg.total)} ({human(seg.weights)} weights, "
-            f"{human(seg.activations)} activations of the calibration batches, "
-            f"{human(seg.solver)} Hessian and solver workspace); the whole run needs about "
-            f"{human(peak)}. Raise max_memory, use fewer or shorter calibration samples, a "
-            f"smaller batch_size (the values of one batch are held while it runs), or "
-            f"offload='disk' to keep the activations between layers on disk.")
