@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from fxcompress import GPTQ, RTN, Magnitude, SparseGPT
 from fxcompress.algorithms import Compressed, Statistics
-from fxcompress.codecs import (
-    CODECS,
+from fxcompress.checkpoint import load, save
+from fxcompress.checkpoint.codecs import (
     CheckpointError,
     Codec,
     Entry,
@@ -19,7 +19,7 @@ from fxcompress.codecs import (
     codec_of,
     register,
 )
-from fxcompress.format import load, save
+from fxcompress.checkpoint.codecs.base import CODECS
 from fxcompress.modules import compressed_module
 
 METHODS = {
@@ -150,7 +150,8 @@ class HalfBanksCodec(Codec):
 
 
 def test_a_registered_kind_is_saved_and_loaded_without_other_changes(tmp_path, monkeypatch):
-    monkeypatch.setattr("fxcompress.codecs.CODECS", dict(CODECS))  # registered for this test
+    # registered for this test only
+    monkeypatch.setattr("fxcompress.checkpoint.codecs.base.CODECS", dict(CODECS))
     register(HalfBanksCodec())
 
     def build() -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 from fxcompress import Recipe
 from fxcompress.algorithms import Statistics
 from fxcompress.api import block_count
-from fxcompress.codecs import codec_for, codec_of
+from fxcompress.checkpoint.codecs import codec_for, codec_of
 from fxcompress.gguf import ENCODERS, grids
 from fxcompress.gguf.gptq import gptq_ggml, rtn_ggml
 from fxcompress.gguf.linear import GGMLLinear

@@ -13,7 +13,7 @@ import fxcompress
 from fxcompress import GPTQ, RTN, QuantExperts, Recipe, RecipeError, SparseExperts, SparseGPT
 from fxcompress.algorithms import output_error, rtn
 from fxcompress.api import plan_sites
-from fxcompress.format import CheckpointError
+from fxcompress.checkpoint import CheckpointError
 from fxcompress.passes import calibrate, capture, find_sites
 from fxcompress.passes.liveness import EAGER, PRICE
 
@@ -557,7 +557,7 @@ def test_streamed_experts_resume(tmp_path, monkeypatch):
     """Interrupted while writing the second block's experts, a resumed run solves only what
     was not written (the first block's experts are read back per expert) and ends with the
     same checkpoint as an uninterrupted run."""
-    from fxcompress.format import CheckpointWriter
+    from fxcompress.checkpoint import CheckpointWriter
     from fxcompress.passes.calibrate import _Run
     from fxcompress.streaming import compress_checkpoint, partial_dir
 
