@@ -65,6 +65,34 @@ def test_every_kind_round_trips_through_its_tensors(case, bias):
     assert torch.equal(compressed_module(again, b, torch.float32)(x), m(x))
 
 
+@pytest.mark.parametrize("case", METHODS)
+def test_every_kind_answers_for_its_module(case):
+    """What the CLI, training, ``decompress`` and the GGUF writer ask a kind instead of testing
+    module classes: the weight it computes with, its pruned share, its stored bits."""
+    c, b = _compressed(METHODS[case], True, seed=3)
+    m = compressed_module(c, b, torch.float32)
+    codec = codec_for(m)
+    assert codec.lora_base
+    reference = c.dense() if c.keep() is None else c.dense() * c.keep()
+    w = codec.dense_weight(m)
+    assert w.dtype == torch.float32 and w.shape == (48, 64)
+    assert ((w - reference).norm() / reference.norm()).item() < 2e-3  # float16 scales
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    y = torch.nn.functional.linear(x, w, b)
+    assert ((y - m(x)).norm() / y.norm()).item() < 2e-2  # the layer's own kernel
+    zeros, n = codec.pruned_weights(m)
+    assert n == 48 * 64 and zeros == (0 if c.keep() is None else int((~c.keep()).sum()))
+    dense_bits, weights = codec.stored_bits(m, "dense")
+    bitmask_bits, _ = codec.stored_bits(m, "bitmask")
+    assert weights == n
+    if c.quantized:
+        grid = (16 + (0 if c.sym else c.bits)) / c.group_size  # scale (+ zero) per group
+        assert dense_bits / n == pytest.approx(c.bits + grid)
+    else:
+        assert dense_bits / n == 32  # float32 weights, zeros included
+    assert (bitmask_bits < dense_bits) if zeros else (bitmask_bits == dense_bits)
+
+
 def test_decode_names_contents_that_contradict_the_entry():
     c, _ = _compressed(SparseGPT(0.5), False)
     m = compressed_module(c, None, torch.float32)

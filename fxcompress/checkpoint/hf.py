@@ -201,7 +201,7 @@ def check_model_sizes(path: Path) -> None:
     """Before a Hugging Face model folder (a dense checkpoint fxcompress did not write) is built
     for real: its model, built on the meta device, holds no more parameters than the
     safetensors headers store (twice, for slack), and its computed buffers are bounded as
-    :func:`load` bounds them, so ``config.json`` cannot make the build allocate terabytes;
+    :func:`~.loading.load` bounds them, so ``config.json`` cannot make the build allocate terabytes;
     otherwise :class:`CheckpointError` naming the config fields."""
     try:
         config = json.loads((path / CONFIG_NAME).read_text())

@@ -31,7 +31,7 @@ from .safetensors_io import StoredTensor, by_model_name, check_checksums, read_a
 
 def load(path: str | Path, build: Callable[[], nn.Module] | None = None, *,
          verify: bool = True) -> nn.Module:
-    """Rebuild a compressed model saved by :func:`save`, without recalibration.
+    """Rebuild a compressed model saved by :func:`~.writer.save`, without recalibration.
 
     Hugging Face models are built from ``config.json`` (its ``architectures``); any other
     model needs ``build``, a function returning the uncompressed model (it is called on the

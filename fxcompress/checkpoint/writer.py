@@ -248,12 +248,13 @@ def save(model: nn.Module, path: str | Path, *, tokenizer: Any = None,
     and replaces it only when complete: an existing checkpoint there survives any failure, and
     the files it holds besides a checkpoint are kept. The partial output of an interrupted
     streamed run into ``path`` (:func:`fxcompress.streaming.compress_checkpoint`) is not
-    deleted unless ``overwrite``: :class:`ResumeError` instead. Returns the folder.
+    deleted unless ``overwrite``: :class:`~.progress.ResumeError` instead. Returns the folder.
 
     ``sparse_layout`` says how pruned layers are stored (:data:`~fxcompress.checkpoint.codecs.
     SPARSE_LAYOUTS`): ``"dense"`` (the default) as engines read them — a plain weight holding
     its zeros, or ``pack-quantized`` codes with pruned weights at the zero point — or
-    ``"bitmask"``, a keep-mask and the kept values only (smaller, read by :func:`load` alone).
+    ``"bitmask"``, a keep-mask and the kept values only (smaller, read by
+    :func:`~.loading.load` alone).
     """
     layers = compressed_layers(model)
     if not layers:
