@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (fp32), its 210 decoder linears quantized to 4 bits, groups of 64 (RTN:
 the kernel's arithmetic does not depend on how the codes were chosen), computed three ways:
 
-* **dequantized** — ``fxcompress.modules.decompress``: ``nn.Linear`` with the dequantized
+* **dequantized** — ``fxcompress.checkpoint.model.decompress``: ``nn.Linear`` with the dequantized
   float32 weights (the reference);
 * **fast** (default) — aten's int4 kernel, activations and scales in bf16;
 * **exact** — ``fxcompress.set_precision(model, "exact")``: the canonical layout dequantized
@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 import fxcompress  # noqa: E402
 from fxcompress import RTN, Recipe  # noqa: E402
+from fxcompress.checkpoint.model import decompress  # noqa: E402
 from fxcompress.cli import load_model  # noqa: E402
 from fxcompress.evaluate import evaluation_windows, perplexity  # noqa: E402
-from fxcompress.modules import decompress  # noqa: E402
 
 
 def cpu_flags() -> str:

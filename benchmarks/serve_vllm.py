@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fxcompress import assets  # noqa: E402
+from fxcompress.checkpoint import load  # noqa: E402
 from fxcompress.engines import EngineError  # noqa: E402
 from fxcompress.engines import vllm as engine  # noqa: E402
 from fxcompress.evaluate import evaluation_windows, perplexity  # noqa: E402
-from fxcompress.format import load  # noqa: E402
 from fxcompress.modules import set_precision  # noqa: E402
 
 SERVABLE = ["gptq-w4g64", "gptq-w4g128", "gptq-w4", "gptq-w8", "sparsegpt-50", "sparsegpt-60",

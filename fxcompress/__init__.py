@@ -15,17 +15,16 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .algorithms import HessianNotPositiveDefinite
 from .api import Report, compile
+from .checkpoint import load, save
 from .errors import RecipeError
 from .export import export
-from .format import load, save
 from .gguf.writer import write_gguf as export_gguf
 from .methods import GPTQ, RTN, Magnitude, SparseGPT
 from .modules import QuantExperts, QuantLinear, SparseExperts, SparseLinear, set_precision
 from .passes import CaptureError
 from .recipe import Recipe
 from .training import LoRALinear, add_lora, densify, enforce_masks, keep_masks
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (re-exported)
 
 __all__ = [
     "GPTQ", "RTN", "CaptureError", "HessianNotPositiveDefinite", "Magnitude", "QuantExperts",

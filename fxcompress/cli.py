@@ -113,7 +113,7 @@ def load_model(spec: str, progress: bool = True, dense: bool = False
 
     source = model_source(spec, progress, dense=dense)
     if isinstance(source, Path) and _is_checkpoint(source):
-        from .format import load
+        from .checkpoint import load
 
         model = load(source)
     else:
@@ -184,36 +184,17 @@ def _dir_size(path: Path) -> int:
 
 def _bits_per_weight(model: torch.nn.Module, layout: str = "bitmask") -> tuple[float, int]:
     """Stored bits per weight of the compressed linears, and how many weights they hold, with
-    pruned layers in the sparse ``layout`` (dense: every weight stored)."""
-    from .gguf.linear import GGMLLinear
-    from .modules import QuantLinear, SparseLinear
+    pruned layers in the sparse ``layout`` (dense: every weight stored); each kind counts its
+    own (:meth:`~fxcompress.checkpoint.codecs.Codec.stored_bits`)."""
+    from .checkpoint.codecs import codec_for
 
     bits, weights = 0, 0
     for m in model.modules():
-        if isinstance(m, GGMLLinear):
-            n = m.in_features * m.out_features
-            stored = 8 * m.weight_blocks.numel()
-        elif isinstance(m, QuantLinear):
-            n = m.in_features * m.out_features
-            groups = m.weight_scale.numel()
-            zero_bits = 0 if m.sym else m.bits
-            stored = (m.bits * n + (16 + zero_bits) * groups) \
-                if m.weight_bitmask is None or layout == "dense" else \
-                (m.bits * n * _density(m) + n + (16 + zero_bits) * groups)
-        elif isinstance(m, SparseLinear):
-            n = m.weight.numel()
-            stored = 8 * m.weight.element_size() * n if layout == "dense" else \
-                16 * n * (1 - m.sparsity()) + n  # fp16 kept values + bitmask
-        else:
-            continue
-        bits, weights = bits + stored, weights + n
+        codec = codec_for(m)
+        counted = codec.stored_bits(m, layout) if codec is not None else None
+        if counted is not None:
+            bits, weights = bits + counted[0], weights + counted[1]
     return (bits / weights if weights else 16.0), weights
-
-
-def _density(m) -> float:
-    from .kernels import pack
-
-    return pack.unpack_bitmask(m.weight_bitmask, m.in_features).float().mean().item()
 
 
 def _precision_line(precision: str) -> str:
@@ -275,7 +256,7 @@ def _check_out(args: argparse.Namespace) -> None:
     """Before anything is loaded: an interrupted run's partial output of ``--out`` (hours of
     work, maybe) is continued with ``--resume`` or deleted with ``--overwrite``, never deleted
     because ``--resume`` was forgotten."""
-    from .format import check_no_partial
+    from .checkpoint import check_no_partial
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: --resume continues the "
@@ -325,7 +306,7 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
             _echo(f"checkpoint size: {_dir_size(folder) / 2**20:.1f} MiB -> "
                   f"{_dir_size(out) / 2**20:.1f} MiB ({out})")
             if args.eval:
-                from .format import load
+                from .checkpoint import load
 
                 _perplexity(load(out).eval(), tokenizer, args, "compressed")
     finally:
@@ -339,7 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_engine(args)
     model, tokenizer, _ = load_model(args.model, not args.quiet)
     if args.dequantized:
-        from .modules import decompress
+        from .checkpoint.model import decompress
 
         decompress(model)
     _perplexity(model, tokenizer, args, args.model)
@@ -420,7 +401,7 @@ def cmd_row(args: argparse.Namespace) -> int:
     """One row of ``compare``, run in its own process so its peak memory is its own."""
     import fxcompress
 
-    from .modules import decompress
+    from .checkpoint.model import decompress
     from .recipe import resolve
 
     model, tokenizer, _ = load_model(args.model, progress=False)
@@ -453,18 +434,16 @@ def cmd_row(args: argparse.Namespace) -> int:
 
 
 def _sparsity(model: torch.nn.Module) -> float:
-    from .kernels import pack
-    from .modules import QuantLinear, SparseLinear
+    """The pruned share of the compressed linears' weights (each kind counts its own:
+    :meth:`~fxcompress.checkpoint.codecs.Codec.pruned_weights`)."""
+    from .checkpoint.codecs import codec_for
 
     zeros, total = 0, 0
     for m in model.modules():
-        if isinstance(m, SparseLinear):
-            zeros, total = zeros + int((~m.mask).sum()), total + m.mask.numel()
-        elif isinstance(m, QuantLinear):
-            n = m.in_features * m.out_features
-            if m.weight_bitmask is not None:
-                zeros += n - int(pack.unpack_bitmask(m.weight_bitmask, m.in_features).sum())
-            total += n
+        codec = codec_for(m)
+        counted = codec.pruned_weights(m) if codec is not None else None
+        if counted is not None:
+            zeros, total = zeros + counted[0], total + counted[1]
     return zeros / total if total else 0.0
 
 
@@ -581,7 +560,7 @@ def _evaluation(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .codecs import SPARSE_LAYOUTS
+    from .checkpoint import SPARSE_LAYOUTS
     from .engines import ENGINES
 
     p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
@@ -689,10 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .assets import AssetError
+    from .checkpoint import CheckpointError
     from .distributed import DistributedError
     from .engines import EngineError
     from .errors import RecipeError
-    from .format import CheckpointError
     from .streaming import MemoryBudgetError
 
     try:

@@ -578,25 +578,3 @@ def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype,
         return QuantLinear.from_compressed(c, bias, dtype, prepare)
     return SparseLinear.from_compressed(c, bias, dtype)
 
-
-def decompress(model: nn.Module) -> nn.Module:
-    """Replace every compressed layer of ``model`` (in place) with an ``nn.Linear`` holding its
-    dequantized/masked weight in float32: the same function evaluated without the integer
-    kernels (e.g. to compare quality with tools that simulate quantization in float)."""
-    from .gguf.linear import GGMLLinear
-
-    for name, m in list(model.named_modules()):
-        if isinstance(m, (QuantLinear, GGMLLinear)):
-            w = m.dequantize()
-        elif isinstance(m, SparseLinear):
-            w = torch.where(m.mask, m.weight, 0).detach().float()
-        else:
-            continue
-        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                          device=w.device)
-        dense.weight.data = w
-        if m.bias is not None:
-            dense.bias.data = m.bias.detach().float()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
-    return model

@@ -16,8 +16,8 @@
    samples on CPU (``offload="cpu"``, moved to the compute device op by op) or on disk
    (``offload="disk"``); see :mod:`fxcompress.calibration`.
 4. **Output shard by shard.** Each compressed layer is encoded by its codec
-   (:mod:`fxcompress.codecs`) and appended to the current shard by the checkpoint writer
-   ``fxcompress.save`` uses too (:class:`fxcompress.format.CheckpointWriter`) as soon as it is
+   (:mod:`fxcompress.checkpoint.codecs`) and appended to the current shard by the checkpoint writer
+   ``fxcompress.save`` uses too (:class:`fxcompress.checkpoint.CheckpointWriter`) as soon as it is
    made, with a progress record; the shards, index and ``config.json`` are finalised in a
    partial folder that replaces ``out_dir`` at the very end, so ``out_dir`` is never
    half-written.
@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from . import format as fmt
+from . import checkpoint as fmt
 from . import hub
 from .algorithms import Compressed
 from .api import Report, calibration_batches, numerics, plan_sites
@@ -72,9 +72,10 @@ from .calibration import (  # noqa: F401  (re-exported: the errors and sizes of 
     resolve_precision,
 )
 from .calibration import estimate_memory as calibrate_estimate
-from .codecs import codec_for, dense_tensors
+from .checkpoint import ResumeError, partial_dir
+from .checkpoint.codecs import codec_for
+from .checkpoint.model import dense_tensors
 from .distributed import Distributed, active, check_launch, to_cpu
-from .format import ResumeError, partial_dir
 from .methods import Method
 from .modules import (
     checkpoint_expert_names,

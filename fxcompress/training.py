@@ -51,7 +51,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .modules import QuantLinear, SparseLinear
+from .checkpoint.codecs import SPARSE, codec_for
+from .checkpoint.model import set_module
+from .modules import SparseLinear
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,9 @@ log = logging.getLogger(__name__)
 
 
 def sparse_modules(model: nn.Module) -> Iterator[tuple[str, SparseLinear]]:
-    """Every ``SparseLinear`` in ``model``, with its name."""
+    """Every ``SparseLinear`` in ``model`` (the ``sparse`` kind), with its name."""
     for name, module in model.named_modules():
-        if isinstance(module, SparseLinear):
+        if codec_for(module) is SPARSE:
             yield name, module
 
 
@@ -103,14 +105,8 @@ def densify(model: nn.Module) -> nn.Module:
         linear.weight = module.weight
         linear.bias = module.bias
         linear.train(module.training)
-        _replace(model, name, linear)
+        set_module(model, name, linear)
     return model
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -125,8 +121,9 @@ def _conv1d_type() -> type | None:
 
 
 def _features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of a linear-like module, None for anything else."""
-    if isinstance(module, (nn.Linear, QuantLinear, SparseLinear)):
+    """``(in_features, out_features)`` of a linear-like module (a compressed one: of a kind
+    adapters train on), None for anything else."""
+    if isinstance(module, nn.Linear) or _compressed_base(module):
         return module.in_features, module.out_features
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
@@ -134,12 +131,19 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _compressed_base(module: nn.Module) -> bool:
+    """Whether ``module`` is a compressed layer of a kind adapters train on (its codec says:
+    ``QuantLinear`` and ``SparseLinear``)."""
+    codec = codec_for(module)
+    return codec is not None and codec.lora_base
+
+
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and compute dtype of a linear-like module (a QuantLinear's: its bias's, as its
-    float16 scales say nothing about it)."""
-    if isinstance(module, QuantLinear):
-        dtype = module.bias.dtype if module.bias is not None else torch.float32
-        return module.weight_packed.device, dtype
+    """Device and compute dtype of a linear-like module (a compressed one's: as its codec says,
+    a QuantLinear's float16 scales saying nothing about it)."""
+    codec = codec_for(module)
+    if codec is not None:
+        return codec.placement(module)
     return module.weight.device, module.weight.dtype
 
 
@@ -198,7 +202,7 @@ def _is_target(name: str, module: nn.Module, patterns: list[str] | None) -> bool
     if _features(module) is None:
         return False
     if patterns is None:
-        return isinstance(module, (QuantLinear, SparseLinear))
+        return _compressed_base(module)
     return any(re.fullmatch(p, name) for p in patterns)
 
 
@@ -226,6 +230,6 @@ def add_lora(model: nn.Module, rank: int = 8, targets: str | Sequence[str] | Non
     if freeze_base:
         model.requires_grad_(False)
     for name, module in chosen:
-        _replace(model, name, LoRALinear(module, rank, alpha, dropout))
+        set_module(model, name, LoRALinear(module, rank, alpha, dropout))
     log.debug("add_lora: %d adapters of rank %d", len(chosen), rank)
     return model

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from fxcompress import GPTQ, RTN, Magnitude, SparseGPT
 from fxcompress.algorithms import Compressed, Statistics
-from fxcompress.codecs import (
-    CODECS,
+from fxcompress.checkpoint import load, save
+from fxcompress.checkpoint.codecs import (
     CheckpointError,
     Codec,
     Entry,
@@ -19,7 +19,7 @@ from fxcompress.codecs import (
     codec_of,
     register,
 )
-from fxcompress.format import load, save
+from fxcompress.checkpoint.codecs.base import CODECS
 from fxcompress.modules import compressed_module
 
 METHODS = {
@@ -63,6 +63,34 @@ def test_every_kind_round_trips_through_its_tensors(case, bias):
     again = codec.to_compressed(back, 1.25)  # what a resumed streamed run replays
     assert torch.equal(again.dense(), c.dense()) and again.loss == 1.25
     assert torch.equal(compressed_module(again, b, torch.float32)(x), m(x))
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_every_kind_answers_for_its_module(case):
+    """What the CLI, training, ``decompress`` and the GGUF writer ask a kind instead of testing
+    module classes: the weight it computes with, its pruned share, its stored bits."""
+    c, b = _compressed(METHODS[case], True, seed=3)
+    m = compressed_module(c, b, torch.float32)
+    codec = codec_for(m)
+    assert codec.lora_base
+    reference = c.dense() if c.keep() is None else c.dense() * c.keep()
+    w = codec.dense_weight(m)
+    assert w.dtype == torch.float32 and w.shape == (48, 64)
+    assert ((w - reference).norm() / reference.norm()).item() < 2e-3  # float16 scales
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    y = torch.nn.functional.linear(x, w, b)
+    assert ((y - m(x)).norm() / y.norm()).item() < 2e-2  # the layer's own kernel
+    zeros, n = codec.pruned_weights(m)
+    assert n == 48 * 64 and zeros == (0 if c.keep() is None else int((~c.keep()).sum()))
+    dense_bits, weights = codec.stored_bits(m, "dense")
+    bitmask_bits, _ = codec.stored_bits(m, "bitmask")
+    assert weights == n
+    if c.quantized:
+        grid = (16 + (0 if c.sym else c.bits)) / c.group_size  # scale (+ zero) per group
+        assert dense_bits / n == pytest.approx(c.bits + grid)
+    else:
+        assert dense_bits / n == 32  # float32 weights, zeros included
+    assert (bitmask_bits < dense_bits) if zeros else (bitmask_bits == dense_bits)
 
 
 def test_decode_names_contents_that_contradict_the_entry():
@@ -150,7 +178,8 @@ class HalfBanksCodec(Codec):
 
 
 def test_a_registered_kind_is_saved_and_loaded_without_other_changes(tmp_path, monkeypatch):
-    monkeypatch.setattr("fxcompress.codecs.CODECS", dict(CODECS))  # registered for this test
+    # registered for this test only
+    monkeypatch.setattr("fxcompress.checkpoint.codecs.base.CODECS", dict(CODECS))
     register(HalfBanksCodec())
 
     def build() -> nn.Module:

@@ -19,9 +19,8 @@ from torch import nn
 
 import fxcompress
 from fxcompress import GPTQ, RTN, Magnitude, QuantLinear, Recipe, SparseGPT, SparseLinear
-from fxcompress import format as fmt
 from fxcompress.algorithms import Statistics
-from fxcompress.format import CheckpointError, load, read_header, save
+from fxcompress.checkpoint import CheckpointError, load, read_header, save, swap, writer
 from fxcompress.modules import compressed_module
 
 from .models import VOCAB, build, output
@@ -77,7 +76,7 @@ def assert_same(a: nn.Module, b: nn.Module, exact_masks: bool = True) -> None:
 
 
 def assert_same_masked_weights(a: nn.Module, b: nn.Module) -> None:
-    from fxcompress.codecs import is_two_four
+    from fxcompress.checkpoint.codecs import is_two_four
     from fxcompress.kernels import pack
 
     for name, ma in a.named_modules():
@@ -216,12 +215,12 @@ class Crash(Exception):
     pass
 
 
-CRASHES = {  # where the second save dies: (function of fxcompress.format, at which call)
-    "writing a tensor": ("CheckpointWriter.add", 10),
-    "writing the second shard": ("_write_safetensors", 2),
-    "writing config.json": ("_write_config", 1),
-    "keeping the folder's other files": ("_carry_over", 1),
-    "swapping the folders": ("_exchange", 1),
+CRASHES = {  # where the second save dies: (owner in fxcompress.checkpoint, function, at which call)
+    "writing a tensor": (writer.CheckpointWriter, "add", 10),
+    "writing the second shard": (writer, "write_safetensors", 2),
+    "writing config.json": (writer, "write_config", 1),
+    "keeping the folder's other files": (writer, "carry_over", 1),
+    "swapping the folders": (swap, "_exchange", 1),
 }
 
 
@@ -234,9 +233,7 @@ def test_a_save_that_dies_leaves_the_old_checkpoint(w4, crash, killed, tmp_path,
     before = _files_of(out)
     other = quick(build("llama", HIDDEN, seed=1), SparseGPT(0.5))
 
-    where, at = CRASHES[crash]
-    owner = fmt.CheckpointWriter if "." in where else fmt
-    attr = where.rpartition(".")[2]
+    owner, attr, at = CRASHES[crash]
     original, calls = getattr(owner, attr), []
 
     def dies(*args, **kwargs):
@@ -247,7 +244,7 @@ def test_a_save_that_dies_leaves_the_old_checkpoint(w4, crash, killed, tmp_path,
 
     monkeypatch.setattr(owner, attr, dies)
     if killed:  # a killed process cleans nothing up
-        monkeypatch.setattr(fmt.CheckpointWriter, "discard", lambda self: None)
+        monkeypatch.setattr(writer.CheckpointWriter, "discard", lambda self: None)
     with pytest.raises(Crash):
         save(other, out, max_shard_size="20KB")
     assert _files_of(out) == before
@@ -266,8 +263,8 @@ def test_save_swaps_folders_in_one_atomic_exchange(w4, tmp_path, monkeypatch):
     out = tmp_path / "out"
     save(w4, out)
     exchanged, renamed = [], []
-    exchange, replace = fmt._exchange, os.replace
-    monkeypatch.setattr(fmt, "_exchange", lambda a, b: exchanged.append(exchange(a, b))
+    exchange, replace = swap._exchange, os.replace
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: exchanged.append(exchange(a, b))
                         or exchanged[-1])
     monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(Path(b).name) or replace(a, b))
     save(w4, out)
@@ -280,7 +277,7 @@ def test_save_swaps_folders_in_one_atomic_exchange(w4, tmp_path, monkeypatch):
 def test_save_over_a_checkpoint_without_an_atomic_exchange(w4, tmp_path, monkeypatch):
     out = tmp_path / "out"
     save(w4, out)
-    monkeypatch.setattr(fmt, "_exchange", lambda a, b: False)  # e.g. not Linux
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: False)  # e.g. not Linux
     other = quick(build("llama", HIDDEN, seed=1), GPTQ(8, -1))
     save(other, out)
     assert_same(other, load(out))

@@ -10,7 +10,7 @@ import torch
 from fxcompress import Recipe
 from fxcompress.algorithms import Statistics
 from fxcompress.api import block_count
-from fxcompress.codecs import codec_for, codec_of
+from fxcompress.checkpoint.codecs import codec_for, codec_of
 from fxcompress.errors import RecipeError
 from fxcompress.gguf import ENCODERS, grids
 from fxcompress.gguf.gptq import gptq_ggml, rtn_ggml
@@ -244,6 +244,10 @@ def test_module_codec_and_encoder_keep_the_blocks():
     value, raw = ENCODERS[GGMLLinear](m)
     assert value == gguf.GGMLQuantizationType.Q4_K and np.array_equal(raw, c.blocks.numpy())
     assert codec.entry_problem({**entry, "ggml_type": "Q4_K", "in_features": 100}) is not None
+    # what the CLI, decompress and the GGUF writer ask the kind: Q4_K stores 4.5 bits a weight
+    assert torch.equal(codec.dense_weight(m), c.dense())
+    assert codec.stored_bits(m, "bitmask") == (4.5 * 12 * 256, 12 * 256)
+    assert codec.pruned_weights(m) is None and not codec.lora_base
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from fxcompress import GPTQ, RTN, QuantExperts, Recipe, RecipeError, SparseExper
 from fxcompress.algorithms import Grid, output_error, rtn
 from fxcompress.api import plan_sites
 from fxcompress.calibration import EAGER, PRICE, calibrate
-from fxcompress.format import CheckpointError
+from fxcompress.checkpoint import CheckpointError
 from fxcompress.passes import capture, find_sites
 
 from .models import EXPERTS, MOE, VOCAB, build, output, relative_error, substituted, uneven_features
@@ -559,7 +559,7 @@ def test_streamed_experts_resume(tmp_path, monkeypatch):
     was not written (the first block's experts are read back per expert) and ends with the
     same checkpoint as an uninterrupted run."""
     from fxcompress.calibration.run import Run
-    from fxcompress.format import CheckpointWriter
+    from fxcompress.checkpoint import CheckpointWriter
     from fxcompress.streaming import compress_checkpoint, partial_dir
 
     source = _dense_checkpoint("qwen3moe", tmp_path / "dense")

@@ -10,7 +10,7 @@ import torch
 
 import fxcompress
 from fxcompress import QuantLinear
-from fxcompress.modules import decompress
+from fxcompress.checkpoint.model import decompress
 
 from .models import VOCAB, build, output
 from .test_export import RECIPE

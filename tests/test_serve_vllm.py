@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from fxcompress import GPTQ, SparseGPT
+from fxcompress.checkpoint import save
 from fxcompress.cli import parser
 from fxcompress.engines import EngineError, engine_perplexity
 from fxcompress.engines import vllm as engine
-from fxcompress.format import save
 
 from .models import build
 from .test_format import HIDDEN, quick
@@ -138,8 +138,8 @@ def _vllm_python() -> str:
 
 
 def _own_bf16(folder: Path, ids: torch.Tensor) -> float:
+    from fxcompress.checkpoint import load
     from fxcompress.evaluate import perplexity
-    from fxcompress.format import load
     from fxcompress.modules import set_precision
 
     model = set_precision(load(folder).to(torch.bfloat16), "exact")

@@ -57,7 +57,7 @@ def test_other_types_are_refused(size):
 
 
 def test_save_and_compress_checkpoint_share_the_parser():
-    from fxcompress import format as fmt
     from fxcompress import streaming
+    from fxcompress.checkpoint import writer
 
-    assert streaming.parse_size is parse_size and fmt.parse_size is parse_size
+    assert streaming.parse_size is parse_size and writer.parse_size is parse_size

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxcompress import GPTQ, QuantLinear, SparseGPT, SparseLinear
-from fxcompress.codecs import CheckpointError, implied_mask, is_two_four
-from fxcompress.format import load, save
+from fxcompress.checkpoint import load, save
+from fxcompress.checkpoint.codecs import CheckpointError, implied_mask, is_two_four
 
 from .models import build, output
 from .test_format import HIDDEN, IDS, MIXED, _ct_load, assert_same, quick

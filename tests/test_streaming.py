@@ -16,7 +16,7 @@ import torch
 
 import fxcompress
 from fxcompress import GPTQ, RTN, SparseGPT
-from fxcompress.format import CheckpointWriter
+from fxcompress.checkpoint import CheckpointWriter
 from fxcompress.streaming import (
     MemoryBudgetError,
     ResumeError,

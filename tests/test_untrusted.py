@@ -16,10 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import fxcompress
 from fxcompress import GPTQ
-from fxcompress import format as fmt
+from fxcompress.checkpoint import (
+    CheckpointError,
+    PartialCheckpoint,
+    ResumeError,
+    load,
+    names,
+    safetensors_io,
+    save,
+)
 from fxcompress.cli import main
-from fxcompress.format import CheckpointError, PartialCheckpoint, ResumeError, load, save
 from fxcompress.streaming import (
     Checkpoint,
     MemoryBudgetError,
@@ -42,7 +50,7 @@ def dense(tmp_path_factory) -> Path:
     """A tiny Qwen2 Hugging Face folder in two safetensors shards (with an index)."""
     folder = tmp_path_factory.mktemp("dense") / "qwen2"
     build("qwen2", hidden=64, layers=2).save_pretrained(folder, max_shard_size="60KB")
-    assert (folder / fmt.INDEX_NAME).is_file()
+    assert (folder / names.INDEX_NAME).is_file()
     return folder
 
 
@@ -69,7 +77,7 @@ def interrupted_once(dense, tmp_path_factory) -> Path:
         m.setattr(_Output, "sink", interrupt)
         with pytest.raises(Interrupted):
             compress_checkpoint(dense, _calibration(), RECIPE, out, progress=False)
-    assert (partial_dir(out) / fmt.PROGRESS).is_file()
+    assert (partial_dir(out) / names.PROGRESS).is_file()
     return partial_dir(out)
 
 
@@ -82,9 +90,9 @@ def interrupted(interrupted_once, tmp_path) -> tuple[Path, Path]:
 
 
 def _edit_progress(folder: Path, edit) -> None:
-    state = json.loads((folder / fmt.PROGRESS).read_text())
+    state = json.loads((folder / names.PROGRESS).read_text())
     edit(state)
-    (folder / fmt.PROGRESS).write_text(json.dumps(state))
+    (folder / names.PROGRESS).write_text(json.dumps(state))
 
 
 def _victim(tmp_path: Path) -> tuple[Path, bytes]:
@@ -121,7 +129,7 @@ def test_resume_refuses_a_symlink_among_the_partial_files(dense, interrupted, tm
     """The writer would write the final shard through it."""
     out, folder = interrupted
     victim, data = _victim(tmp_path)
-    (folder / fmt.WEIGHTS_NAME).symlink_to(victim)
+    (folder / names.WEIGHTS_NAME).symlink_to(victim)
     with pytest.raises(ResumeError, match=r"model\.safetensors.*not a file"):
         compress_checkpoint(dense, _calibration(), RECIPE, out, progress=False, resume=True)
     assert victim.read_bytes() == data
@@ -145,7 +153,7 @@ def test_resume_refuses_entries_that_disagree_with_the_parts(dense, interrupted,
             state["layers"]["model.layers.0.mlp.up_proj"] = {"kind": "quantized", "bits": -1}
 
     _edit_progress(folder, edit)
-    with pytest.raises(ResumeError, match=str(folder / fmt.PROGRESS)):
+    with pytest.raises(ResumeError, match=str(folder / names.PROGRESS)):
         compress_checkpoint(dense, _calibration(), RECIPE, out, progress=False, resume=True)
     assert {p.name: p.read_bytes() for p in folder.glob("*.part")} == parts
 
@@ -155,25 +163,26 @@ def test_resume_refuses_entries_that_disagree_with_the_parts(dense, interrupted,
 
 def _spy_headers(monkeypatch) -> list[Path]:
     opened: list[Path] = []
-    read_header = fmt.read_header
+    read_header = safetensors_io.read_header
 
     def spy(file):
         opened.append(Path(file))
         return read_header(file)
 
-    monkeypatch.setattr(fmt, "read_header", spy)
+    for reader in (safetensors_io, fxcompress.checkpoint):  # load's, and the streamed path's
+        monkeypatch.setattr(reader, "read_header", spy)
     return opened
 
 
 def _point_index_at(folder: Path, target: str, elsewhere: Path) -> str:
     """Make the index's first entry name ``target``, with a copy of its shard put in
     ``elsewhere`` (so that following the entry would find a real file); returns the tensor."""
-    index = json.loads((folder / fmt.INDEX_NAME).read_text())
+    index = json.loads((folder / names.INDEX_NAME).read_text())
     name, shard = next(iter(index["weight_map"].items()))
     elsewhere.mkdir()
     shutil.copy(folder / shard, elsewhere / "x.safetensors")
     index["weight_map"][name] = target
-    (folder / fmt.INDEX_NAME).write_text(json.dumps(index))
+    (folder / names.INDEX_NAME).write_text(json.dumps(index))
     return name
 
 
@@ -183,7 +192,7 @@ def test_load_refuses_an_index_entry_outside_the_folder(w4, tmp_path, monkeypatc
     save(w4, folder, max_shard_size="40KB")
     name = _point_index_at(folder, target, tmp_path / "elsewhere")
     opened = _spy_headers(monkeypatch)
-    with pytest.raises(CheckpointError, match=rf"{fmt.INDEX_NAME}.*{name}.*outside"):
+    with pytest.raises(CheckpointError, match=rf"{names.INDEX_NAME}.*{name}.*outside"):
         load(folder)
     assert all(f.resolve().parent == folder.resolve() for f in opened), opened
 
@@ -241,9 +250,9 @@ def checkpoint(w4, tmp_path) -> Path:
 
 
 def _set_config(folder: Path, **fields) -> None:
-    config = json.loads((folder / fmt.CONFIG_NAME).read_text())
+    config = json.loads((folder / names.CONFIG_NAME).read_text())
     config.update(fields)
-    (folder / fmt.CONFIG_NAME).write_text(json.dumps(config))
+    (folder / names.CONFIG_NAME).write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize("field, value", [("hidden_size", 10**12),
@@ -285,20 +294,21 @@ def _strip_crcs(file: Path, keep: int = 0) -> None:
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(f.read(n))["__metadata__"]
     tensors = load_file(file)
-    crcs = dict(list(json.loads(meta[fmt.CRC_KEY]).items())[:keep])
-    save_file(tensors, file, metadata={"format": "pt", **({fmt.CRC_KEY: json.dumps(crcs)}
+    crcs = dict(list(json.loads(meta[safetensors_io.CRC_KEY]).items())[:keep])
+    save_file(tensors, file, metadata={"format": "pt", **({safetensors_io.CRC_KEY: json.dumps(crcs)}
                                                           if keep else {})})
 
 
 def test_an_fxcompress_shard_without_checksums_is_an_error(w4, checkpoint):
-    _strip_crcs(checkpoint / fmt.WEIGHTS_NAME)
-    with pytest.raises(CheckpointError, match=rf"{fmt.WEIGHTS_NAME}.*{fmt.CRC_KEY}.*verify=False"):
+    _strip_crcs(checkpoint / names.WEIGHTS_NAME)
+    with pytest.raises(CheckpointError,
+                       match=rf"{names.WEIGHTS_NAME}.*{safetensors_io.CRC_KEY}.*verify=False"):
         load(checkpoint)
     assert_same(w4, load(checkpoint, verify=False))
 
 
 def test_an_fxcompress_tensor_without_its_checksum_is_an_error(checkpoint):
-    _strip_crcs(checkpoint / fmt.WEIGHTS_NAME, keep=3)
+    _strip_crcs(checkpoint / names.WEIGHTS_NAME, keep=3)
     with pytest.raises(CheckpointError, match=r"tensor .* has no CRC-32"):
         load(checkpoint)
 
@@ -315,23 +325,23 @@ def test_a_foreign_checkpoint_reads_with_a_warning(dense, caplog):
 
 def test_a_partial_output_is_not_overwritten_without_being_asked(dense, interrupted):
     out, folder = interrupted
-    progress = (folder / fmt.PROGRESS).read_text()
+    progress = (folder / names.PROGRESS).read_text()
     for budget in (None, "64KiB"):  # refused before the memory check
         with pytest.raises(ResumeError, match=rf"{folder}.*resume=True.*overwrite=True"):
             compress_checkpoint(dense, _calibration(), RECIPE, out, progress=False,
                                 max_memory=budget)
-        assert (folder / fmt.PROGRESS).read_text() == progress
+        assert (folder / names.PROGRESS).read_text() == progress
     with pytest.raises(ValueError, match="resume.*overwrite"):
         compress_checkpoint(dense, _calibration(), RECIPE, out, resume=True, overwrite=True)
     compress_checkpoint(dense, _calibration(), RECIPE, out, progress=False, overwrite=True)
-    assert (out / fmt.CONFIG_NAME).is_file() and not folder.exists()
+    assert (out / names.CONFIG_NAME).is_file() and not folder.exists()
 
 
 def test_save_does_not_overwrite_a_partial_output_either(w4, interrupted):
     out, folder = interrupted
     with pytest.raises(ResumeError, match=rf"{folder}.*overwrite=True"):
         save(w4, out)
-    assert (folder / fmt.PROGRESS).is_file()
+    assert (folder / names.PROGRESS).is_file()
     save(w4, out, overwrite=True)
     assert not folder.exists()
 
@@ -364,7 +374,7 @@ def test_cli_refuses_a_forgotten_resume(cli_model, tmp_path, capsys):
     out = tmp_path / "out"
     folder = partial_dir(out)
     folder.mkdir()
-    (folder / fmt.PROGRESS).write_text(json.dumps({"fingerprint": "x", "shards": [],
+    (folder / names.PROGRESS).write_text(json.dumps({"fingerprint": "x", "shards": [],
                                                    "layers": {}, "reports": {}}))
     args = ["compress", str(cli_model / "model"), "--recipe", "gptq-w4g64", "--calib",
             str(cli_model / "calib.txt"), "--samples", "4", "--seqlen", "16", "--out", str(out),
@@ -373,9 +383,9 @@ def test_cli_refuses_a_forgotten_resume(cli_model, tmp_path, capsys):
         assert main(args + extra) == 2
         err = capsys.readouterr().err
         assert str(folder) in err and "--resume" in err and "--overwrite" in err, err
-        assert (folder / fmt.PROGRESS).is_file()
+        assert (folder / names.PROGRESS).is_file()
     assert main(args + ["--overwrite"]) == 0
-    assert (out / fmt.CONFIG_NAME).is_file() and not folder.exists()
+    assert (out / names.CONFIG_NAME).is_file() and not folder.exists()
 
 
 # ------------------------------------------------------------- 6. torch.load of user files
@@ -383,7 +393,7 @@ def test_cli_refuses_a_forgotten_resume(cli_model, tmp_path, capsys):
 
 def test_every_torch_load_is_weights_only():
     """Files a user names (token ids, snapshots) are never unpickled as arbitrary objects."""
-    root = Path(fmt.__file__).parent
+    root = Path(fxcompress.__file__).parent
     unsafe = []
     for file in root.rglob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):

@@ -124,7 +124,7 @@ def _load(folder: Path, hparams: dict[str, Any]) -> nn.Module:
     """The checkpoint's model; a Hugging Face folder without fxcompress's quantization config
     (the dense model a compressed one is compared with) is loaded by transformers."""
     if "fxcompress" in (hparams.get("quantization_config") or {}):
-        from ..format import load
+        from ..checkpoint import load
 
         return load(folder)
     if hparams.get("quantization_config"):
@@ -230,11 +230,14 @@ def _linear(name: str, m: nn.Module, dtype: str | None) -> dict[str, Encoded]:
 
 
 def _dense_weight(m: nn.Module) -> torch.Tensor:
-    """The float32 weight a compressed layer computes with."""
-    if hasattr(m, "dequantize"):
-        return m.dequantize().float()
-    if hasattr(m, "mask"):
-        return torch.where(m.mask, m.weight.detach(), 0).float()
+    """The float32 weight a compressed layer (its codec says which) or a dense one computes
+    with."""
+    from ..checkpoint.codecs import codec_for
+
+    codec = codec_for(m)
+    w = codec.dense_weight(m) if codec is not None else None
+    if w is not None:
+        return w.float()
     if isinstance(getattr(m, "weight", None), torch.Tensor):
         return m.weight.detach().float()
     raise GGUFExportError(f"{type(m).__name__} has no dequantize(): it can only be written "
