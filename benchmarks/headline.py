@@ -264,8 +264,10 @@ def _cell(row: dict[str, Any] | None, key: str, fmt: str) -> str:
 def _runs_cell(r: dict[str, Any], fx: Labels, pr: Labels) -> str:
     """The runs a row's numbers come from; the baseline's only where it is another run."""
     cell = fx(r["run"])
-    if r["base_run"] is not None and r["base_run"] is not r["run"]:
-        cell += f" (baseline {fx(r['base_run'])})"
+    others = [f"{what} {fx(run)}" for what, run in (("baseline", r["base_run"]),
+                                                     ("dense", r["dense_run"]))
+              if run is not None and run is not r["run"]]
+    cell += f" ({', '.join(others)})" if others else ""
     return f"{cell}, {pr(r['peer_run'])}"
 
 
