@@ -189,29 +189,41 @@ def headline_rows(ours: dict[str, Any], peer: dict[str, Any]) -> list[dict[str, 
 
 
 def owl_study(ours: dict[str, Any]) -> dict[str, Any]:
-    """SparseGPT 50 % with and without OWL at every recorded seed (the latest run per seed)."""
-    per_seed: dict[int, dict[str, Any]] = {}
+    """SparseGPT 50 % with and without OWL at every recorded seed (each arm's latest run per
+    seed); the gain is compared on the seeds that have both arms."""
+    arms: dict[str, dict[int, dict[str, Any]]] = {OWL: {}, NO_OWL: {}}
     for run in sorted(ours["runs"], key=lambda r: r["date"]):
         rows = _by_recipe(run)
-        if {OWL, NO_OWL} <= rows.keys():
-            per_seed[run["seed"]] = {"run": run, "owl": rows[OWL], "no_owl": rows[NO_OWL]}
-    seeds = sorted(per_seed)
-    study: dict[str, Any] = {"seeds": seeds, "per_seed": per_seed}
+        for recipe, by_seed in arms.items():
+            if recipe in rows and "ppl_other" in rows[recipe]:
+                by_seed[run["seed"]] = {"run": run, "row": rows[recipe]}
+    seeds = sorted(arms[OWL].keys() & arms[NO_OWL].keys())
+    study: dict[str, Any] = {"seeds": seeds, "arms": arms,
+                             "all_seeds": sorted(arms[OWL].keys() | arms[NO_OWL].keys())}
     for text in ("ppl", "ppl_other"):
-        owl = [per_seed[s]["owl"][text] for s in seeds]
-        no = [per_seed[s]["no_owl"][text] for s in seeds]
+        owl = [arms[OWL][s]["row"][text] for s in seeds]
+        no = [arms[NO_OWL][s]["row"][text] for s in seeds]
         diffs = [a - b for a, b in zip(owl, no, strict=True)]
         study[text] = {"owl": owl, "no_owl": no, "diffs": diffs,
                        "overlap": bool(seeds) and min(no) <= max(owl) and min(owl) <= max(no)}
     return study
 
 
+def _arm(study: dict[str, Any], recipe: str, text: str) -> str:
+    by_seed = study["arms"][recipe]
+    values = [by_seed[s]["row"][text] for s in sorted(by_seed)]
+    return (f"{mean(values):.2f} ({_span(values)}) at seed(s) "
+            f"{', '.join(map(str, sorted(by_seed)))}" if values else "not run")
+
+
 def _owl_sentence(study: dict[str, Any]) -> str:
     """What the seeds say of OWL's gain, in words that the numbers decide."""
     seeds = study["seeds"]
     if len(seeds) < MIN_SEEDS:
-        return (f"OWL's gain is not stated: {len(seeds)} calibration seed(s) recorded, "
-                f"{MIN_SEEDS} needed")
+        return (f"OWL's gain is not stated: both rows ran at {len(seeds)} calibration seed(s), "
+                f"{MIN_SEEDS} needed. Recorded so far, SOTU / Moby-Dick, mean (min–max): with "
+                f"OWL {_arm(study, OWL, 'ppl')} / {_arm(study, OWL, 'ppl_other')}; without "
+                f"{_arm(study, NO_OWL, 'ppl')} / {_arm(study, NO_OWL, 'ppl_other')}")
     parts = []
     for text, name in (("ppl", "SOTU"), ("ppl_other", "Moby-Dick")):
         s = study[text]
@@ -343,11 +355,14 @@ def results_block(ours: dict[str, Any], peer: dict[str, Any]) -> str:
               f"`{NO_OWL}`), one compare run per calibration seed:", "",
               "| seed | fxc run | SOTU with OWL | without | Moby-Dick with OWL | without |",
               "|---:|---|---:|---:|---:|---:|"]
-    for s in study["seeds"]:
-        e = study["per_seed"][s]
-        lines.append(f"| {s} | {e['run']['commit'][:7]}, {e['run']['date'][:10]} | "
-                     f"{e['owl']['ppl']:.2f} | {e['no_owl']['ppl']:.2f} | "
-                     f"{e['owl']['ppl_other']:.2f} | {e['no_owl']['ppl_other']:.2f} |")
+    for s in study["all_seeds"]:
+        owl, no = study["arms"][OWL].get(s), study["arms"][NO_OWL].get(s)
+        runs = [e["run"] for e in (owl, no) if e is not None]
+        where = "; ".join(dict.fromkeys(f"{r['commit'][:7]}, {r['date'][:10]}" for r in runs))
+        lines.append(f"| {s} | {where} | {_cell(owl and owl['row'], 'ppl', '.2f')} | "
+                     f"{_cell(no and no['row'], 'ppl', '.2f')} | "
+                     f"{_cell(owl and owl['row'], 'ppl_other', '.2f')} | "
+                     f"{_cell(no and no['row'], 'ppl_other', '.2f')} |")
     lines += ["", f"{_owl_sentence(study)}."]
     return "\n".join(lines)
 
