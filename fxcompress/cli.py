@@ -467,6 +467,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # the exact token ids, so that another tool can be run on the same samples
     torch.save(calib, out / "calib_ids.pt")
     torch.save(ids, out / "eval_ids.pt")
+    # how the ids were made, so that results can be told apart by seed and sizes
+    (out / "settings.json").write_text(json.dumps(
+        {"seed": args.seed, "samples": args.samples, "seqlen": args.seqlen,
+         "windows": args.windows, "eval_seqlen": args.eval_seqlen, "calib": args.calib,
+         "text": args.text, "other_text": args.other_text}, indent=2))
     extra = []
     if other is not None:
         torch.save(other, out / "other_ids.pt")
@@ -480,13 +485,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    "--quiet"]
             subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
             rows.append(json.loads(Path(f"{tmp}/row.json").read_text()))
+            # after every row: an interrupted comparison keeps the rows it finished
+            (out / "results.json").write_text(json.dumps(rows, indent=2))
             _echo(f"[compare] {recipe}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds']:.0f}s")
     settings = (f"calibration {calib.shape[0]} x {calib.shape[1]} tokens (seed {args.seed}); "
                 f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens"
                 + ("" if other is None else " of the evaluation text and of the other-domain "
                    "text") + "; perplexity with dequantized float32 weights")
     table = compare_table(rows, settings)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "table.md").write_text(table + "\n")
     _plot(rows, out / "plot.png")
     _echo("\n" + table + f"\n\nwritten: {out / 'table.md'}, {out / 'plot.png'}")

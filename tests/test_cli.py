@@ -215,6 +215,32 @@ def test_compare_writes_table_plot_and_token_ids(folder, tmp_path, capsys):
     assert torch.load(out / "calib_ids.pt").shape == (4, 32)
 
 
+def test_compare_seed_draws_other_calibration_windows_and_keeps_rows(folder, tmp_path):
+    """``--seed`` picks the calibration windows (a gain is checked over several seeds), the
+    settings are saved beside the ids, and results.json holds every finished row."""
+    from transformers import AutoTokenizer
+
+    from fxcompress.evaluate import calibration_samples
+
+    args = ["--recipes", "rtn-w4g64", "--calib", str(folder / "calib.txt"), "--samples", "4",
+            "--seqlen", "32", "--text", str(folder / "eval.txt"), "--eval-seqlen", "32",
+            "--windows", "2", "--other-text", "none", "--quiet"]
+    for seed in (0, 1):
+        assert main(["compare", str(folder / "model"), *args, "--seed", str(seed),
+                     "--out", str(tmp_path / f"s{seed}")]) == 0
+    tok = AutoTokenizer.from_pretrained(folder / "model")
+    text = (folder / "calib.txt").read_text()
+    for seed in (0, 1):
+        saved = torch.load(tmp_path / f"s{seed}" / "calib_ids.pt")
+        assert torch.equal(saved, calibration_samples(tok, text, 4, 32, seed))
+        settings = json.loads((tmp_path / f"s{seed}" / "settings.json").read_text())
+        assert settings["seed"] == seed and settings["samples"] == 4
+        rows = json.loads((tmp_path / f"s{seed}" / "results.json").read_text())
+        assert [r["recipe"] for r in rows] == ["dense", "rtn-w4g64"]
+    assert not torch.equal(torch.load(tmp_path / "s0" / "calib_ids.pt"),
+                           torch.load(tmp_path / "s1" / "calib_ids.pt"))
+
+
 EXPECTED = "expected a Hugging Face model folder (with config.json and safetensors), a " \
     "checkpoint written by fxcompress, a model id"
 
