@@ -14,7 +14,7 @@ row is written to ``OUT/results.json`` as it is measured, so an interrupted run 
 has and a rerun skips the cells it already holds.
 
     python benchmarks/serve_vllm.py --out /tmp/serve [--recipes a,b] [--samples 16]
-        [--windows 32] [--eager] [--default-env-for a,b] [--write]
+        [--windows 32] [--eager] [--default-env-for a,b] [--columns fx_bf16,vllm_w4a8_0]
 """
 
 from __future__ import annotations
@@ -104,7 +104,14 @@ def main() -> None:
                    help="recipes that also get the default-environment vLLM run (default: "
                         "all)")
     p.add_argument("--engine-python", default=None)
+    p.add_argument("--columns", default=",".join(COLUMNS),
+                   help="the cells to measure (default: all); e.g. fx_bf16,vllm_w4a8_0 for "
+                        "the comparison alone on a busy machine")
     args = p.parse_args()
+    columns = args.columns.split(",")
+    if unknown := set(columns) - set(COLUMNS):
+        p.error(f"--columns: unknown {', '.join(sorted(unknown))} (choose from "
+                f"{', '.join(COLUMNS)})")
     recipes = args.recipes.split(",")
     default_for = recipes if args.default_env_for is None else args.default_env_for.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +135,7 @@ def main() -> None:
             jobs["vllm_default"] = lambda f=folder: served(f, ids, False, args.eager,
                                                            args.engine_python)[0]
         for column, job in jobs.items():
-            if column in row:
+            if column in row or column not in columns:
                 continue
             try:
                 row[column] = job()
