@@ -134,9 +134,9 @@ PHASES = [
     ("fxcompress.passes.calibrate", "_Run.statistics", "hessian"),
     ("fxcompress.algorithms.hessian", "Hessian.value", "hessian"),
     ("fxcompress.passes.calibrate", "_Run.solve", "solve"),
-    ("fxcompress.streaming", "_Output.write_dense", "write"),
-    ("fxcompress.streaming", "_Output.sink", "write"),
-    ("fxcompress.streaming", "_Output.finish", "write"),
+    ("fxcompress.streaming", "_Writer.write_dense", "write"),
+    ("fxcompress.streaming", "_Writer.sink", "write"),
+    ("fxcompress.streaming", "_Writer.finish", "write"),
 ]
 
 

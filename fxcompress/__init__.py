@@ -14,12 +14,13 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .algorithms import HessianNotPositiveDefinite
-from .api import Report, compile
+from .api import compile
 from .export import export
 from .format import load, save
 from .gguf.writer import write_gguf as export_gguf
 from .modules import QuantExperts, QuantLinear, SparseExperts, SparseLinear, set_precision
 from .passes import CaptureError
+from .pipeline import Report
 from .recipe import GPTQ, RTN, Magnitude, Recipe, RecipeError, SparseGPT
 from .training import LoRALinear, add_lora, densify, enforce_masks, keep_masks
 

@@ -9,13 +9,13 @@ import torch
 
 from fxcompress import Recipe
 from fxcompress.algorithms import Statistics
-from fxcompress.api import block_count
 from fxcompress.codecs import codec_for, codec_of
 from fxcompress.gguf import ENCODERS, grids
 from fxcompress.gguf.gptq import gptq_ggml, rtn_ggml
 from fxcompress.gguf.linear import GGMLLinear
 from fxcompress.gguf.mix import tensor_type, use_more_bits
 from fxcompress.modules import compressed_module
+from fxcompress.pipeline import block_count
 from fxcompress.recipe import NAMED, GGUFQuant, RecipeError, method_from_dict, method_to_dict
 
 gguf = pytest.importorskip("gguf")
