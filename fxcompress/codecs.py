@@ -224,11 +224,6 @@ def set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
         module._buffers[local] = value
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 # ============================================================================ linear kinds
 
 

@@ -69,9 +69,9 @@ from .codecs import (
     dense_tensors,
     get_tensor,
     inside,
-    set_module,
     set_tensor,
 )
+from .modules import set_module
 from .passes.calibrate import release_freed_memory
 from .paths import inside_folder
 from .recipe import Recipe, RecipeError

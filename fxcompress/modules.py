@@ -579,6 +579,13 @@ def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype,
     return SparseLinear.from_compressed(c, bias, dtype)
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``model`` under the dotted ``name``, replacing what was there: how
+    compressed, decompressed and LoRA modules are swapped in by name."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def decompress(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of ``model`` (in place) with an ``nn.Linear`` holding its
     dequantized/masked weight in float32: the same function evaluated without the integer
@@ -597,6 +604,5 @@ def decompress(model: nn.Module) -> nn.Module:
         dense.weight.data = w
         if m.bias is not None:
             dense.bias.data = m.bias.detach().float()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        set_module(model, name, dense)
     return model

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .modules import QuantLinear, SparseLinear
+from .modules import QuantLinear, SparseLinear, set_module
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,8 @@ def densify(model: nn.Module) -> nn.Module:
         linear.weight = module.weight
         linear.bias = module.bias
         linear.train(module.training)
-        _replace(model, name, linear)
+        set_module(model, name, linear)
     return model
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -226,6 +220,6 @@ def add_lora(model: nn.Module, rank: int = 8, targets: str | Sequence[str] | Non
     if freeze_base:
         model.requires_grad_(False)
     for name, module in chosen:
-        _replace(model, name, LoRALinear(module, rank, alpha, dropout))
+        set_module(model, name, LoRALinear(module, rank, alpha, dropout))
     log.debug("add_lora: %d adapters of rank %d", len(chosen), rank)
     return model
