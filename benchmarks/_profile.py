@@ -19,9 +19,9 @@ PHASES = [
     ("fxcompress.calibration.statistics", "pinned_sums", "statistics"),
     ("fxcompress.algorithms.hessian", "Hessian.value", "statistics"),
     ("fxcompress.calibration.run", "Run.solve", "solve"),
-    ("fxcompress.streaming", "_Output.write_dense", "write"),
-    ("fxcompress.streaming", "_Output.sink", "write"),
-    ("fxcompress.streaming", "_Output.finish", "write"),
+    ("fxcompress.streaming", "_Writer.write_dense", "write"),
+    ("fxcompress.streaming", "_Writer.sink", "write"),
+    ("fxcompress.streaming", "_Writer.finish", "write"),
     ("fxcompress.api", "rewrite", "write"),
 ]
 STEPS = {"run_segment", "compress_group"}  # memory is measured around each of these

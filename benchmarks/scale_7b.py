@@ -134,9 +134,9 @@ PHASES = [
     ("fxcompress.calibration.statistics", "pinned_sums", "hessian"),
     ("fxcompress.algorithms.hessian", "Hessian.value", "hessian"),
     ("fxcompress.calibration.run", "Run.solve", "solve"),
-    ("fxcompress.streaming", "_Output.write_dense", "write"),
-    ("fxcompress.streaming", "_Output.sink", "write"),
-    ("fxcompress.streaming", "_Output.finish", "write"),
+    ("fxcompress.streaming", "_Writer.write_dense", "write"),
+    ("fxcompress.streaming", "_Writer.sink", "write"),
+    ("fxcompress.streaming", "_Writer.finish", "write"),
 ]
 
 

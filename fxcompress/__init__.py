@@ -14,7 +14,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .algorithms import HessianNotPositiveDefinite
-from .api import Report, compile
+from .api import compile
 from .checkpoint import load, save
 from .errors import RecipeError
 from .export import export
@@ -22,6 +22,7 @@ from .gguf.writer import write_gguf as export_gguf
 from .methods import GPTQ, RTN, Magnitude, SparseGPT
 from .modules import QuantExperts, QuantLinear, SparseExperts, SparseLinear, set_precision
 from .passes import CaptureError
+from .pipeline import Report
 from .recipe import Recipe
 from .training import LoRALinear, add_lora, densify, enforce_masks, keep_masks
 from .version import __version__  # noqa: F401  (re-exported)

@@ -1,8 +1,11 @@
 """Calibration spread over the ranks of a ``torch.distributed`` process group.
 
-The calibrate pass asks a :class:`~fxcompress.calibration.Team` four things; this one
-answers them with PyTorch's own collectives (gloo on CPU, nccl on GPUs), so any launcher that
-initialises a process group — ``torchrun`` on one machine or many, SLURM, Kubernetes — works:
+A :class:`Team` is the processes that compress together. The calibrate pass asks it four
+things (:class:`~fxcompress.calibration.Team`: guard, reduce, owners, share), the
+pipeline three more (shard, barrier, device); one process is a team of one
+(:class:`~fxcompress.calibration.Local`). :class:`Distributed` answers them with
+PyTorch's own collectives (gloo on CPU, nccl on GPUs), so any launcher that initialises a
+process group — ``torchrun`` on one machine or many, SLURM, Kubernetes — works:
 
 * **which chunks** — rank r runs calibration chunks ``r, r + world, ...`` (:meth:`shard`);
 * **H** — each rank's partial ``Σ 2xᵀx`` and token count are summed with ``all_reduce``;
@@ -26,13 +29,14 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .algorithms import Compressed, Hessian
-from .calibration import Step
+from .calibration import Local, Step
+from .calibration import Team as CalibrateTeam
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,9 +47,30 @@ class DistributedError(RuntimeError):
     launch that cannot work (several processes and no process group)."""
 
 
+class Team(CalibrateTeam, Protocol):
+    """The processes that compress together, as the pipeline sees them: the calibrate
+    pass's team, plus how the calibration batches are shared, where a process computes by
+    default, and a point every process reaches before any goes on."""
+
+    device: torch.device
+
+    def shard(self, chunks: Sequence[T]) -> list[T]:
+        """This process's share of the calibration batches."""
+        ...
+
+    def barrier(self, layer: str) -> None:
+        """Wait until every process gets here (``layer`` names the step in errors)."""
+        ...
+
+
 def active() -> bool:
     """True when a default process group with more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def current_team() -> Team:
+    """The ranks of the default process group, or this process alone when there is none."""
+    return Distributed() if active() else Local()
 
 
 def to_cpu(value: T) -> T:
@@ -73,6 +98,8 @@ class Distributed:
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if backend == "nccl" else torch.device("cpu")
 
+    # -- the Team protocol --------------------------------------------------------------
+
     def shard(self, chunks: Sequence[T]) -> list[T]:
         """This rank's calibration chunks."""
         if len(chunks) < self.world:
@@ -80,7 +107,8 @@ class Distributed:
                              f"{self.world} ranks: use more samples or a smaller batch size")
         return list(chunks[self.rank::self.world])
 
-    # -- the Team protocol --------------------------------------------------------------
+    def barrier(self, layer: str) -> None:
+        self._collective(layer, dist.barrier, group=self.group)
 
     @contextlib.contextmanager
     def guard(self, layer: str) -> Iterator[Step]:
@@ -120,9 +148,6 @@ class Distributed:
         return box[0]
 
     # -- helpers ------------------------------------------------------------------------
-
-    def barrier(self, layer: str) -> None:
-        self._collective(layer, dist.barrier, group=self.group)
 
     def _collective(self, layer: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:

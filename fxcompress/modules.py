@@ -578,3 +578,10 @@ def compressed_module(c: Compressed, bias: Tensor | None, dtype: torch.dtype,
         return QuantLinear.from_compressed(c, bias, dtype, prepare)
     return SparseLinear.from_compressed(c, bias, dtype)
 
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``model`` under the dotted ``name``, replacing what was there: how
+    compressed, decompressed and LoRA modules are swapped in by name."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -52,8 +52,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .checkpoint.codecs import SPARSE, codec_for
-from .checkpoint.model import set_module
-from .modules import SparseLinear
+from .modules import SparseLinear, set_module
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ def _digest(results: dict) -> str:
 
 def _in_memory_calibrate(team: Distributed | None) -> str:
     """The pass itself, on a model in memory: every rank must end with the same results."""
-    from fxcompress.api import calibration_batches
     from fxcompress.calibration import calibrate
     from fxcompress.passes import capture, find_sites
+    from fxcompress.pipeline import calibration_batches
 
     model = build("llama", hidden=64, layers=2)
     chunks, _ = calibration_batches(model, _calibration(), 2)

@@ -9,7 +9,6 @@ import torch
 
 from fxcompress import Recipe
 from fxcompress.algorithms import Statistics
-from fxcompress.api import block_count
 from fxcompress.checkpoint.codecs import codec_for, codec_of
 from fxcompress.errors import RecipeError
 from fxcompress.gguf import ENCODERS, grids
@@ -18,6 +17,7 @@ from fxcompress.gguf.linear import GGMLLinear
 from fxcompress.gguf.mix import tensor_type, use_more_bits
 from fxcompress.methods import GGUFQuant
 from fxcompress.modules import compressed_module
+from fxcompress.pipeline import block_count
 from fxcompress.recipe import NAMED, method_from_dict, method_to_dict
 
 gguf = pytest.importorskip("gguf")

@@ -12,10 +12,10 @@ import torch
 import fxcompress
 from fxcompress import GPTQ, RTN, QuantExperts, Recipe, RecipeError, SparseExperts, SparseGPT
 from fxcompress.algorithms import Grid, output_error, rtn
-from fxcompress.api import plan_sites
 from fxcompress.calibration import EAGER, PRICE, calibrate
 from fxcompress.checkpoint import CheckpointError
 from fxcompress.passes import capture, find_sites
+from fxcompress.pipeline import plan_sites
 
 from .models import EXPERTS, MOE, VOCAB, build, output, relative_error, substituted, uneven_features
 
@@ -537,7 +537,8 @@ def test_streamed_expert_reads_only_its_own_tensors(tmp_path, monkeypatch):
     the bank's update), not once per expert of its bank."""
     from collections import Counter
 
-    from fxcompress.streaming import Checkpoint, compress_checkpoint
+    from fxcompress.source import Checkpoint
+    from fxcompress.streaming import compress_checkpoint
 
     source = _dense_checkpoint("mixtral", tmp_path / "dense")
     reads, read = Counter(), Checkpoint._read

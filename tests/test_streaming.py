@@ -114,7 +114,7 @@ def test_offload_to_disk_chosen_when_only_that_fits(checkpoint, tmp_path,
     max_memory (a bound on tensor bytes); the estimate is in the report either way (here
     without the resident program, which the estimate adds as measured). Calibrated on 8 × 64
     tokens, so that the frontier is a real part of the peak."""
-    monkeypatch.setattr("fxcompress.streaming.resident_bytes", lambda: 0)
+    monkeypatch.setattr("fxcompress.pipeline.resident_bytes", lambda: 0)
     calibration = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(2))
     runs = {o: compress_checkpoint(checkpoint, calibration, RECIPE, tmp_path / o,
                                    progress=False, batch_size=2, offload=o)
@@ -225,9 +225,9 @@ def test_resume_refuses_another_job(checkpoint, tmp_path, monkeypatch):
     def interrupt(self, site, c, report):
         raise Interrupted
 
-    from fxcompress.streaming import _Output
+    from fxcompress.streaming import _Writer
 
-    monkeypatch.setattr(_Output, "sink", interrupt)
+    monkeypatch.setattr(_Writer, "sink", interrupt)
     with pytest.raises(Interrupted):
         compress_checkpoint(checkpoint, _calibration(), RECIPE, out, progress=False)
     monkeypatch.undo()
@@ -264,7 +264,8 @@ RECIPES = {  # GPTQ where its workspace fits the budget; the rest rounded to nea
 }
 CHILD = textwrap.dedent("""
     import json, sys
-    from fxcompress.streaming import compress_checkpoint, release_freed_memory
+    from fxcompress.osmem import release_freed_memory
+    from fxcompress.streaming import compress_checkpoint
     from tests.test_streaming import RECIPES, _ids
 
     def mib(key):  # from /proc: ru_maxrss would start at the parent's RSS at fork

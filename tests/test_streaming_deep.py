@@ -25,7 +25,8 @@ CHILD = textwrap.dedent("""
     import json, sys
     import torch
     from fxcompress import GPTQ
-    from fxcompress.streaming import compress_checkpoint, release_freed_memory
+    from fxcompress.osmem import release_freed_memory
+    from fxcompress.streaming import compress_checkpoint
 
     def mib(key):  # from /proc: ru_maxrss would start at the parent's RSS at fork
         for line in open("/proc/self/status"):

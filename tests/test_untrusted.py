@@ -28,13 +28,8 @@ from fxcompress.checkpoint import (
     save,
 )
 from fxcompress.cli import main
-from fxcompress.streaming import (
-    Checkpoint,
-    MemoryBudgetError,
-    compress_checkpoint,
-    partial_dir,
-    skeleton,
-)
+from fxcompress.source import Checkpoint, skeleton
+from fxcompress.streaming import MemoryBudgetError, compress_checkpoint, partial_dir
 
 from .models import VOCAB, build
 from .test_format import HIDDEN, assert_same, quick
@@ -67,14 +62,14 @@ class Interrupted(Exception):
 def interrupted_once(dense, tmp_path_factory) -> Path:
     """The partial folder of a streamed run that died at its first layer (the dense tensors
     committed), made once."""
-    from fxcompress.streaming import _Output
+    from fxcompress.streaming import _Writer
 
     def interrupt(self, site, c, report):
         raise Interrupted
 
     out = tmp_path_factory.mktemp("interrupted") / "out"
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(_Output, "sink", interrupt)
+        m.setattr(_Writer, "sink", interrupt)
         with pytest.raises(Interrupted):
             compress_checkpoint(dense, _calibration(), RECIPE, out, progress=False)
     assert (partial_dir(out) / names.PROGRESS).is_file()

@@ -82,9 +82,20 @@ class Team(Protocol):
 
 
 class Local:
-    """One process does everything; errors propagate unchanged."""
+    """One process does everything; errors propagate unchanged. (It also answers what the
+    pipeline asks of a team: :class:`fxcompress.distributed.Team`.)"""
 
     rank, world = 0, 1
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def shard(self, chunks: Sequence[Any]) -> list[Any]:
+        return list(chunks)
+
+    def barrier(self, layer: str) -> None:
+        pass
 
     @contextlib.contextmanager
     def guard(self, layer: str) -> Iterator[Step]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..modules import set_module  # noqa: F401  (re-exported: codecs swap modules in by name)
 from .codecs import codec_for
 
 
@@ -62,12 +63,6 @@ def set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
         module._parameters[local] = value
     else:
         module._buffers[local] = value
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` in place of ``model``'s submodule ``name``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # ============================================================================ linear kinds

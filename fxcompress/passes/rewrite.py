@@ -15,16 +15,10 @@ import logging
 from torch import nn
 
 from ..algorithms import Compressed
-from ..modules import compressed_experts, compressed_module
+from ..modules import compressed_experts, compressed_module, set_module
 from .sites import Site
 
 log = logging.getLogger(__name__)
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def expert_results(sites: list[Site], results: dict[str, Compressed]
@@ -55,7 +49,7 @@ def rewrite(model: nn.Module, sites: list[Site], results: dict[str, Compressed])
         old = site.module
         new = compressed_module(c, old.bias, old.weight.dtype).to(old.weight.device)
         new.train(old.training)
-        _set(model, site.fqn, new)
+        set_module(model, site.fqn, new)
         count += 1
         log.debug("rewrote %s: %s -> %s", site.fqn, type(old).__name__, new)
     banks = expert_results(sites, results)
@@ -64,7 +58,7 @@ def rewrite(model: nn.Module, sites: list[Site], results: dict[str, Compressed])
         device = old.gate_up_proj.device
         new = compressed_experts(old, by_bank).to(device)
         new.train(old.training)
-        _set(model, name, new)
+        set_module(model, name, new)
         count += sum(len(cs) for cs in by_bank.values())
         for s in sites:
             if s.module_name == name:

@@ -69,6 +69,28 @@ def test_no_import_circle_runs_through_this_area():
     assert not circles, f"modules on an import circle: {sorted(circles)}"
 
 
+def test_no_import_circle_anywhere_in_the_package():
+    graph = _graph()
+    circles = [m for m in graph if m in _reaches(graph, m)]
+    assert not circles, f"modules on an import circle: {sorted(circles)}"
+
+
+def test_the_pipeline_s_rooms_import_nothing_above_them():
+    """calibration/ knows no pipeline, output or checkpoint; checkpoint/ knows no
+    calibration or pipeline; the pipeline knows neither of its two callers."""
+    above = {"fxcompress.calibration": ("fxcompress.pipeline", "fxcompress.api",
+                                        "fxcompress.streaming", "fxcompress.checkpoint"),
+             "fxcompress.checkpoint": ("fxcompress.calibration", "fxcompress.pipeline",
+                                       "fxcompress.api", "fxcompress.streaming"),
+             "fxcompress.pipeline": ("fxcompress.api", "fxcompress.streaming",
+                                     "fxcompress.checkpoint", "fxcompress.source")}
+    graph = _graph()
+    for room, banned in above.items():
+        for m in (m for m in graph if m == room or m.startswith(room + ".")):
+            upward = sorted(t for t in graph[m] if t.startswith(banned))
+            assert not upward, f"{m} imports {upward}"
+
+
 def test_the_check_finds_a_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert {m for m in graph if m in _reaches(graph, m)} == {"a", "b", "c"}

@@ -8,11 +8,11 @@ import torch
 
 from fxcompress import GPTQ
 from fxcompress.algorithms import Hessian, WeightedCross
-from fxcompress.api import _batch
 from fxcompress.calibration import calibrate
 from fxcompress.calibration.frontier import ChunkEnv, Frontier
 from fxcompress.passes import capture, find_sites
 from fxcompress.passes.capture import call_kwargs
+from fxcompress.pipeline import _batch
 
 from ..models import VOCAB, build, output
 
@@ -234,16 +234,18 @@ def test_memory_fallbacks_recompute_before_offloading():
     """compile(max_memory=...) runs the default plan when it fits, recomputes whatever saves
     memory when only that fits, and offloads the frontier only after that."""
     import fxcompress
-    from fxcompress.api import fit_memory
+    from fxcompress.api import InMemory, Rewrite, memory_tries
     from fxcompress.calibration import EAGER, PRICE
+    from fxcompress.pipeline import Planned, _estimator, fit_memory
 
     model, ids, calls, ep, sites, plan = _llama_w4(seed=4)
-    cpu = torch.device("cpu")
-    offload, price, full = fit_memory(ep, sites, plan, calls, None, cpu)
+    tries = memory_tries(torch.device("cpu"))
+    estimate = _estimator(Planned(ep, sites, plan, {}), calls, InMemory(model), Rewrite(model))
+    offload, price, full = fit_memory(tries, estimate, None)
     assert (offload, price) == (None, PRICE)
-    offload, price, peak = fit_memory(ep, sites, plan, calls, full - 1, cpu)
+    offload, price, peak = fit_memory(tries, estimate, full - 1)
     assert (offload, price) == (None, EAGER) and peak < full
-    offload, _, lowest = fit_memory(ep, sites, plan, calls, peak - 1, cpu)
+    offload, _, lowest = fit_memory(tries, estimate, peak - 1)
     assert offload == "disk" and lowest < peak
 
     fxcompress.compile(model, ids, plan, progress=False, batch_size=4, max_memory=peak)
