@@ -175,7 +175,7 @@ class QuantLinear(nn.Module):
         """The Triton kernels' layouts: 2:4 kept half + positions for 2:4-sparse layers,
         otherwise ``prepare_quant_weight`` (3-bit planes, act-order columns sorted by group).
         Runs on any device (on CPU the ops' reference branches read the same layouts)."""
-        from .kernels import triton_kernels as tk
+        from ..kernels import triton_kernels as tk
 
         k, gs = self.in_features, self.group_size
         if gs % 16 and gs < k:
