@@ -44,7 +44,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
     found = assets.fetch(args.cache, progress=not args.quiet)
     echo(f"model:       {found.model_dir}\ncalibration: {found.calibration}\n"
-          f"evaluation:  {found.evaluation}")
+         f"evaluation:  {found.evaluation}")
     return 0
 
 
@@ -115,7 +115,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     before = _dir_size(folder) if folder else None
     after = _dir_size(out)
     echo(f"compressed {len(report.layers)} linear layers ({weights / 1e6:.1f}M weights) in "
-          f"{seconds:.1f}s; peak RSS {peak_rss_mib():.0f} MiB")
+         f"{seconds:.1f}s; peak RSS {peak_rss_mib():.0f} MiB")
     echo(f"stored bits per weight (compressed linears): {bpw:.2f}")
     if before:
         echo(f"checkpoint size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({out})")
@@ -161,7 +161,7 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
         if lead:
             ranks = f" over {dist.get_world_size()} ranks" if distributed else ""
             echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed "
-                  f"{args.seed}); streamed from {folder}{ranks}")
+                 f"{args.seed}); streamed from {folder}{ranks}")
         t = time.perf_counter()
         report = compress_checkpoint(folder, calib, recipe, args.out,
                                      max_memory=args.max_memory, offload=args.offload or "auto",
@@ -177,9 +177,9 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
             echo("\n" + report.table() + "\n")
             echo(_precision_line(report.precision))
             echo(f"compressed {len(report.layers)} linear layers in {seconds:.1f}s; peak RSS "
-                  f"{peak_rss_mib():.0f} MiB")
+                 f"{peak_rss_mib():.0f} MiB")
             echo(f"checkpoint size: {_dir_size(folder) / 2**20:.1f} MiB -> "
-                  f"{_dir_size(out) / 2**20:.1f} MiB ({out})")
+                 f"{_dir_size(out) / 2**20:.1f} MiB ({out})")
             if args.eval:
                 from .checkpoint import load
 
@@ -256,7 +256,7 @@ def _eval_llamacpp(args: argparse.Namespace, folder: Path) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fxcompress-eval-") as tmp:
         text = Path(tmp) / "text.txt"
-        text.writeread_text(read_text(args.text, "evaluation", not args.quiet), encoding="utf-8")
+        text.write_text(read_text(args.text, "evaluation", not args.quiet), encoding="utf-8")
         options = {"text": text, "seqlen": args.eval_seqlen, "windows": args.windows,
                    "llama_cpp": args.llama_cpp}
         reference = write_gguf(folder, Path(tmp) / "f32.gguf", dtype="f32")
@@ -265,7 +265,7 @@ def _eval_llamacpp(args: argparse.Namespace, folder: Path) -> int:
         report = engine_perplexity("llama.cpp", folder, gguf=Path(tmp) / "model.gguf",
                                    **options)
     echo(f"perplexity ({report.engine}, the checkpoint's GGUF): {report.ppl:.3f}   "
-          f"[{report.settings}]")
+         f"[{report.settings}]")
     echo(f"llama.cpp: GGUF / F32: {report.ppl / own.ppl:.4f}")
     for warning in report.warnings:
         echo(f"WARNING: {warning}")

@@ -25,7 +25,7 @@ def peak_rss_mib() -> float:
     """Peak resident memory of this process. ``VmHWM`` where Linux has it: ``ru_maxrss``
     survives ``exec`` and so can report the peak of the process that started this one."""
     try:
-        for line in Path("/proc/self/status").readread_text().splitlines():
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -80,7 +80,7 @@ def cmd_row(args: argparse.Namespace) -> int:
             ids = torch.load(path, weights_only=True)
             row[key] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
                                   progress=False).ppl
-    Path(args.json).writeread_text(json.dumps(row))
+    Path(args.json).write_text(json.dumps(row))
     return 0
 
 
@@ -119,7 +119,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     torch.save(calib, out / "calib_ids.pt")
     torch.save(ids, out / "eval_ids.pt")
     # how the ids were made, so that results can be told apart by seed and sizes
-    (out / "settings.json").writeread_text(json.dumps(
+    (out / "settings.json").write_text(json.dumps(
         {"seed": args.seed, "samples": args.samples, "seqlen": args.seqlen,
          "windows": args.windows, "eval_seqlen": args.eval_seqlen, "calib": args.calib,
          "text": args.text, "other_text": args.other_text}, indent=2))
@@ -135,16 +135,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    "--eval-ids", str(out / "eval_ids.pt"), *extra, "--json", f"{tmp}/row.json",
                    "--quiet"]
             subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            rows.append(json.loads(Path(f"{tmp}/row.json").readread_text()))
+            rows.append(json.loads(Path(f"{tmp}/row.json").read_text()))
             # after every row: an interrupted comparison keeps the rows it finished
-            (out / "results.json").writeread_text(json.dumps(rows, indent=2))
+            (out / "results.json").write_text(json.dumps(rows, indent=2))
             echo(f"[compare] {recipe}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds']:.0f}s")
     settings = (f"calibration {calib.shape[0]} x {calib.shape[1]} tokens (seed {args.seed}); "
                 f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens"
                 + ("" if other is None else " of the evaluation text and of the other-domain "
                    "text") + "; perplexity with dequantized float32 weights")
     table = compare_table(rows, settings)
-    (out / "table.md").writeread_text(table + "\n")
+    (out / "table.md").write_text(table + "\n")
     _plot(rows, out / "plot.png")
     echo("\n" + table + f"\n\nwritten: {out / 'table.md'}, {out / 'plot.png'}")
     return 0

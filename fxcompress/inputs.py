@@ -32,7 +32,7 @@ def is_checkpoint(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
         return False
-    qc = json.loads(config.readread_text()).get("quantization_config") or {}
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
     return "fxcompress" in qc
 
 
@@ -95,7 +95,7 @@ def load_model(spec: str, progress: bool = True, dense: bool = False
         model = load(source)
     else:
         model = from_hub(lambda s: AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32),
-                          source, "model")
+                         source, "model")
     tokenizer = from_hub(AutoTokenizer.from_pretrained, source, "tokenizer")
     return model.eval(), tokenizer, source if isinstance(source, Path) else None
 
@@ -106,11 +106,11 @@ def read_text(path: str | None, which: str, progress: bool) -> str:
     if path is None:
         folder = assets.sotu(progress=progress)
         path = str(folder / f"{which}.txt")
-    return assets.loadread_text(path)
+    return assets.load_text(path)
 
 
 def read_other_text(path: str | None, progress: bool) -> str:
     """A held-out text of another domain than the calibration text (default: Moby-Dick)."""
     from . import assets
 
-    return assets.loadread_text(path if path is not None else assets.moby_dick(progress=progress))
+    return assets.load_text(path if path is not None else assets.moby_dick(progress=progress))
