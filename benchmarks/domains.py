@@ -60,9 +60,8 @@ def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch
     if which == "speeches":
         parts = [(suite.texts("speeches").calibration, n)]
     elif which == "mix":
-        names = [d.name for d in suite.domains("calibration")]
-        parts = [(suite.texts(name).calibration, n // len(names) + (i < n % len(names)))
-                 for i, name in enumerate(names)]
+        parts = [(suite.texts(name).calibration, k)
+                 for name, k in suite.calibration_shares(n).items()]
     else:
         raise ValueError(f"unknown calibration set {which!r}: 'speeches' or 'mix'")
     return torch.cat([calibration_samples(tokenizer, load_text(path), k, SEQLEN, seed)

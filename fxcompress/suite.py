@@ -267,6 +267,16 @@ def domains(role: str | None = None) -> list[Domain]:
     return [d for d in SUITE.values() if role is None or d.role == role]
 
 
+def calibration_shares(n: int) -> dict[str, int]:
+    """How ``n`` calibration samples are dealt over the calibration domains: evenly, the
+    first ``n % k`` domains (in suite order) taking one more, so a mix has the same total
+    size as a single-domain set."""
+    names = [d.name for d in domains("calibration")]
+    if n < len(names):
+        raise ValueError(f"{n} samples cannot cover the {len(names)} calibration domains")
+    return {name: n // len(names) + (i < n % len(names)) for i, name in enumerate(names)}
+
+
 # ----------------------------------------------------------------------------- fetch
 
 
