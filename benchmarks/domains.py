@@ -113,10 +113,12 @@ def _load(results: Path) -> dict:
     return json.loads(results.read_text()) if results.exists() else {"rows": []}
 
 
-def run(out: Path, names: list[str], seed: int) -> None:
-    unknown = [n for n in names if n not in ROWS]
+def run(out: Path, names: list[str], seed: int, domains: list[str] | None = None) -> None:
+    unknown = [n for n in names if n not in ROWS] + [d for d in domains or []
+                                                     if d not in suite.SUITE]
     if unknown:
-        raise SystemExit(f"unknown rows {unknown}; known: {list(ROWS)}")
+        raise SystemExit(f"unknown rows or domains {unknown}; rows: {list(ROWS)}, "
+                         f"domains: {list(suite.SUITE)}")
     out.mkdir(parents=True, exist_ok=True)
     _prepare(out, seed)
     results = out / "results.json"
@@ -126,6 +128,7 @@ def run(out: Path, names: list[str], seed: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "_row", name, "--out", str(out), "--seed",
                    str(seed), "--json", f"{tmp}/row.json"]
+            cmd += ["--domains", *domains] if domains else []
             subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
             row = json.loads(Path(f"{tmp}/row.json").read_text())
         data = _load(results)
@@ -137,8 +140,10 @@ def run(out: Path, names: list[str], seed: int) -> None:
         print(f"{name}: {cells} (compress {row['seconds']:.0f}s)", flush=True)
 
 
-def row(name: str, out: Path, seed: int, json_path: Path) -> None:
-    """One row in this process: compress, dequantize, perplexity on every domain."""
+def row(name: str, out: Path, seed: int, json_path: Path,
+        domains: list[str] | None = None) -> None:
+    """One row in this process: compress, dequantize, perplexity on every domain (or on
+    ``domains``: a choice is scored on the validation domains alone)."""
     import fxcompress
     from fxcompress.cli import load_model
     from fxcompress.evaluate import perplexity
@@ -154,7 +159,7 @@ def row(name: str, out: Path, seed: int, json_path: Path) -> None:
         decompress(model)
     seconds = time.perf_counter() - started if recipe is not None else 0.0
     ppl = {}
-    for domain in suite.SUITE:
+    for domain in domains or suite.SUITE:
         ids = torch.load(out / "ids" / f"eval-{domain}.pt", weights_only=True)
         ppl[domain] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
                                  progress=False).ppl
@@ -183,17 +188,21 @@ def table(data: dict) -> str:
                                   if kv[0][0] in ROWS else len(ROWS)):
         cells = []
         for d in order:
+            if d not in r["ppl"]:
+                cells.append("—")
+                continue
             cell = f"{r['ppl'][d]:.2f}"
             if dense is not None and r is not dense:
                 cell += f" ({r['ppl'][d] / dense['ppl'][d] - 1:+.0%})"
-            if rtn is not None and name.startswith("gptq") and r["ppl"][d] > rtn["ppl"][d]:
+            if rtn is not None and name.startswith("gptq") and r["ppl"][d] > rtn["ppl"].get(
+                    d, float("inf")):
                 cell = f"**{cell}**"
             cells.append(cell)
-        means = [_geomean([r["ppl"][d] for d in order if roles[d] == role])
+        means = [_geomean([r["ppl"].get(d, float("nan")) for d in order if roles[d] == role])
                  for role in ("validation", "reporting")]
         calib = r["calibration"] or "—"
         lines.append(f"| {name} | {calib} (seed {seed}) | " + " | ".join(cells)
-                     + f" | {means[0]:.2f} | {means[1]:.2f} |")
+                     + "".join(" | —" if m != m else f" | {m:.2f}" for m in means) + " |")
     return "\n".join(lines)
 
 
@@ -209,19 +218,21 @@ def main() -> None:
         ap.add_argument("--out", required=True)
         ap.add_argument("--seed", type=int, required=True)
         ap.add_argument("--json", required=True)
+        ap.add_argument("--domains", nargs="+")
         a = ap.parse_args()
-        row(a.name, Path(a.out), a.seed, Path(a.json))
+        row(a.name, Path(a.out), a.seed, Path(a.json), a.domains)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/domains")
     ap.add_argument("--rows", nargs="+", help=f"rows to run (default all): {list(ROWS)}")
     ap.add_argument("--seed", type=int, default=0, help="of the calibration windows")
+    ap.add_argument("--domains", nargs="+", help="evaluate only these (default: every domain)")
     ap.add_argument("--table", action="store_true", help="print the table of what has run")
     ap.add_argument("--write", action="store_true", help="write it into benchmarks/RESULTS.md")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.table:
-        run(out, args.rows or list(ROWS), args.seed)
+        run(out, args.rows or list(ROWS), args.seed, args.domains)
     data = _load(out / "results.json")
     text = table(data)
     print(text)
