@@ -228,12 +228,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="of the calibration windows")
     ap.add_argument("--domains", nargs="+", help="evaluate only these (default: every domain)")
     ap.add_argument("--table", action="store_true", help="print the table of what has run")
+    ap.add_argument("--include", nargs="+", default=[],
+                    help="more OUT folders whose rows join the table (runs made side by side)")
     ap.add_argument("--write", action="store_true", help="write it into benchmarks/RESULTS.md")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.table:
         run(out, args.rows or list(ROWS), args.seed, args.domains)
     data = _load(out / "results.json")
+    for other in args.include:
+        data["rows"] += _load(Path(other) / "results.json")["rows"]
     text = table(data)
     print(text)
     if args.write:
@@ -241,7 +245,8 @@ def main() -> None:
         from _results import write_section
 
         meta = data.get("meta", {})
-        body = (f"{text}\n\nCommit {meta.get('commit', '?')[:10]}, CPU flags "
+        commits = sorted({r["commit"][:10] for r in data["rows"]})
+        body = (f"{text}\n\nCommits {', '.join(commits)}, CPU flags "
                 f"{' '.join(meta.get('cpu_flags', []))}; {meta.get('calibration')}; "
                 f"{meta.get('evaluation')}.")
         write_section("Domain suite: recipes x domains (SmolLM2-135M)",
