@@ -39,6 +39,9 @@ from fxcompress.recipe import NAMED
 
 SAMPLES, SEQLEN, WINDOWS = 128, 512, 32
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# out-of-domain first: the numbers a stopped run should have
+EVAL_ORDER = ["fiction", "mail", "code", "legal", "drama", "docs", "speeches"]
+assert sorted(EVAL_ORDER) == sorted(suite.SUITE)
 PLAIN = Recipe({"lm_head": None, ".*": GPTQ(4, 64, dense_output=False)})
 # row name -> (recipe: a NAMED key or a Recipe; None for dense, calibration set)
 ROWS: dict[str, tuple[str | Recipe | None, str]] = {
@@ -158,19 +161,23 @@ def row(name: str, out: Path, seed: int, json_path: Path,
                            progress=False)
         decompress(model)
     seconds = time.perf_counter() - started if recipe is not None else 0.0
-    ppl = {}
-    for domain in domains or suite.SUITE:
-        ids = torch.load(out / "ids" / f"eval-{domain}.pt", weights_only=True)
-        ppl[domain] = perplexity(model, None, ids.flatten(), ids.shape[1], ids.shape[0],
-                                 progress=False).ppl
     method = None if recipe is None else (NAMED[recipe] if isinstance(recipe, str)
                                           else recipe).to_dict()["rules"][-1]
     meta = _meta(seed)
-    json_path.write_text(json.dumps({
+    result = {
         "row": name, "recipe": recipe if isinstance(recipe, str) or recipe is None else "custom",
         "method": method, "calibration": None if recipe is None else calibration, "seed": seed,
-        "ppl": ppl, "seconds": seconds, "threads": torch.get_num_threads(),
-        "commit": meta["commit"], "dirty": meta["dirty"], "date": meta["date"]}))
+        "ppl": {}, "seconds": seconds, "threads": torch.get_num_threads(),
+        "commit": meta["commit"], "dirty": meta["dirty"], "date": meta["date"]}
+    # each domain's number is kept as soon as it is known: a row stopped midway still counts
+    partial = out / "partial" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-seed{seed}.json"
+    partial.parent.mkdir(exist_ok=True)
+    for domain in domains or EVAL_ORDER:
+        ids = torch.load(out / "ids" / f"eval-{domain}.pt", weights_only=True)
+        result["ppl"][domain] = perplexity(model, None, ids.flatten(), ids.shape[1],
+                                           ids.shape[0], progress=False).ppl
+        partial.write_text(json.dumps(result))
+    json_path.write_text(json.dumps(result))
 
 
 def table(data: dict) -> str:
@@ -180,12 +187,16 @@ def table(data: dict) -> str:
     order = [d.name for d in suite.domains()]
     roles = {d.name: d.role for d in suite.domains()}
     dense = next((r for (n, _), r in rows.items() if n == "dense"), None)
-    rtn = next((r for (n, _), r in rows.items() if n == "rtn-w4g64"), None)
+    rtn = next((r for (n, _), r in rows.items()
+                if n.removesuffix(" (stopped)") == "rtn-w4g64"), None)
     head = [f"{d} ({roles[d][:5]}.)" for d in order]
     lines = ["| row | calibration | " + " | ".join(head) + " | mean valid. | mean report. |",
              "|---|---|" + "---:|" * (len(order) + 2)]
-    for (name, seed), r in sorted(rows.items(), key=lambda kv: list(ROWS).index(kv[0][0])
-                                  if kv[0][0] in ROWS else len(ROWS)):
+    def rank(key: tuple[str, int]) -> int:
+        base = key[0].removesuffix(" (stopped)")
+        return list(ROWS).index(base) if base in ROWS else len(ROWS)
+
+    for (name, seed), r in sorted(rows.items(), key=lambda kv: rank(kv[0])):
         cells = []
         for d in order:
             if d not in r["ppl"]:
@@ -230,6 +241,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the table of what has run")
     ap.add_argument("--include", nargs="+", default=[],
                     help="more OUT folders whose rows join the table (runs made side by side)")
+    ap.add_argument("--partial", action="store_true",
+                    help="in the table, also rows stopped midway (the domains they reached)")
     ap.add_argument("--write", action="store_true", help="write it into benchmarks/RESULTS.md")
     args = ap.parse_args()
     out = Path(args.out)
@@ -237,7 +250,16 @@ def main() -> None:
         run(out, args.rows or list(ROWS), args.seed, args.domains)
     data = _load(out / "results.json")
     for other in args.include:
+        if not (Path(other) / "results.json").exists():
+            raise SystemExit(f"--include {other}: no results.json there")
         data["rows"] += _load(Path(other) / "results.json")["rows"]
+    if args.partial:  # rows stopped midway, marked as such
+        done = {(r["row"], r["seed"]) for r in data["rows"]}
+        for folder in [out, *map(Path, args.include)]:
+            for f in sorted((folder / "partial").glob("*.json")):
+                r = json.loads(f.read_text())
+                if (r["row"], r["seed"]) not in done and r["ppl"]:
+                    data["rows"].append({**r, "row": r["row"] + " (stopped)"})
     text = table(data)
     print(text)
     if args.write:
