@@ -146,33 +146,43 @@ def run(out: Path, names: list[str], seed: int, domains: list[str] | None = None
 def row(name: str, out: Path, seed: int, json_path: Path,
         domains: list[str] | None = None) -> None:
     """One row in this process: compress, dequantize, perplexity on every domain (or on
-    ``domains``: a choice is scored on the validation domains alone)."""
+    ``domains``: a choice is scored on the validation domains alone).
+
+    Each domain's number is kept in ``out/partial`` as soon as it is known, so a row stopped
+    midway still counts; run again, the row takes the domains it already has from there (the
+    compression is deterministic for a given recipe, calibration ids and thread count) and
+    compresses only when some are missing."""
     import fxcompress
     from fxcompress.cli import load_model
     from fxcompress.evaluate import perplexity
     from fxcompress.modules import decompress
 
     recipe, calibration = ROWS[name]
-    model, _, _ = load_model("smollm2", progress=False)
-    started = time.perf_counter()
-    if recipe is not None:
-        calib = torch.load(out / "ids" / f"calib-{calibration}-seed{seed}.pt", weights_only=True)
-        fxcompress.compile(model, calib, NAMED[recipe] if isinstance(recipe, str) else recipe,
-                           progress=False)
-        decompress(model)
-    seconds = time.perf_counter() - started if recipe is not None else 0.0
-    method = None if recipe is None else (NAMED[recipe] if isinstance(recipe, str)
-                                          else recipe).to_dict()["rules"][-1]
+    resolved = None if recipe is None else NAMED[recipe] if isinstance(recipe, str) else recipe
+    method = None if resolved is None else resolved.to_dict()["rules"][-1]
     meta = _meta(seed)
+    partial = out / "partial" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-seed{seed}.json"
+    partial.parent.mkdir(exist_ok=True)
     result = {
         "row": name, "recipe": recipe if isinstance(recipe, str) or recipe is None else "custom",
         "method": method, "calibration": None if recipe is None else calibration, "seed": seed,
-        "ppl": {}, "seconds": seconds, "threads": torch.get_num_threads(),
+        "ppl": {}, "seconds": 0.0, "threads": torch.get_num_threads(),
         "commit": meta["commit"], "dirty": meta["dirty"], "date": meta["date"]}
-    # each domain's number is kept as soon as it is known: a row stopped midway still counts
-    partial = out / "partial" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-seed{seed}.json"
-    partial.parent.mkdir(exist_ok=True)
-    for domain in domains or EVAL_ORDER:
+    earlier = json.loads(partial.read_text()) if partial.exists() else {}
+    if all(earlier.get(k) == result[k] for k in ("method", "calibration", "threads")):
+        result.update(ppl=earlier["ppl"], seconds=earlier["seconds"])
+    todo = [d for d in domains or EVAL_ORDER if d not in result["ppl"]]
+    if not todo:
+        json_path.write_text(json.dumps(result))
+        return
+    model, _, _ = load_model("smollm2", progress=False)
+    if resolved is not None:
+        started = time.perf_counter()
+        calib = torch.load(out / "ids" / f"calib-{calibration}-seed{seed}.pt", weights_only=True)
+        fxcompress.compile(model, calib, resolved, progress=False)
+        decompress(model)
+        result["seconds"] = time.perf_counter() - started
+    for domain in todo:
         ids = torch.load(out / "ids" / f"eval-{domain}.pt", weights_only=True)
         result["ppl"][domain] = perplexity(model, None, ids.flatten(), ids.shape[1],
                                            ids.shape[0], progress=False).ppl
