@@ -221,8 +221,9 @@ def table(data: dict) -> str:
             cells.append(cell)
         means = [_geomean([r["ppl"].get(d, float("nan")) for d in order if roles[d] == role])
                  for role in ("validation", "reporting")]
-        calib = r["calibration"] or "—"
-        lines.append(f"| {name} | {calib} (seed {seed}) | " + " | ".join(cells)
+        uses_data = (r.get("method") or {}).get("method") not in (None, "RTN", "Magnitude")
+        calib = f"{r['calibration']} (seed {seed})" if uses_data else "—"
+        lines.append(f"| {name} | {calib} | " + " | ".join(cells)
                      + "".join(" | —" if m != m else f" | {m:.2f}" for m in means) + " |")
     return "\n".join(lines)
 
