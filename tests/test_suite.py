@@ -223,3 +223,26 @@ def _tokens(tokenizer, text: str, need: int) -> int:
     already holds ``need`` (no text here has fewer characters per token), else on all of it."""
     prefix = len(tokenizer.encode(text[: 8 * need], add_special_tokens=False))
     return prefix if prefix >= need else len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_cli_assets_fetch_suite(tmp_path, monkeypatch, capsys):
+    """``fxcompress assets fetch --suite`` lists every domain with its role and paths."""
+    from fxcompress import cli
+
+    fetched = assets.Assets(tmp_path / "m", tmp_path / "c.txt", tmp_path / "e.txt")
+    monkeypatch.setattr(assets, "fetch", lambda cache, progress: fetched)
+    texts = {d.name: suite.DomainTexts(
+        d, tmp_path / f"{d.name}.txt",
+        tmp_path / f"{d.name}-c.txt" if d.role == "calibration" else None)
+        for d in suite.domains()}
+    monkeypatch.setattr(suite, "fetch_suite", lambda cache, progress: texts)
+    assert cli.main(["assets", "fetch", "--suite", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line for line in lines if line.split()[0] in suite.SUITE]
+    assert [line.split()[0] for line in listed] == list(suite.SUITE)
+    for line in listed:
+        domain = suite.SUITE[line.split()[0]]
+        assert f"({domain.role})" in line and str(tmp_path / f"{domain.name}.txt") in line
+        assert ("calibration:" in line) == (domain.role == "calibration")
+    assert cli.main(["assets", "fetch", "--quiet"]) == 0
+    assert not any(line.split()[0] in suite.SUITE for line in capsys.readouterr().out.splitlines())
