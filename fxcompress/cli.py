@@ -45,6 +45,12 @@ def cmd_assets(args: argparse.Namespace) -> int:
     found = assets.fetch(args.cache, progress=not args.quiet)
     echo(f"model:       {found.model_dir}\ncalibration: {found.calibration}\n"
          f"evaluation:  {found.evaluation}")
+    if args.suite:
+        from . import suite
+
+        for name, texts in suite.fetch_suite(args.cache, progress=not args.quiet).items():
+            calibration = f"  calibration: {texts.calibration}" if texts.calibration else ""
+            echo(f"{name:9} ({texts.domain.role}) evaluation: {texts.evaluation}{calibration}")
     return 0
 
 
@@ -297,6 +303,8 @@ def _assets_parser(sub: Any) -> None:
     a.add_argument("action", choices=["fetch"])
     a.add_argument("--cache",
                    help="cache folder (default $FXCOMPRESS_CACHE or ~/.cache/fxcompress)")
+    a.add_argument("--suite", action="store_true",
+                   help="also the domain suite's texts (fxcompress.suite: seven domains)")
     _common(a)
     a.set_defaults(fn=cmd_assets)
 

@@ -1,0 +1,290 @@
+"""Recipes x domains: perplexity of compressed SmolLM2-135M on every domain of the suite.
+
+A default chosen on one text may lose elsewhere (issue 34). This benchmark scores each row on
+the same 32 x 512-token windows of every domain of :mod:`fxcompress.suite` (the first
+non-overlapping windows of each domain's ``evaluation.txt``), so rows are comparable cell by
+cell. A row is a recipe (a named one, as ``fxcompress compress --recipe NAME`` runs it, or a
+variant) and a calibration set:
+
+- ``speeches``: 128 x 512 random windows of the SOTU <= 2000 text (the CLI's default data);
+- ``mix``: the same number of windows dealt evenly over the suite's calibration domains
+  (each domain's ``calibration.txt``, never its evaluation text).
+
+Every row runs in its own process (``_row``); results accumulate in ``OUT/results.json`` with
+the commit, CPU flags, date and seeds; rows already there are not run again, so an interrupted
+run continues where it stopped. Only calibration and validation domains may inform a choice;
+the table keeps reporting domains apart:
+
+    OMP_NUM_THREADS=1 python benchmarks/domains.py --out bench/domains [--rows NAME ...]
+    python benchmarks/domains.py --out bench/domains --table [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fxcompress import GPTQ, Recipe, suite
+from fxcompress.recipe import NAMED
+
+SAMPLES, SEQLEN, WINDOWS = 128, 512, 32
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# out-of-domain first: the numbers a stopped run should have
+EVAL_ORDER = ["fiction", "mail", "code", "legal", "drama", "docs", "speeches"]
+assert sorted(EVAL_ORDER) == sorted(suite.SUITE)
+PLAIN = Recipe({"lm_head": None, ".*": GPTQ(4, 64, dense_output=False)})
+# row name -> (recipe: a NAMED key or a Recipe; None for dense, calibration set)
+ROWS: dict[str, tuple[str | Recipe | None, str]] = {
+    "dense": (None, "speeches"),
+    "rtn-w4g64": ("rtn-w4g64", "speeches"),
+    "gptq-w4g64": ("gptq-w4g64", "speeches"),
+    "gptq-w4g64 dense_output=False": (PLAIN, "speeches"),
+    "gptq-w4g64 mix": ("gptq-w4g64", "mix"),
+    "gptq-w4g64 dense_output=False mix": (PLAIN, "mix"),
+}
+
+
+def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch.Tensor:
+    """``n`` x SEQLEN calibration windows: from the SOTU text, or dealt over the calibration
+    domains (the first ``n % k`` domains get one more), each drawn with ``seed``."""
+    from fxcompress.assets import load_text
+    from fxcompress.evaluate import calibration_samples
+
+    if which == "speeches":
+        parts = [(suite.texts("speeches").calibration, n)]
+    elif which == "mix":
+        parts = [(suite.texts(name).calibration, k)
+                 for name, k in suite.calibration_shares(n).items()]
+    else:
+        raise ValueError(f"unknown calibration set {which!r}: 'speeches' or 'mix'")
+    return torch.cat([calibration_samples(tokenizer, load_text(path), k, SEQLEN, seed)
+                      for path, k in parts])
+
+
+def _prepare(out: Path, seed: int) -> None:
+    """The token ids every row shares, made once into ``out/ids``."""
+    ids = out / "ids"
+    wanted = [f"eval-{name}.pt" for name in suite.SUITE] + [
+        f"calib-{c}-seed{seed}.pt" for c in sorted({c for _, c in ROWS.values()})]
+    if all((ids / f).exists() for f in wanted):
+        return
+    from transformers import AutoTokenizer
+
+    from fxcompress import assets
+    from fxcompress.evaluate import evaluation_windows
+
+    ids.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(assets.smollm2())
+    for name in suite.SUITE:
+        text = assets.load_text(suite.texts(name).evaluation)
+        torch.save(evaluation_windows(tok, text, SEQLEN, WINDOWS), ids / f"eval-{name}.pt")
+    for which in sorted({c for _, c in ROWS.values()}):
+        torch.save(calibration_ids(tok, which, seed), ids / f"calib-{which}-seed{seed}.pt")
+
+
+def _meta(seed: int) -> dict:
+    """What a reader needs to reproduce the numbers: commit, machine, data, seeds."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "fxcompress", "benchmarks"],
+                           capture_output=True, text=True).stdout.strip()
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {
+        "commit": commit.stdout.strip(), "dirty": bool(dirty),
+        "cpu_flags": sorted(f for f in CPU_FLAGS if re.search(rf"\b{f}\b", cpuinfo)),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": "smollm2", "seed": seed,
+        "calibration": f"{SAMPLES} x {SEQLEN} tokens, seed {seed}",
+        "evaluation": f"first {WINDOWS} non-overlapping windows of {SEQLEN} tokens per domain",
+        "domains": {d.name: {"role": d.role, "source": d.source, "sha256": d.sha256,
+                             "description": d.description} for d in suite.domains()},
+    }
+
+
+def _load(results: Path) -> dict:
+    return json.loads(results.read_text()) if results.exists() else {"rows": []}
+
+
+def run(out: Path, names: list[str], seed: int, domains: list[str] | None = None) -> None:
+    unknown = [n for n in names if n not in ROWS] + [d for d in domains or []
+                                                     if d not in suite.SUITE]
+    if unknown:
+        raise SystemExit(f"unknown rows or domains {unknown}; rows: {list(ROWS)}, "
+                         f"domains: {list(suite.SUITE)}")
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare(out, seed)
+    results = out / "results.json"
+    for name in names:
+        if any(r["row"] == name and r["seed"] == seed for r in _load(results)["rows"]):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, __file__, "_row", name, "--out", str(out), "--seed",
+                   str(seed), "--json", f"{tmp}/row.json"]
+            cmd += ["--domains", *domains] if domains else []
+            subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            row = json.loads(Path(f"{tmp}/row.json").read_text())
+        data = _load(results)
+        data["meta"] = _meta(seed)  # the latest run's: rows keep their own commit
+        data["rows"] = [r for r in data["rows"] if not (r["row"] == name and r["seed"] == seed)]
+        data["rows"].append(row)
+        results.write_text(json.dumps(data, indent=2) + "\n")
+        cells = " ".join(f"{d} {p:.2f}" for d, p in row["ppl"].items())
+        print(f"{name}: {cells} (compress {row['seconds']:.0f}s)", flush=True)
+
+
+def row(name: str, out: Path, seed: int, json_path: Path,
+        domains: list[str] | None = None) -> None:
+    """One row in this process: compress, dequantize, perplexity on every domain (or on
+    ``domains``: a choice is scored on the validation domains alone).
+
+    Each domain's number is kept in ``out/partial`` as soon as it is known, so a row stopped
+    midway still counts; run again, the row takes the domains it already has from there (the
+    compression is deterministic for a given recipe, calibration ids and thread count) and
+    compresses only when some are missing."""
+    import fxcompress
+    from fxcompress.cli import load_model
+    from fxcompress.evaluate import perplexity
+    from fxcompress.modules import decompress
+
+    recipe, calibration = ROWS[name]
+    resolved = None if recipe is None else NAMED[recipe] if isinstance(recipe, str) else recipe
+    method = None if resolved is None else resolved.to_dict()["rules"][-1]
+    meta = _meta(seed)
+    partial = out / "partial" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-seed{seed}.json"
+    partial.parent.mkdir(exist_ok=True)
+    result = {
+        "row": name, "recipe": recipe if isinstance(recipe, str) or recipe is None else "custom",
+        "method": method, "calibration": None if recipe is None else calibration, "seed": seed,
+        "ppl": {}, "seconds": 0.0, "threads": torch.get_num_threads(),
+        "commit": meta["commit"], "dirty": meta["dirty"], "date": meta["date"]}
+    earlier = json.loads(partial.read_text()) if partial.exists() else {}
+    if all(earlier.get(k) == result[k] for k in ("method", "calibration", "threads")):
+        result.update(ppl=earlier["ppl"], seconds=earlier["seconds"])
+    todo = [d for d in domains or EVAL_ORDER if d not in result["ppl"]]
+    if not todo:
+        json_path.write_text(json.dumps(result))
+        return
+    model, _, _ = load_model("smollm2", progress=False)
+    if resolved is not None:
+        started = time.perf_counter()
+        calib = torch.load(out / "ids" / f"calib-{calibration}-seed{seed}.pt", weights_only=True)
+        fxcompress.compile(model, calib, resolved, progress=False)
+        decompress(model)
+        result["seconds"] = time.perf_counter() - started
+    for domain in todo:
+        ids = torch.load(out / "ids" / f"eval-{domain}.pt", weights_only=True)
+        result["ppl"][domain] = perplexity(model, None, ids.flatten(), ids.shape[1],
+                                           ids.shape[0], progress=False).ppl
+        partial.write_text(json.dumps(result))
+    json_path.write_text(json.dumps(result))
+
+
+def table(data: dict) -> str:
+    """Rows x domains, grouped by role, each cell with its change over dense; a GPTQ cell
+    worse than round-to-nearest's is bold. Averages are geometric means within a role."""
+    rows = {(r["row"], r["seed"]): r for r in data["rows"]}
+    order = [d.name for d in suite.domains()]
+    roles = {d.name: d.role for d in suite.domains()}
+    dense = next((r for (n, _), r in rows.items() if n == "dense"), None)
+    rtn = next((r for (n, _), r in rows.items()
+                if n.removesuffix(" (stopped)") == "rtn-w4g64"), None)
+    head = [f"{d} ({roles[d][:5]}.)" for d in order]
+    lines = ["| row | calibration | " + " | ".join(head) + " | mean valid. | mean report. |",
+             "|---|---|" + "---:|" * (len(order) + 2)]
+    def rank(key: tuple[str, int]) -> int:
+        base = key[0].removesuffix(" (stopped)")
+        return list(ROWS).index(base) if base in ROWS else len(ROWS)
+
+    for (name, seed), r in sorted(rows.items(), key=lambda kv: rank(kv[0])):
+        cells = []
+        for d in order:
+            if d not in r["ppl"]:
+                cells.append("—")
+                continue
+            cell = f"{r['ppl'][d]:.2f}"
+            if dense is not None and r is not dense:
+                cell += f" ({r['ppl'][d] / dense['ppl'][d] - 1:+.0%})"
+            if rtn is not None and name.startswith("gptq") and r["ppl"][d] > rtn["ppl"].get(
+                    d, float("inf")):
+                cell = f"**{cell}**"
+            cells.append(cell)
+        means = [_geomean([r["ppl"].get(d, float("nan")) for d in order if roles[d] == role])
+                 for role in ("validation", "reporting")]
+        uses_data = (r.get("method") or {}).get("method") not in (None, "RTN", "Magnitude")
+        calib = f"{r['calibration']} (seed {seed})" if uses_data else "—"
+        lines.append(f"| {name} | {calib} | " + " | ".join(cells)
+                     + "".join(" | —" if m != m else f" | {m:.2f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def _geomean(values: list[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).log().mean().exp())
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_row":
+        ap = argparse.ArgumentParser()
+        ap.add_argument("cmd")
+        ap.add_argument("name")
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--seed", type=int, required=True)
+        ap.add_argument("--json", required=True)
+        ap.add_argument("--domains", nargs="+")
+        a = ap.parse_args()
+        row(a.name, Path(a.out), a.seed, Path(a.json), a.domains)
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/domains")
+    ap.add_argument("--rows", nargs="+", help=f"rows to run (default all): {list(ROWS)}")
+    ap.add_argument("--seed", type=int, default=0, help="of the calibration windows")
+    ap.add_argument("--domains", nargs="+", help="evaluate only these (default: every domain)")
+    ap.add_argument("--table", action="store_true", help="print the table of what has run")
+    ap.add_argument("--include", nargs="+", default=[],
+                    help="more OUT folders whose rows join the table (runs made side by side)")
+    ap.add_argument("--partial", action="store_true",
+                    help="in the table, also rows stopped midway (the domains they reached)")
+    ap.add_argument("--write", action="store_true", help="write it into benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not args.table:
+        run(out, args.rows or list(ROWS), args.seed, args.domains)
+    data = _load(out / "results.json")
+    for other in args.include:
+        if not (Path(other) / "results.json").exists():
+            raise SystemExit(f"--include {other}: no results.json there")
+        data["rows"] += _load(Path(other) / "results.json")["rows"]
+    if args.partial:  # rows stopped midway, marked as such
+        done = {(r["row"], r["seed"]) for r in data["rows"]}
+        for folder in [out, *map(Path, args.include)]:
+            for f in sorted((folder / "partial").glob("*.json")):
+                r = json.loads(f.read_text())
+                if (r["row"], r["seed"]) not in done and r["ppl"]:
+                    data["rows"].append({**r, "row": r["row"] + " (stopped)"})
+    text = table(data)
+    print(text)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _results import write_section
+
+        meta = data.get("meta", {})
+        commits = sorted({r["commit"][:10] for r in data["rows"]})
+        body = (f"{text}\n\nCommits {', '.join(commits)}, CPU flags "
+                f"{' '.join(meta.get('cpu_flags', []))}; {meta.get('calibration')}; "
+                f"{meta.get('evaluation')}.")
+        write_section("Domain suite: recipes x domains (SmolLM2-135M)",
+                      f"OMP_NUM_THREADS=1 python benchmarks/domains.py --out {args.out}", body)
+
+
+if __name__ == "__main__":
+    main()
