@@ -172,6 +172,21 @@ def test_vllm_serves_a_compressed_smollm2_at_fxcompress_quality(recipe, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_vllm_cpu_serves_other_group_sizes(group_size, tmp_path):
+    """Groups of 128 (SmolLM2's 576 features take none) and per channel, on a tiny Llama
+    whose features 128 divides: vLLM's perplexity within 1 % of fxcompress's own bf16."""
+    python = _vllm_python()
+    folder = tmp_path / "ckpt"
+    save(quick(build("llama", 128), GPTQ(4, group_size)), folder,
+         tokenizer=_tiny_tokenizer(__import__("transformers").PreTrainedTokenizerFast))
+    own = _own_bf16(folder, MOE_IDS)
+    served = engine.perplexity(folder, ids=MOE_IDS, python=python, enforce_eager=True,
+                               env={engine.W4A8_SWITCH: "0"})
+    assert abs(served.ppl / own - 1) < 0.01, (served.ppl, own)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 3])
 def test_vllm_cpu_has_4_bit_kernels_only(bits, tmp_path):
     """vLLM 0.32's CPU build runs WNA16 layers with one kernel, CPUWNA16, which takes 4-bit
