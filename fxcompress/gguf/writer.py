@@ -177,11 +177,9 @@ def _tensors(model: nn.Module, hparams: dict[str, Any], arch: Architecture,
 
 def _mix_ftype(model: nn.Module) -> str | None:
     """The llama-quantize mix (``"q4_k_m"``) of a checkpoint made by a ``GGUFQuant`` recipe,
-    None for any other."""
-    from ..methods import GGUFQuant
-
+    None for any other (a method names its mix as ``ftype``; only GGUFQuant has one)."""
     recipe = getattr(model, "fxcompress_recipe", None)
-    mixes = {m.ftype for _, m in getattr(recipe, "rules", ()) if isinstance(m, GGUFQuant)}
+    mixes = {f for _, m in getattr(recipe, "rules", ()) if (f := getattr(m, "ftype", None))}
     if len(mixes) > 1:
         raise GGUFExportError(f"the recipe mixes llama.cpp file types {sorted(mixes)}: "
                               f"a GGUF has one")
