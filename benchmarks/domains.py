@@ -153,8 +153,8 @@ def row(name: str, out: Path, seed: int, json_path: Path,
     compression is deterministic for a given recipe, calibration ids and thread count) and
     compresses only when some are missing."""
     import fxcompress
-    from fxcompress.inputs import load_model
     from fxcompress.evaluate import perplexity
+    from fxcompress.inputs import load_model
     from fxcompress.modules import decompress
 
     recipe, calibration = ROWS[name]
