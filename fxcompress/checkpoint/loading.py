@@ -21,11 +21,12 @@ from torch import Tensor, nn
 
 from .. import hub
 from ..errors import RecipeError
+from ..modules import set_module
 from ..osmem import release_freed_memory
 from ..recipe import Recipe
 from .codecs import CheckpointError, Entry, codec_of
 from .hf import check_buffers, disagreeing, meta_skeleton, read_hf_config, skeleton_from_config
-from .model import get_tensor, inside, set_module, set_tensor
+from .model import get_tensor, inside, set_tensor
 from .names import CONFIG_NAME, FORMAT_VERSION
 from .safetensors_io import StoredTensor, by_model_name, check_checksums, read_all, read_shards
 

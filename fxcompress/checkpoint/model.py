@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..modules import set_module  # noqa: F401  (re-exported: codecs swap modules in by name)
+from ..modules import set_module
 from .codecs import codec_for
 
 
