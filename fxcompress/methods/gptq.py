@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..algorithms.gptq import gptq
 from ..algorithms.grid import Grid
+from ..errors import RecipeError
 from .base import HessianMethod, check_grid, check_grid_fits, check_sweep
 
 if TYPE_CHECKING:
@@ -47,10 +48,13 @@ class GPTQ(HessianMethod):
     damp: float = 0.01
     block_size: int = 128
     dense_output: bool = True
+    shrink: float = 0.0
 
     def __post_init__(self) -> None:
         check_grid(self.bits, self.group_size)
         check_sweep(self.damp, self.block_size)
+        if not 0.0 <= self.shrink <= 1.0:
+            raise RecipeError(f"shrink must be in [0, 1], got {self.shrink}")
 
     @property
     def grid(self) -> Grid:
@@ -63,4 +67,5 @@ class GPTQ(HessianMethod):
               ) -> Compressed:
         return gptq(w, stats.hessian, self.grid, act_order=self.act_order,
                     static_groups=self.static_groups, damp=self.damp,
-                    block_size=self.block_size, name=name, cross=stats.cross)
+                    block_size=self.block_size, name=name, cross=stats.cross,
+                    shrink=self.shrink)

@@ -113,3 +113,29 @@ def test_rows_are_independent_so_stacked_layers_split_exactly(problem):
         assert torch.equal(s.codes, alone.codes) and torch.equal(s.scale, alone.scale)
         assert torch.equal(g.codes, alone.codes) and torch.equal(g.zero, alone.zero)
         assert s.loss == pytest.approx(alone.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_full_shrink_rounds_to_nearest(problem, act_order):
+    """With H shrunk onto its diagonal no column's error is pushed onto another: the codes are
+    exactly round-to-nearest's on the same grid."""
+    w, x, h = problem
+    g = Grid(bits=3, group_size=64)
+    shrunk = gptq(w, h, g, act_order=act_order, shrink=1.0)
+    assert torch.equal(shrunk.dense(), rtn(w, g).dense())
+
+
+def test_shrink_moves_between_gptq_and_rounding(problem):
+    """On the calibration data, the error grows from GPTQ's toward rounding's as H is shrunk:
+    shrinkage gives up fit to the calibration correlations, it does not add noise."""
+    w, x, h = problem
+    g = Grid(bits=4, group_size=32)
+    errors = [measured_error(w, gptq(w, h, g, shrink=s).dense(), x) for s in (0.0, 0.5, 1.0)]
+    assert torch.equal(gptq(w, h, g, shrink=0.0).codes, gptq(w, h, g).codes)
+    assert errors[0] < errors[1] < errors[2], errors
+
+
+def test_shrink_out_of_range_is_refused(problem):
+    w, x, h = problem
+    with pytest.raises(ValueError, match="shrink must be in"):
+        gptq(w, h, Grid(bits=4, group_size=32), shrink=1.5)
