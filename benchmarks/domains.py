@@ -3,20 +3,22 @@
 A default chosen on one text may lose elsewhere (issue 34). This benchmark scores each row on
 the same 32 x 512-token windows of every domain of :mod:`fxcompress.suite` (the first
 non-overlapping windows of each domain's ``evaluation.txt``), so rows are comparable cell by
-cell. A row is a recipe (a named one, as ``fxcompress compress --recipe NAME`` runs it, or a
-variant) and a calibration set:
+cell. A row is named by what it runs (``parse_row``): ``dense``, a named recipe as
+``fxcompress compress --recipe NAME`` runs it, with ``field=value`` overrides of its settings
+(``gptq-w4g64 shrink=0.25``), and its calibration set:
 
-- ``speeches``: 128 x 512 random windows of the SOTU <= 2000 text (the CLI's default data);
-- ``mix``: the same number of windows dealt evenly over the suite's calibration domains
-  (each domain's ``calibration.txt``, never its evaluation text).
+- ``speeches`` (default): 128 x 512 random windows of the SOTU <= 2000 text (the CLI's default);
+- ``mix`` (a trailing word): the same number of windows dealt evenly over the suite's
+  calibration domains (each domain's ``calibration.txt``, never its evaluation text).
 
 Every row runs in its own process (``_row``); results accumulate in ``OUT/results.json`` with
-the commit, CPU flags, date and seeds; rows already there are not run again, so an interrupted
-run continues where it stopped. Only calibration and validation domains may inform a choice;
-the table keeps reporting domains apart:
+the commit, CPU flags, date and seed; rows already there are not run again, so an interrupted
+run continues where it stopped. Settings are chosen on the validation domains only (a choice
+run passes ``--domains`` with them); reporting domains inform no choice. Rows of other tools
+made on the same ids (``peer_autoround.py``, ``peer_llmcompressor.py``) join with ``--include``:
 
-    OMP_NUM_THREADS=1 python benchmarks/domains.py --out bench/domains [--rows NAME ...]
-    python benchmarks/domains.py --out bench/domains --table [--write]
+    OMP_NUM_THREADS=1 python benchmarks/domains.py --out bench/domains [--rows NAME ...] [--seed K]
+    python benchmarks/domains.py --out bench/domains --table [--include OTHER ...] [--write]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import subprocess
@@ -223,42 +226,80 @@ def row(name: str, out: Path, seed: int, json_path: Path,
     json_path.write_text(json.dumps(result))
 
 
-def table(data: dict) -> str:
-    """Rows x domains, grouped by role, each cell with its change over dense; a GPTQ cell
-    worse than round-to-nearest's is bold. Averages are geometric means within a role."""
-    rows = {(r["row"], r["seed"]): r for r in data["rows"]}
-    order = [d.name for d in suite.domains()]
-    roles = {d.name: d.role for d in suite.domains()}
-    dense = next((r for (n, _), r in rows.items() if n == "dense"), None)
-    rtn = next((r for (n, _), r in rows.items()
-                if n.removesuffix(" (stopped)") == "rtn-w4g64"), None)
-    head = [f"{d} ({roles[d][:5]}.)" for d in order]
-    lines = ["| row | calibration | " + " | ".join(head) + " | mean valid. | mean report. |",
-             "|---|---|" + "---:|" * (len(order) + 2)]
-    def rank(key: tuple[str, int]) -> int:
-        base = key[0].removesuffix(" (stopped)")
-        return ROWS.index(base) if base in ROWS else len(ROWS)
+def family(name: str) -> str:
+    """The grid a row belongs to, whoever made it: ``w4g64``, ``w3g64``, ``50%``, ... (from the
+    row's name: ``gptq-w4g64 shrink=0.1``, ``rtn-w4g64``, ``autoround-w4g64 iters50``,
+    ``llm-compressor sparsegpt-50``); ``dense`` for the dense model."""
+    if name == "dense":
+        return "dense"
+    m = re.search(r"\bw(\d+)(g\d+)?\b", name) or re.search(r"-(\d+)(?:\b|$)", name)
+    if m is None:
+        return "other"
+    return f"w{m[1]}{m[2] or ''}" if m[0].startswith("w") else f"{m[1]}%"
 
-    for (name, seed), r in sorted(rows.items(), key=lambda kv: rank(kv[0])):
-        cells = []
-        for d in order:
-            if d not in r["ppl"]:
-                cells.append("—")
-                continue
-            cell = f"{r['ppl'][d]:.2f}"
-            if dense is not None and r is not dense:
-                cell += f" ({r['ppl'][d] / dense['ppl'][d] - 1:+.0%})"
-            if rtn is not None and name.startswith("gptq") and r["ppl"][d] > rtn["ppl"].get(
-                    d, float("inf")):
-                cell = f"**{cell}**"
-            cells.append(cell)
-        means = [_geomean([r["ppl"].get(d, float("nan")) for d in order if roles[d] == role])
-                 for role in ("validation", "reporting")]
-        uses_data = (r.get("method") or {}).get("method") not in (None, "RTN", "Magnitude")
-        calib = f"{r['calibration']} (seed {seed})" if uses_data else "—"
-        lines.append(f"| {name} | {calib} | " + " | ".join(cells)
-                     + "".join(" | —" if m != m else f" | {m:.2f}" for m in means) + " |")
-    return "\n".join(lines)
+
+BASELINES = {"w4g64": "rtn-w4g64", "w3g64": "rtn-w3g64", "50%": "magnitude-50"}
+
+
+def table(data: dict, order: list[str] | None = None) -> str:
+    """One table per grid (w4g64, w3g64, 50 %, ...): its rows x domains, grouped by role.
+
+    A row run with several calibration seeds shows each cell's mean over them and ``±`` half
+    its range; each cell is also given as its change over dense. A cell worse than the grid's
+    baseline (round-to-nearest / magnitude, ``BASELINES``) is bold. The role means are
+    geometric means of the cells of that role. ``order``: rows to list first (default ROWS)."""
+    order = order or ROWS
+    by_name: dict[str, list[dict]] = {}
+    for r in data["rows"]:
+        by_name.setdefault(r["row"], []).append(r)
+    domains = [d.name for d in suite.domains()]
+    roles = {d.name: d.role for d in suite.domains()}
+
+    def cells(name: str) -> dict[str, list[float]]:
+        runs = by_name.get(name, [])
+        return {d: [r["ppl"][d] for r in runs if d in r["ppl"]] for d in domains}
+
+    dense = {d: v[0] for d, v in cells("dense").items() if v}
+    head = [f"{d} ({roles[d][:5]}.)" for d in domains]
+    out = []
+    families = sorted({family(n) for n in by_name} - {"dense"},
+                      key=lambda f: (f not in BASELINES, list(BASELINES).index(f)
+                                     if f in BASELINES else 0, f))
+    for fam in families:
+        base = {d: sum(v) / len(v) for d, v in cells(BASELINES.get(fam, "")).items() if v}
+        names = sorted((n for n in by_name if family(n) == fam),
+                       key=lambda n: (order.index(n) if n in order else len(order), n))
+        lines = [f"**{fam}**", "",
+                 "| row | seeds | " + " | ".join(head) + " | mean valid. | mean report. |"
+                 " compress (s) |", "|---|---|" + "---:|" * (len(domains) + 3)]
+        for name in ["dense", *names] if dense else names:
+            runs, values = by_name[name], cells(name)
+            row = []
+            for d in domains:
+                v = values[d]
+                if not v:
+                    row.append("—")
+                    continue
+                mean = sum(v) / len(v)
+                cell = f"{mean:.2f}" + (f" ±{(max(v) - min(v)) / 2:.2f}" if len(v) > 1 else "")
+                if name != "dense" and d in dense:
+                    cell += f" ({mean / dense[d] - 1:+.0%})"
+                if name not in ("dense", BASELINES.get(fam)) and mean > base.get(d, math.inf):
+                    cell = f"**{cell}**"
+                row.append(cell)
+            means = [_geomean([sum(values[d]) / len(values[d]) if values[d] else math.nan
+                               for d in domains if roles[d] == role])
+                     for role in ("validation", "reporting")]
+            uses_data = (runs[0].get("method") or {}).get("method") not in (
+                None, "RTN", "Magnitude")
+            seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+            calib = f"{runs[0].get('calibration')} {seeds}" if uses_data else "—"
+            secs = [r["seconds"] for r in runs if r.get("seconds")]
+            lines.append(f"| {name} | {calib} | " + " | ".join(row)
+                         + "".join(" | —" if m != m else f" | {m:.2f}" for m in means)
+                         + (f" | {sorted(secs)[len(secs) // 2]:.0f} |" if secs else " | — |"))
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def _geomean(values: list[float]) -> float:
