@@ -13,6 +13,21 @@ sides of the table see exactly the same tokens:
         --model /tmp/peer/smollm2 --calib calib_8x128.pt --eval eval_4x512.pt \\
         --rows gptq-w4g64 sparsegpt-2:4 --out small.json
 
+The same rows on the domain suite's tokens (``--ids``: a ``benchmarks/domains.py`` ids folder):
+the row is scored on every ``eval-<domain>.pt`` with fxcompress's perplexity arithmetic and
+written as "llm-compressor <row>" into ``OUT/results.json`` in domains.py's row format
+(replacing a row of the same name and seed), so ``domains.py --table --include OUT`` shows it
+next to fxcompress's rows. The three rows of the table, one process each:
+
+    OMP_NUM_THREADS=1 .venv-peer/bin/python benchmarks/peer_llmcompressor.py \\
+        --model /root/.cache/fxcompress/smollm2-135m-instruct --ids /work/cache/s2/ids \\
+        --calibration speeches --seed 0 --threads 1 --out bench/peer-llmcompressor \\
+        --rows gptq-w4g64 gptq-w3g64 sparsegpt-50
+    /work/main/.venv/bin/python benchmarks/domains.py --out /work/cache/s2 --table \\
+        --include bench/peer-llmcompressor
+
+``--samples N --seqlen L --windows W`` cut the inputs for a quick check (a "(smoke)" row).
+
 Cost on the 2-core CPU machine: the full-size gptq-w4g64 row (128 x 512 calibration) took
 846 CPU-seconds in `oneshot` at `--threads 1` (28 min wall on a machine shared with other jobs,
 load 6-10); at 8 x 128 calibration a GPTQ or SparseGPT row is about 1 CPU-minute, RTN seconds.
