@@ -1,13 +1,13 @@
-"""Intel's AutoRound (SignRound), an outside anchor of the domain-suite table: its own code,
-fxcompress's tokens.
+"""Intel's AutoRound (SignRound) as an outside anchor of the domain-suite table.
 
-Why a separate script and venv: auto-round comes with llm-compressor into ``.venv-peer``
-(``benchmarks/peer_setup.sh``), whose transformers pins differ from ours, so this file imports
-only what that venv has (never fxcompress), like ``peer_llmcompressor.py``. Its inputs are the
-``ids`` folder of ``benchmarks/domains.py`` (``calib-<set>-seed<k>.pt``: LongTensor (128, 512);
-``eval-<domain>.pt``: LongTensor (32, 512)), its output one row of ``domains.py``'s format in
-``OUT/results.json`` (an existing row of the same name and seed is replaced), so the table
-takes it with ``domains.py --table --include OUT``. Full-size rows, one process each:
+Its own code, fxcompress's tokens. Why a separate script and venv: auto-round comes with
+llm-compressor into ``.venv-peer`` (``benchmarks/peer_setup.sh``), whose transformers pins
+differ from ours, so this file imports only what that venv has (never fxcompress), like
+``peer_llmcompressor.py``. Its inputs are the ``ids`` folder of ``benchmarks/domains.py``
+(``calib-<set>-seed<k>.pt``: LongTensor (128, 512); ``eval-<domain>.pt``: LongTensor
+(32, 512)), its output one row of ``domains.py``'s format in ``OUT/results.json`` (an
+existing row of the same name and seed is replaced), so the table takes it with
+``domains.py --table --include OUT``. Full-size rows, one process each:
 
     bash benchmarks/peer_setup.sh
     OMP_NUM_THREADS=1 .venv-peer/bin/python benchmarks/peer_autoround.py \\
@@ -31,7 +31,10 @@ A quick check (a "(smoke)" row, never to be mixed with full-size ones):
 What runs: ``auto_round.AutoRound(model, tokenizer, scheme="W4A16", bits, group_size,
 sym=False, dataset=<the calibration windows as a list of (batch, seqlen) LongTensors>,
 nsamples=<all of them>, seqlen=<their width>, batch_size=8, iters, lr, device_map="cpu")``
-then ``quantize()``. Everything else is AutoRound 0.15.1's default, and these defaults matter:
+then ``quantize()``. ``sym=False`` is the one departure from AutoRound's defaults (its
+W4A16 scheme is symmetric; ``--sym`` runs that, a "... sym ..." row): asymmetric min-max
+levels are what fxcompress's and llm-compressor's rows use. Everything else is AutoRound
+0.15.1's default, and these defaults matter:
 
 - lr ``None`` means ``1 / iters`` (5e-3 at 200 iters, 2e-2 at 50: the CLI's "light" recipe
   instead fixes 5e-3 at 50 iters, hence ``--lr 5e-3`` above); ``minmax_lr`` falls back to lr.
@@ -99,9 +102,10 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def row_name(bits: int, group_size: int, iters: int, lr: float | None, smoke: bool) -> str:
+def row_name(bits: int, group_size: int, iters: int, lr: float | None, smoke: bool,
+             sym: bool = False) -> str:
     """e.g. "autoround-w4g64 iters200", "autoround-w4g64 iters50 (light)"."""
-    name = f"autoround-w{bits}g{group_size} iters{iters}"
+    name = f"autoround-w{bits}g{group_size}{' sym' if sym else ''} iters{iters}"
     if (iters, lr) == LIGHT:
         name += " (light)"
     elif lr is not None:
@@ -135,7 +139,7 @@ def _tune(args: argparse.Namespace, calib: torch.Tensor, tokenizer: Any) -> tupl
         scheme="W4A16",
         bits=args.bits,
         group_size=args.group_size,
-        sym=False,
+        sym=args.sym,
         dataset=list(calib.split(batch)),
         iters=args.iters,
         nsamples=calib.shape[0],
@@ -161,7 +165,7 @@ def _settings(ar: Any, args: argparse.Namespace, calib: torch.Tensor) -> dict[st
     amp_dtype = ar.model_context.amp_dtype
     return {
         "method": "AutoRound", "algorithm": type(cfg).__name__.removesuffix("Config"),
-        "bits": args.bits, "group_size": args.group_size, "sym": False,
+        "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
         "iters": cfg.iters, "lr": float(cfg.lr), "minmax_lr": float(cfg.minmax_lr),
         "lr_given": args.lr, "enable_minmax_tuning": cfg.enable_minmax_tuning,
         "not_use_best_mse": cfg.not_use_best_mse, "enable_quanted_input": cfg.enable_quanted_input,
@@ -180,8 +184,10 @@ def dequantized(layer: torch.nn.Module, bits: int, group_size: int) -> torch.Ten
     """fp32 ``scale * (q - zp)`` of a tuned layer, checked against AutoRound's own weight.
 
     AutoRound leaves ``weight = (fp32(scale) * (q - zp)).to(tuning dtype)`` with ``scale``
-    (fp16) and ``zp`` (float) of shape (out, in / group_size); the integers are recovered by
-    rounding, and the fp32 rebuild must round back to the stored weight bit for bit."""
+    (fp16) of shape (out, in / group_size) and, asymmetric, ``zp`` (float, same shape, q in
+    [0, 2**bits - 1]); symmetric, ``zp`` is the number 2**(bits-1) and the stored integers
+    are q - zp in [-2**(bits-1), 2**(bits-1) - 1]. The integers are recovered by rounding,
+    and the fp32 rebuild must round back to the stored weight bit for bit."""
     name = getattr(layer, "global_name", "a decoder linear")
     w = layer.weight.detach()
     scale, zp = getattr(layer, "scale", None), getattr(layer, "zp", None)
@@ -189,10 +195,12 @@ def dequantized(layer: torch.nn.Module, bits: int, group_size: int) -> torch.Ten
         raise RuntimeError(f"{name}: no scale/zp after AutoRound: not quantized")
     out_f, in_f = w.shape
     s = scale.float().reshape(out_f, in_f // group_size, 1)
-    z = zp.float().reshape(out_f, in_f // group_size, 1)
+    asym = isinstance(zp, torch.Tensor)
+    z = zp.float().reshape(s.shape) if asym else torch.tensor(0.0)
+    lo, hi = (0, 2**bits - 1) if asym else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     q = torch.round(w.float().reshape(out_f, -1, group_size) / s + z)
-    if q.min() < 0 or q.max() > 2**bits - 1:
-        raise RuntimeError(f"{name}: integer levels outside [0, {2**bits - 1}]")
+    if q.min() < lo or q.max() > hi:
+        raise RuntimeError(f"{name}: integer levels outside [{lo}, {hi}]")
     w32 = (s * (q - z)).reshape(out_f, in_f)
     if not torch.equal(w32.to(w.dtype), w):
         raise RuntimeError(f"{name}: scale * (q - zp) does not give AutoRound's "
@@ -240,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     row: dict[str, Any] = {
         "row": ("peer dense (.venv-peer)" + (" (smoke)" if smoke else "")) if args.dense
-        else row_name(args.bits, args.group_size, args.iters, args.lr, smoke),
+        else row_name(args.bits, args.group_size, args.iters, args.lr, smoke, args.sym),
         "recipe": None if args.dense else "autoround", "method": None,
         "calibration": None if args.dense else args.calibration, "seed": args.seed,
         "ppl": {}, "seconds": 0.0, "threads": torch.get_num_threads(), **peer.git_state(),
@@ -275,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=200, help="AutoRound's default 200; light 50")
     p.add_argument("--lr", type=float, default=None,
                    help="default: AutoRound's own (1/iters); the light recipe uses 5e-3")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=False,
+                   help="symmetric levels (W4A16's own default); default asymmetric, as "
+                   "fxcompress's and llm-compressor's rows")
     p.add_argument("--batch-size", type=int, default=8, help="AutoRound's default 8")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="AutoRound's mixed precision (bf16 on a CPU that has it); default on")

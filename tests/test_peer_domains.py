@@ -76,22 +76,30 @@ def test_smoke_slice_marks_a_cut_row():
     assert smoke and small.shape == (2, 4) and cut["code"].shape == (1, 16)
 
 
-def _tuned_layer(dtype: torch.dtype, bits: int = 4, group: int = 8) -> torch.nn.Linear:
-    """A Linear as AutoRound leaves it: weight = bf16/fp32 of fp32(fp16 scale) * (q - zp)."""
+def _tuned_layer(dtype: torch.dtype, sym: bool = False, bits: int = 4,
+                 group: int = 8) -> torch.nn.Linear:
+    """A Linear as AutoRound leaves it: weight = dtype(fp32(fp16 scale) * (q - zp)); zp a
+    float tensor (asymmetric) or the number 2**(bits-1) with signed integers (symmetric)."""
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(4 * group, 3, bias=False)
     scale = (torch.rand(3, 4, generator=g) * 0.1 + 0.01).half()
-    zp = torch.randint(0, 2**bits, (3, 4), generator=g).float()
-    q = torch.randint(0, 2**bits, (3, 4, group), generator=g).float()
-    w = (scale.float().unsqueeze(-1) * (q - zp.unsqueeze(-1))).reshape(3, -1)
-    layer.weight.data = w.to(dtype)
+    if sym:
+        zp, half = 2 ** (bits - 1), 2 ** (bits - 1)
+        q = torch.randint(-half, half, (3, 4, group), generator=g).float()
+        w = scale.float().unsqueeze(-1) * q
+    else:
+        zp = torch.randint(0, 2**bits, (3, 4), generator=g).float()
+        q = torch.randint(0, 2**bits, (3, 4, group), generator=g).float()
+        w = scale.float().unsqueeze(-1) * (q - zp.unsqueeze(-1))
+    layer.weight.data = w.reshape(3, -1).to(dtype)
     layer.scale, layer.zp = scale, zp
     return layer
 
 
+@pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dequantized_rebuilds_autoround_weights_in_fp32(dtype):
-    layer = _tuned_layer(dtype)
+def test_dequantized_rebuilds_autoround_weights_in_fp32(dtype, sym):
+    layer = _tuned_layer(dtype, sym)
     w32 = autoround.dequantized(layer, 4, 8)
     assert w32.dtype == torch.float32
     assert torch.equal(w32.to(dtype), layer.weight)
