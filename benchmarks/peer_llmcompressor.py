@@ -13,6 +13,21 @@ sides of the table see exactly the same tokens:
         --model /tmp/peer/smollm2 --calib calib_8x128.pt --eval eval_4x512.pt \\
         --rows gptq-w4g64 sparsegpt-2:4 --out small.json
 
+The same rows on the domain suite's tokens (``--ids``: a ``benchmarks/domains.py`` ids folder):
+the row is scored on every ``eval-<domain>.pt`` with fxcompress's perplexity arithmetic and
+written as "llm-compressor <row>" into ``OUT/results.json`` in domains.py's row format
+(replacing a row of the same name and seed), so ``domains.py --table --include OUT`` shows it
+next to fxcompress's rows. The three rows of the table, one process each:
+
+    OMP_NUM_THREADS=1 .venv-peer/bin/python benchmarks/peer_llmcompressor.py \\
+        --model /root/.cache/fxcompress/smollm2-135m-instruct --ids /work/cache/s2/ids \\
+        --calibration speeches --seed 0 --threads 1 --out bench/peer-llmcompressor \\
+        --rows gptq-w4g64 gptq-w3g64 sparsegpt-50
+    /work/main/.venv/bin/python benchmarks/domains.py --out /work/cache/s2 --table \\
+        --include bench/peer-llmcompressor
+
+``--samples N --seqlen L --windows W`` cut the inputs for a quick check (a "(smoke)" row).
+
 Cost on the 2-core CPU machine: the full-size gptq-w4g64 row (128 x 512 calibration) took
 846 CPU-seconds in `oneshot` at `--threads 1` (28 min wall on a machine shared with other jobs,
 load 6-10); at 8 x 128 calibration a GPTQ or SparseGPT row is about 1 CPU-minute, RTN seconds.
@@ -423,8 +438,14 @@ def _calibration_dataset(calib: torch.Tensor) -> Any:
 
 
 def run_row(row: Row, model_dir: str, calib: torch.Tensor, windows: torch.Tensor,
-            extra: dict[str, torch.Tensor] | None = None) -> dict:
-    """Compress a fresh dense model with `row` and evaluate it (one row, this process)."""
+            extra: dict[str, torch.Tensor] | None = None,
+            score: Callable[[torch.nn.Module, torch.Tensor], float] | None = None) -> dict:
+    """Compress a fresh dense model with `row` and evaluate it (one row, this process).
+
+    `score` (default `perplexity`) measures one LongTensor of windows; the domain-suite mode
+    passes `_peer_domains.perplexity`, fxcompress's own arithmetic, so its cells match
+    domains.py's rows to float rounding."""
+    score = score or perplexity
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -477,7 +498,7 @@ def run_row(row: Row, model_dir: str, calib: torch.Tensor, windows: torch.Tensor
     result["embedding_unchanged"] = True
 
     result.update(_measure(model, row))
-    ppl = perplexity(model, windows)
+    ppl = score(model, windows)
     if row.sparsity is not None and result["sparsity"] < row.sparsity - 0.01:
         if row.bits is None:  # a pruning row that did not prune: not a result
             result["unavailable"] = (
@@ -493,9 +514,26 @@ def run_row(row: Row, model_dir: str, calib: torch.Tensor, windows: torch.Tensor
             )
     result["ppl"] = ppl
     for name, ids in (extra or {}).items():  # held-out texts of other domains
-        result[f"ppl_{name}"] = perplexity(model, ids)
+        result[f"ppl_{name}"] = score(model, ids)
     result["peak_rss_with_eval_mib"] = _peak_rss_mib()
     return result
+
+
+def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict, Any]:
+    """calibration ids, first eval windows, the other eval windows, and the scoring function:
+    from --calib/--eval/--extra-eval, or from a domains.py --ids folder (every domain)."""
+    if args.ids:
+        import _peer_domains as peer
+
+        calib, evals = peer.load_ids(args.ids, args.calibration, args.seed)
+        calib, evals, _ = peer.smoke_slice(calib, evals, args.samples, args.seqlen, args.windows)
+        first, *rest = evals
+        return calib, evals[first], {d: evals[d] for d in rest}, peer.perplexity
+    calib = torch.load(args.calib, weights_only=True).long()
+    windows = torch.load(args.eval, weights_only=True).long()
+    extra = {name: torch.load(path, weights_only=True).long()
+             for name, path in (e.split("=", 1) for e in args.extra_eval)}
+    return calib, windows, extra, None
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -503,11 +541,8 @@ def _worker(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        calib = torch.load(args.calib, weights_only=True).long()
-        windows = torch.load(args.eval, weights_only=True).long()
-        extra = {name: torch.load(path, weights_only=True).long()
-                 for name, path in (e.split("=", 1) for e in args.extra_eval)}
-        result = run_row(row, args.model, calib, windows, extra)
+        calib, windows, extra, score = _inputs(args)
+        result = run_row(row, args.model, calib, windows, extra, score)
         code = 0
     except Exception:
         traceback.print_exc()
@@ -518,11 +553,59 @@ def _worker(args: argparse.Namespace) -> int:
     return code
 
 
+METHOD_NAMES = {"QuantizationModifier": "RTN", "GPTQModifier": "GPTQ",
+                "SparseGPTModifier": "SparseGPT", "MagnitudePruningModifier": "Magnitude"}
+
+
+def domains_row(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A worker's result as a row of benchmarks/domains.py's table (its keys, plus ours).
+
+    The first domain's perplexity is the worker's `ppl`, the others its `ppl_<domain>`; a
+    row that has no number (unavailable, failed) is refused rather than written."""
+    import _peer_domains as peer
+
+    if result.get("error") or result.get("unavailable") or result.get("ppl") is None:
+        why = result.get("error") or result.get("unavailable") or "no perplexity"
+        raise RuntimeError(f"{result['row']}: no row for the domain table: {why}")
+    calib, evals = peer.load_ids(args.ids, args.calibration, args.seed)
+    calib, evals, smoke = peer.smoke_slice(calib, evals, args.samples, args.seqlen, args.windows)
+    first, *rest = evals
+    ppl = {first: result["ppl"], **{d: result[f"ppl_{d}"] for d in rest}}
+    recipe = result["recipe"]
+    method = None if not recipe else {
+        "method": "+".join(METHOD_NAMES[m["modifier"]] for m in recipe), "recipe": recipe,
+        "notes": result["notes"], "tool": "llm-compressor oneshot, batch size 1"}
+    extra_keys = ("cpu_seconds", "loadavg_before", "loadavg_after", "peak_rss_mib",
+                  "peak_rss_with_eval_mib", "sparsity", "sparsity_2of4", "max_levels_per_group",
+                  "n_linears", "versions", "calib_shape")
+    return {
+        "row": f"llm-compressor {result['row']}" + (" (smoke)" if smoke else ""),
+        "recipe": "llm-compressor" if recipe else None, "method": method,
+        "calibration": args.calibration if recipe else None, "seed": args.seed, "ppl": ppl,
+        "seconds": result["seconds"] or 0.0, "threads": result["threads"], **peer.git_state(),
+        **{k: result[k] for k in extra_keys if k in result},
+        "eval_windows": {d: list(t.shape) for d, t in evals.items()},
+    }
+
+
+def _worker_cmd(args: argparse.Namespace, name: str, out: str) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", out,
+           "--model", args.model, "--threads", str(args.threads)]
+    if args.ids:
+        cmd += ["--ids", args.ids, "--calibration", args.calibration, "--seed", str(args.seed)]
+        cmd += [f"--{k}={getattr(args, k)}" for k in ("samples", "seqlen", "windows")
+                if getattr(args, k) is not None]
+    else:
+        cmd += ["--calib", args.calib, "--eval", args.eval]
+        cmd += [f"--extra-eval={e}" for e in args.extra_eval]
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="plain Hugging Face model folder")
-    p.add_argument("--calib", required=True, help="LongTensor (n, seqlen) of calibration ids")
-    p.add_argument("--eval", required=True, help="LongTensor (windows, seqlen) to evaluate")
+    p.add_argument("--calib", help="LongTensor (n, seqlen) of calibration ids")
+    p.add_argument("--eval", help="LongTensor (windows, seqlen) to evaluate")
     p.add_argument(
         "--rows",
         nargs="+",
@@ -534,7 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
                    help="another LongTensor of evaluation windows (e.g. a text of another "
                         "domain); its perplexity is recorded as ppl_NAME")
-    p.add_argument("--out", default="peer_results.json")
+    p.add_argument("--ids", help="instead of --calib/--eval: a benchmarks/domains.py ids "
+                   "folder; every eval-<domain>.pt is scored and each row is written in "
+                   "domains.py's format into OUT/results.json (OUT a folder)")
+    p.add_argument("--calibration", choices=["speeches", "mix"], default="speeches",
+                   help="with --ids: the calibration set (calib-<set>-seed<k>.pt)")
+    p.add_argument("--seed", type=int, default=0, help="with --ids: of the calibration windows")
+    p.add_argument("--samples", type=int, help="with --ids, smoke: first N calibration windows")
+    p.add_argument("--seqlen", type=int, help="with --ids, smoke: first L tokens of each")
+    p.add_argument("--windows", type=int, help="with --ids, smoke: first W eval windows")
+    p.add_argument("--out", help="JSON file (default peer_results.json); with --ids a folder")
     p.add_argument(
         "--threads",
         type=int,
@@ -545,33 +637,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.ids and (args.calib or args.eval or args.extra_eval):
+        p.error("--ids replaces --calib/--eval/--extra-eval: give one or the other")
+    if not args.ids and not (args.calib and args.eval):
+        p.error("give --calib and --eval, or --ids (a domains.py ids folder)")
+    if args.ids and not args.out and not args.worker:
+        p.error("--ids needs --out FOLDER (the row goes into FOLDER/results.json)")
     if args.worker:
         return _worker(args)
+    if args.ids:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    args.out = args.out or "peer_results.json"
 
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     for name in args.rows:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "row.json")
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--worker",
-                name,
-                "--worker-out",
-                out,
-                "--model",
-                args.model,
-                "--calib",
-                args.calib,
-                "--eval",
-                args.eval,
-                "--threads",
-                str(args.threads),
-                *(f"--extra-eval={e}" for e in args.extra_eval),
-            ]
             print(f"== {name}", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd)
+            proc = subprocess.run(_worker_cmd(args, name, out))
             if os.path.exists(out):
                 with open(out) as f:
                     result = json.load(f)
@@ -580,8 +664,16 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0 or "error" in result:
             failed.append(name)
         results.append(result)
-        with open(args.out, "w") as f:  # rewritten after every row: partial tables survive
-            json.dump(results, f, indent=2)
+        if args.ids:
+            if name not in failed:
+                try:
+                    _write_domains_row(result, args)
+                except RuntimeError as e:
+                    print(e, file=sys.stderr)
+                    failed.append(name)
+        else:
+            with open(args.out, "w") as f:  # rewritten after every row: partial tables survive
+                json.dump(results, f, indent=2)
         print(
             json.dumps(
                 {
@@ -604,6 +696,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED rows: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_domains_row(result: dict[str, Any], args: argparse.Namespace) -> None:
+    import _peer_domains as peer
+
+    row = domains_row(result, args)
+    meta = {"tool": "benchmarks/peer_llmcompressor.py --ids", "ids": os.path.abspath(args.ids),
+            "versions": result.get("versions")}
+    path = peer.write_row(args.out, row, meta)
+    cells = " ".join(f"{d} {v:.3f}" for d, v in row["ppl"].items())
+    print(f"{row['row']}: {cells} -> {path}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

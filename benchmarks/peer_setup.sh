@@ -16,7 +16,8 @@
 # (it asks torch>=2.10,<=2.14.0, transformers>=5.15,<=5.17); it is pinned so the peer numbers
 # stay reproducible. Versions seen after a clean install (about 1.5 min):
 #   torch 2.13.0+cpu, llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0,
-#   accelerate 1.15.0, datasets 5.2.0, auto-round 0.15.1, safetensors 0.8.0, numpy 2.4.6
+#   accelerate 1.16.0, datasets 5.2.0, auto-round 0.15.1, safetensors 0.8.0, numpy 2.4.6
+# (auto-round, the peer of benchmarks/peer_autoround.py, comes with llmcompressor)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
