@@ -87,7 +87,8 @@ def load_model(spec: str, progress: bool = True, dense: bool = False
                ) -> tuple[torch.nn.Module, Any, Path | None]:
     """``smollm2`` (the embedded default) or ``gemma3``, an fxcompress checkpoint, a Hugging
     Face folder, or a model id (when a hub is reachable); ``dense``: not an fxcompress
-    checkpoint. Returns (model, tokenizer, folder); anything else is a clear error (:func:`model_source`)."""
+    checkpoint. Returns (model, tokenizer, folder); anything else is a clear error
+    (:func:`model_source`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(spec, progress, dense=dense)
