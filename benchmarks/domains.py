@@ -1,4 +1,5 @@
-"""Recipes x domains: perplexity of compressed SmolLM2-135M on every domain of the suite.
+"""Recipes x domains: perplexity of a compressed model (SmolLM2-135M, or Gemma 3 270M with
+``--model gemma3``) on every domain of the suite.
 
 A default chosen on one text may lose elsewhere (issue 34). This benchmark scores each row on
 the same 32 x 512-token windows of every domain of :mod:`fxcompress.suite` (the first
@@ -15,9 +16,14 @@ Every row runs in its own process (``_row``); results accumulate in ``OUT/result
 the commit, CPU flags, date and seed; rows already there are not run again, so an interrupted
 run continues where it stopped. Settings are chosen on the validation domains only (a choice
 run passes ``--domains`` with them); reporting domains inform no choice. Rows of other tools
-made on the same ids (``peer_autoround.py``, ``peer_llmcompressor.py``) join with ``--include``:
+made on the same ids (``peer_autoround.py``, ``peer_llmcompressor.py``) join with ``--include``.
+
+Token ids depend on the model's tokenizer, so one OUT folder holds one model: its ids folder
+and results.json record the model, and a run for another model there is refused (a folder made
+before models were recorded is SmolLM2's):
 
     OMP_NUM_THREADS=1 python benchmarks/domains.py --out bench/domains [--rows NAME ...] [--seed K]
+    OMP_NUM_THREADS=1 python benchmarks/domains.py --model gemma3 --out bench/domains-gemma3
     python benchmarks/domains.py --out bench/domains --table [--include OTHER ...] [--write]
 """
 
@@ -39,9 +45,13 @@ from pathlib import Path
 import torch
 
 from fxcompress import Recipe, suite
+from fxcompress.inputs import DEFAULT_MODEL, EMBEDDED_MODELS
 from fxcompress.recipe import NAMED
 
 SAMPLES, SEQLEN, WINDOWS = 128, 512, 32
+MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}
+assert sorted(MODEL_NAMES) == sorted(EMBEDDED_MODELS)
+IDS_MODEL = "model.txt"  # in OUT/ids: the model whose tokenizer made the ids
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 # validation first (what a choice reads), then the rest: a stopped run has those numbers
 EVAL_ORDER = ["docs", "fiction", "mail", "speeches", "code", "legal", "drama"]
@@ -107,8 +117,35 @@ def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch
                       for path, k in parts])
 
 
-def _prepare(out: Path, seed: int) -> None:
-    """The token ids every row shares, made once into ``out/ids``."""
+def _folder_model(out: Path) -> str | None:
+    """The model whose ids and rows ``out`` holds; None for a new folder. A folder made before
+    the model was recorded holds SmolLM2's (the only model then)."""
+    recorded = out / "ids" / IDS_MODEL
+    if recorded.exists():
+        return recorded.read_text().strip()
+    data = _load(out / "results.json")
+    models = {r.get("model", DEFAULT_MODEL) for r in data["rows"]}
+    models |= {data["meta"].get("model", DEFAULT_MODEL)} if "meta" in data else set()
+    if (out / "ids").is_dir() and any((out / "ids").glob("*.pt")):
+        models.add(DEFAULT_MODEL)
+    if len(models) > 1:
+        raise SystemExit(f"{out} mixes rows of models {sorted(models)}")
+    return models.pop() if models else None
+
+
+def check_model(out: Path, model: str) -> None:
+    """Refuse to add ``model``'s ids or rows to a folder that holds another model's: their
+    token ids come from another tokenizer, their perplexities from another model."""
+    if model not in EMBEDDED_MODELS:
+        raise SystemExit(f"unknown model {model!r}; expected one of {list(EMBEDDED_MODELS)}")
+    found = _folder_model(out)
+    if found is not None and found != model:
+        raise SystemExit(f"{out} holds ids and rows of {found!r}, not {model!r}: give this "
+                         f"model its own --out (e.g. bench/domains-{model})")
+
+
+def _prepare(out: Path, seed: int, model: str) -> None:
+    """The token ids every row shares, made once into ``out/ids`` with ``model``'s tokenizer."""
     ids = out / "ids"
     sets = ("mix", "speeches")
     wanted = [f"eval-{name}.pt" for name in suite.SUITE] + [
@@ -121,15 +158,31 @@ def _prepare(out: Path, seed: int) -> None:
     from fxcompress.evaluate import evaluation_windows
 
     ids.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(assets.smollm2())
+    (ids / IDS_MODEL).write_text(model + "\n")
+    tok = AutoTokenizer.from_pretrained(getattr(assets, EMBEDDED_MODELS[model])())
     for name in suite.SUITE:
         text = assets.load_text(suite.texts(name).evaluation)
-        torch.save(evaluation_windows(tok, text, SEQLEN, WINDOWS), ids / f"eval-{name}.pt")
+        windows = evaluation_windows(tok, text, SEQLEN, WINDOWS)
+        torch.save(with_bos(tok, windows), ids / f"eval-{name}.pt")
     for which in sets:
-        torch.save(calibration_ids(tok, which, seed), ids / f"calib-{which}-seed{seed}.pt")
+        torch.save(with_bos(tok, calibration_ids(tok, which, seed)),
+                   ids / f"calib-{which}-seed{seed}.pt")
 
 
-def _meta(seed: int) -> dict:
+def with_bos(tokenizer, windows: torch.Tensor) -> torch.Tensor:
+    """``windows`` with the beginning-of-sequence token first where the tokenizer puts one
+    before every text (Gemma's does; SmolLM2's does not, and its windows stay as they are): a
+    model trained that way scores far worse on a window without it, which would bury the
+    compression's loss under the missing token's. The window keeps its length, so it loses
+    its last token."""
+    encoded = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is None or not encoded or encoded[0] != bos:
+        return windows
+    return torch.cat([torch.full_like(windows[:, :1], bos), windows[:, :-1]], dim=1)
+
+
+def _meta(seed: int, model: str) -> dict:
     """What a reader needs to reproduce the numbers: commit, machine, data, seeds."""
     root = Path(__file__).resolve().parent.parent
     git = ["git", "-C", str(root)]
@@ -141,7 +194,7 @@ def _meta(seed: int) -> dict:
         "commit": commit.stdout.strip(), "dirty": bool(dirty),
         "cpu_flags": sorted(f for f in CPU_FLAGS if re.search(rf"\b{f}\b", cpuinfo)),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "model": "smollm2", "seed": seed,
+        "model": model, "seed": seed,
         "calibration": f"{SAMPLES} x {SEQLEN} tokens, seed {seed}",
         "evaluation": f"first {WINDOWS} non-overlapping windows of {SEQLEN} tokens per domain",
         "domains": {d.name: {"role": d.role, "source": d.source, "sha256": d.sha256,
@@ -153,26 +206,28 @@ def _load(results: Path) -> dict:
     return json.loads(results.read_text()) if results.exists() else {"rows": []}
 
 
-def run(out: Path, names: list[str], seed: int, domains: list[str] | None = None) -> None:
+def run(out: Path, names: list[str], seed: int, domains: list[str] | None = None,
+        model: str = DEFAULT_MODEL) -> None:
     for name in names:
         parse_row(name)  # a bad name stops the run before anything is computed
     unknown = [d for d in domains or [] if d not in suite.SUITE]
     if unknown:
         raise SystemExit(f"unknown domains {unknown}; domains: {list(suite.SUITE)}")
+    check_model(out, model)
     out.mkdir(parents=True, exist_ok=True)
-    _prepare(out, seed)
+    _prepare(out, seed, model)
     results = out / "results.json"
     for name in names:
         if any(r["row"] == name and r["seed"] == seed for r in _load(results)["rows"]):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "_row", name, "--out", str(out), "--seed",
-                   str(seed), "--json", f"{tmp}/row.json"]
+                   str(seed), "--json", f"{tmp}/row.json", "--model", model]
             cmd += ["--domains", *domains] if domains else []
             subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
             row = json.loads(Path(f"{tmp}/row.json").read_text())
         data = _load(results)
-        data["meta"] = _meta(seed)  # the latest run's: rows keep their own commit
+        data["meta"] = _meta(seed, model)  # the latest run's: rows keep their own commit
         data["rows"] = [r for r in data["rows"] if not (r["row"] == name and r["seed"] == seed)]
         data["rows"].append(row)
         results.write_text(json.dumps(data, indent=2) + "\n")
@@ -181,7 +236,7 @@ def run(out: Path, names: list[str], seed: int, domains: list[str] | None = None
 
 
 def row(name: str, out: Path, seed: int, json_path: Path,
-        domains: list[str] | None = None) -> None:
+        domains: list[str] | None = None, model: str = DEFAULT_MODEL) -> None:
     """One row in this process: compress, dequantize, perplexity on every domain (or on
     ``domains``: a choice is scored on the validation domains alone).
 
@@ -196,31 +251,33 @@ def row(name: str, out: Path, seed: int, json_path: Path,
 
     resolved, calibration = parse_row(name)
     method = None if resolved is None else resolved.to_dict()["rules"][-1]
-    meta = _meta(seed)
+    check_model(out, model)
+    meta = _meta(seed, model)
     partial = out / "partial" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-seed{seed}.json"
     partial.parent.mkdir(exist_ok=True)
     result = {
-        "row": name, "recipe": None if resolved is None else name.split()[0],
+        "row": name, "model": model, "recipe": None if resolved is None else name.split()[0],
         "method": method, "calibration": None if resolved is None else calibration, "seed": seed,
         "ppl": {}, "seconds": 0.0, "threads": torch.get_num_threads(),
         "commit": meta["commit"], "dirty": meta["dirty"], "date": meta["date"]}
     earlier = json.loads(partial.read_text()) if partial.exists() else {}
-    if all(earlier.get(k) == result[k] for k in ("method", "calibration", "threads")):
+    if all(earlier.get(k, DEFAULT_MODEL if k == "model" else None) == result[k]
+           for k in ("model", "method", "calibration", "threads")):
         result.update(ppl=earlier["ppl"], seconds=earlier["seconds"])
     todo = [d for d in domains or EVAL_ORDER if d not in result["ppl"]]
     if not todo:
         json_path.write_text(json.dumps(result))
         return
-    model, _, _ = load_model("smollm2", progress=False)
+    net, _, _ = load_model(model, progress=False)
     if resolved is not None:
         started = time.perf_counter()
         calib = torch.load(out / "ids" / f"calib-{calibration}-seed{seed}.pt", weights_only=True)
-        fxcompress.compile(model, calib, resolved, progress=False)
-        decompress(model)
+        fxcompress.compile(net, calib, resolved, progress=False)
+        decompress(net)
         result["seconds"] = time.perf_counter() - started
     for domain in todo:
         ids = torch.load(out / "ids" / f"eval-{domain}.pt", weights_only=True)
-        result["ppl"][domain] = perplexity(model, None, ids.flatten(), ids.shape[1],
+        result["ppl"][domain] = perplexity(net, None, ids.flatten(), ids.shape[1],
                                            ids.shape[0], progress=False).ppl
         partial.write_text(json.dumps(result))
     json_path.write_text(json.dumps(result))
@@ -315,11 +372,15 @@ def main() -> None:
         ap.add_argument("--seed", type=int, required=True)
         ap.add_argument("--json", required=True)
         ap.add_argument("--domains", nargs="+")
+        ap.add_argument("--model", default=DEFAULT_MODEL)
         a = ap.parse_args()
-        row(a.name, Path(a.out), a.seed, Path(a.json), a.domains)
+        row(a.name, Path(a.out), a.seed, Path(a.json), a.domains, a.model)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/domains")
+    ap.add_argument("--model", default=DEFAULT_MODEL, choices=list(EMBEDDED_MODELS),
+                    help="the model compressed (default smollm2); one --out folder per model")
+    ap.add_argument("--out", help="results folder (default bench/domains for smollm2, "
+                                  "bench/domains-MODEL for another model)")
     ap.add_argument("--rows", nargs="+", help=f"rows to run (default {ROWS}); see parse_row")
     ap.add_argument("--seed", type=int, default=0, help="of the calibration windows")
     ap.add_argument("--domains", nargs="+", help="evaluate only these (default: every domain)")
@@ -330,13 +391,17 @@ def main() -> None:
                     help="in the table, also rows stopped midway (the domains they reached)")
     ap.add_argument("--write", action="store_true", help="write it into benchmarks/RESULTS.md")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ("bench/domains" if args.model == DEFAULT_MODEL
+                            else f"bench/domains-{args.model}"))
     if not args.table:
-        run(out, args.rows or ROWS, args.seed, args.domains)
+        run(out, args.rows or ROWS, args.seed, args.domains, args.model)
+    model = _folder_model(out) or args.model
     data = _load(out / "results.json")
     for other in args.include:
         if not (Path(other) / "results.json").exists():
             raise SystemExit(f"--include {other}: no results.json there")
+        if (theirs := _folder_model(Path(other))) != model:
+            raise SystemExit(f"--include {other}: rows of {theirs!r}, this table is {model!r}'s")
         data["rows"] += _load(Path(other) / "results.json")["rows"]
     if args.partial:  # rows stopped midway, marked as such
         done = {(r["row"], r["seed"]) for r in data["rows"]}
@@ -356,8 +421,9 @@ def main() -> None:
         body = (f"{text}\n\nCommits {', '.join(commits)}, CPU flags "
                 f"{' '.join(meta.get('cpu_flags', []))}; {meta.get('calibration')}; "
                 f"{meta.get('evaluation')}.")
-        write_section("Domain suite: recipes x domains (SmolLM2-135M)",
-                      f"OMP_NUM_THREADS=1 python benchmarks/domains.py --out {args.out}", body)
+        flag = "" if model == DEFAULT_MODEL else f" --model {model}"
+        write_section(f"Domain suite: recipes x domains ({MODEL_NAMES[model]})",
+                      f"OMP_NUM_THREADS=1 python benchmarks/domains.py{flag} --out {out}", body)
 
 
 if __name__ == "__main__":

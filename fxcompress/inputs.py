@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 DEFAULT_MODEL = "smollm2"
+# short name -> the assets function that fetches (or finds in the cache) its plain HF folder
+EMBEDDED_MODELS = {"smollm2": "smollm2", "gemma3": "gemma3"}
 
 
 def echo(*args: Any) -> None:
@@ -24,7 +26,7 @@ def echo(*args: Any) -> None:
 MODELS_EXPECTED = ("a Hugging Face model folder (with config.json and safetensors), a "
                    "checkpoint written by fxcompress, a model id such as "
                    "HuggingFaceTB/SmolLM2-135M-Instruct (when a hub is reachable), or "
-                   f"{DEFAULT_MODEL!r} (the default)")
+                   f"{DEFAULT_MODEL!r} (the default) or 'gemma3' (Gemma 3 270M)")
 _HUB_ID = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")  # 'name' or 'organisation/name'
 
 
@@ -43,8 +45,8 @@ def model_source(spec: str, progress: bool = True, local: bool = False,
     saying what is expected; (``dense``) an fxcompress checkpoint, a ValueError."""
     from . import assets
 
-    if spec == DEFAULT_MODEL:
-        return assets.smollm2(progress=progress)
+    if spec in EMBEDDED_MODELS:
+        return getattr(assets, EMBEDDED_MODELS[spec])(progress=progress)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         if dense and is_checkpoint(path):
@@ -83,9 +85,10 @@ def from_hub(loader: Any, source: Path | str, what: str) -> Any:
 
 def load_model(spec: str, progress: bool = True, dense: bool = False
                ) -> tuple[torch.nn.Module, Any, Path | None]:
-    """``smollm2`` (the embedded default), an fxcompress checkpoint, a Hugging Face folder, or
-    a model id (when a hub is reachable); ``dense``: not an fxcompress checkpoint. Returns
-    (model, tokenizer, folder); anything else is a clear error (:func:`model_source`)."""
+    """``smollm2`` (the embedded default) or ``gemma3``, an fxcompress checkpoint, a Hugging
+    Face folder, or a model id (when a hub is reachable); ``dense``: not an fxcompress
+    checkpoint. Returns (model, tokenizer, folder); anything else is a clear error
+    (:func:`model_source`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(spec, progress, dense=dense)
