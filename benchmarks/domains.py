@@ -162,24 +162,10 @@ def _prepare(out: Path, seed: int, model: str) -> None:
     tok = AutoTokenizer.from_pretrained(getattr(assets, EMBEDDED_MODELS[model])())
     for name in suite.SUITE:
         text = assets.load_text(suite.texts(name).evaluation)
-        windows = evaluation_windows(tok, text, SEQLEN, WINDOWS)
-        torch.save(with_bos(tok, windows), ids / f"eval-{name}.pt")
+        # evaluation_windows / calibration_samples put a BOS first where the tokenizer does
+        torch.save(evaluation_windows(tok, text, SEQLEN, WINDOWS), ids / f"eval-{name}.pt")
     for which in sets:
-        torch.save(with_bos(tok, calibration_ids(tok, which, seed)),
-                   ids / f"calib-{which}-seed{seed}.pt")
-
-
-def with_bos(tokenizer, windows: torch.Tensor) -> torch.Tensor:
-    """``windows`` with the beginning-of-sequence token first where the tokenizer puts one
-    before every text (Gemma's does; SmolLM2's does not, and its windows stay as they are): a
-    model trained that way scores far worse on a window without it, which would bury the
-    compression's loss under the missing token's. The window keeps its length, so it loses
-    its last token."""
-    encoded = tokenizer("a")["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is None or not encoded or encoded[0] != bos:
-        return windows
-    return torch.cat([torch.full_like(windows[:, :1], bos), windows[:, :-1]], dim=1)
+        torch.save(calibration_ids(tok, which, seed), ids / f"calib-{which}-seed{seed}.pt")
 
 
 def _meta(seed: int, model: str) -> dict:

@@ -67,7 +67,8 @@ def calibration_samples(
                          f"need at least seqlen + 1 = {seqlen + 1}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=generator)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    samples = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return samples if isinstance(text, torch.Tensor) else with_bos(tokenizer, samples)
 
 
 def evaluation_windows(
@@ -83,7 +84,24 @@ def evaluation_windows(
     if windows < 1 or windows > available:
         raise ValueError(f"asked for {windows} windows of {seqlen} tokens but the text has "
                          f"{ids.numel()} tokens, i.e. {available} windows")
-    return ids[: windows * seqlen].view(windows, seqlen)
+    chunks = ids[: windows * seqlen].view(windows, seqlen)
+    return chunks if isinstance(text, torch.Tensor) else with_bos(tokenizer, chunks)
+
+
+def with_bos(tokenizer: Any, windows: torch.Tensor) -> torch.Tensor:
+    """``windows`` of a text with the beginning-of-sequence token first, where the tokenizer
+    puts one before every text it encodes (Gemma's does; SmolLM2's does not, and its windows
+    are returned as they are). A model trained that way scores far worse on a window without
+    it, and is calibrated on inputs it never saw: both would bury the compression's effect.
+    The window keeps its length, so it gives up its last token. Ids given as a tensor are the
+    caller's to prepare and are never changed."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return windows
+    encoded = tokenizer("a")["input_ids"]
+    if not encoded or encoded[0] != bos:
+        return windows
+    return torch.cat([torch.full_like(windows[:, :1], bos), windows[:, :-1]], dim=1)
 
 
 @torch.no_grad()

@@ -144,3 +144,33 @@ def test_format_settings():
     line = format_settings(PerplexityResult(ppl=10.0, nll=2.3, tokens=16352, windows=32,
                                             seqlen=512))
     assert "seqlen=512" in line and "windows=32" in line and "16352" in line
+
+
+class BosTokenizer(CharTokenizer):
+    """A tokenizer that puts a BOS (id 1) before every text, as Gemma's does."""
+
+    bos_token_id = 1
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+
+class NoBosTokenizer(BosTokenizer):
+    """Has a BOS token but does not put it first, as SmolLM2's."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def test_windows_start_with_bos_where_the_tokenizer_puts_one():
+    plain = evaluation_windows(CharTokenizer(), TEXT, 64, 4)
+    with_bos = evaluation_windows(BosTokenizer(), TEXT, 64, 4)
+    assert with_bos.shape == plain.shape
+    assert (with_bos[:, 0] == 1).all() and torch.equal(with_bos[:, 1:], plain[:, :-1])
+    samples = calibration_samples(BosTokenizer(), TEXT, 5, 32, seed=3)
+    reference = calibration_samples(CharTokenizer(), TEXT, 5, 32, seed=3)
+    assert (samples[:, 0] == 1).all() and torch.equal(samples[:, 1:], reference[:, :-1])
+    # a tokenizer that does not put its BOS first, and ids given directly, are left alone
+    assert torch.equal(evaluation_windows(NoBosTokenizer(), TEXT, 64, 4), plain)
+    ids = tokenize(CharTokenizer(), TEXT)
+    assert torch.equal(evaluation_windows(BosTokenizer(), ids, 64, 4), plain)
