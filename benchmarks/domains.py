@@ -67,23 +67,30 @@ ROWS = [
 ]
 
 
-def parse_row(name: str) -> tuple[Recipe | None, str]:
+def parse_row(name: str) -> tuple[Recipe | None, str, int]:
     """A row name: ``dense``, or a named recipe, then ``field=value`` overrides of its methods'
     settings (JSON values: ``shrink=0.25``, ``dense_output=false``), then ``mix`` to calibrate
-    on the mix rather than on speeches. Returns (recipe or None for dense, calibration set).
-    Rows are named rather than listed so that a setting can be tried without editing this
-    file, and the name alone says what ran."""
+    on the mix rather than on speeches, then ``n=K`` to calibrate on the first K of the
+    SAMPLES speeches windows only. Returns (recipe or None for dense, calibration set, number
+    of calibration windows). Rows are named rather than listed so that a setting can be tried
+    without editing this file, and the name alone says what ran."""
     words = name.split()
-    calibration = "speeches"
+    calibration, samples = "speeches", SAMPLES
+    if words and re.fullmatch(r"n=\d+", words[-1]):
+        samples, words = int(words[-1][2:]), words[:-1]
+        if not 0 < samples <= SAMPLES:
+            raise SystemExit(f"row {name!r}: n must be in 1..{SAMPLES}")
     if words and words[-1] == "mix":
         calibration, words = "mix", words[:-1]
+        if samples != SAMPLES:  # the mix's windows are stored domain after domain
+            raise SystemExit(f"row {name!r}: n= is for speeches rows only")
     if not words or (words[0] != "dense" and words[0] not in NAMED):
         raise SystemExit(f"row {name!r}: must start with 'dense' or a named recipe "
                          f"({', '.join(NAMED)})")
     if words[0] == "dense":
         if len(words) > 1:
             raise SystemExit(f"row {name!r}: dense takes no settings")
-        return None, calibration
+        return None, calibration, samples
     overrides = {}
     for word in words[1:]:
         key, eq, value = word.partition("=")
@@ -97,7 +104,7 @@ def parse_row(name: str) -> tuple[Recipe | None, str]:
                              for p, m in recipe.rules})
         except (TypeError, ValueError) as e:
             raise SystemExit(f"row {name!r}: {e}") from e
-    return recipe, calibration
+    return recipe, calibration, samples
 
 
 def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch.Tensor:
@@ -235,7 +242,7 @@ def row(name: str, out: Path, seed: int, json_path: Path,
     from fxcompress.evaluate import perplexity
     from fxcompress.inputs import load_model
 
-    resolved, calibration = parse_row(name)
+    resolved, calibration, samples = parse_row(name)
     method = None if resolved is None else resolved.to_dict()["rules"][-1]
     check_model(out, model)
     meta = _meta(seed, model)
@@ -244,6 +251,7 @@ def row(name: str, out: Path, seed: int, json_path: Path,
     result = {
         "row": name, "model": model, "recipe": None if resolved is None else name.split()[0],
         "method": method, "calibration": None if resolved is None else calibration, "seed": seed,
+        "samples": None if resolved is None else samples,
         "ppl": {}, "seconds": 0.0, "threads": torch.get_num_threads(),
         "commit": meta["commit"], "dirty": meta["dirty"], "date": meta["date"]}
     earlier = json.loads(partial.read_text()) if partial.exists() else {}
@@ -257,7 +265,8 @@ def row(name: str, out: Path, seed: int, json_path: Path,
     net, _, _ = load_model(model, progress=False)
     if resolved is not None:
         started = time.perf_counter()
-        calib = torch.load(out / "ids" / f"calib-{calibration}-seed{seed}.pt", weights_only=True)
+        calib = torch.load(out / "ids" / f"calib-{calibration}-seed{seed}.pt",
+                           weights_only=True)[:samples]
         fxcompress.compile(net, calib, resolved, progress=False)
         decompress(net)
         result["seconds"] = time.perf_counter() - started
