@@ -108,20 +108,18 @@ def parse_row(name: str) -> tuple[Recipe | None, str, int]:
 
 
 def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch.Tensor:
-    """``n`` x SEQLEN calibration windows: from the SOTU text, or dealt over the calibration
-    domains (the first ``n % k`` domains get one more), each drawn with ``seed``."""
+    """``n`` x SEQLEN calibration windows: from the SOTU text, or the suite's mix of
+    calibration domains (``suite.calibration_mix``, what ``fxcompress compress`` calibrates on
+    by default), drawn with ``seed``."""
     from fxcompress.assets import load_text
     from fxcompress.evaluate import calibration_samples
 
     if which == "speeches":
-        parts = [(suite.texts("speeches").calibration, n)]
-    elif which == "mix":
-        parts = [(suite.texts(name).calibration, k)
-                 for name, k in suite.calibration_shares(n).items()]
-    else:
-        raise ValueError(f"unknown calibration set {which!r}: 'speeches' or 'mix'")
-    return torch.cat([calibration_samples(tokenizer, load_text(path), k, SEQLEN, seed)
-                      for path, k in parts])
+        return calibration_samples(tokenizer, load_text(suite.texts("speeches").calibration), n,
+                                   SEQLEN, seed)
+    if which == "mix":
+        return suite.calibration_mix(tokenizer, n, SEQLEN, seed)
+    raise ValueError(f"unknown calibration set {which!r}: 'speeches' or 'mix'")
 
 
 def _folder_model(out: Path) -> str | None:

@@ -30,8 +30,14 @@ from .inputs import (
 
 
 def _calibration(tokenizer: Any, args: argparse.Namespace) -> torch.Tensor:
+    """The user's calibration text, or without one the suite's mix of calibration domains."""
     from .evaluate import calibration_samples
 
+    if args.calib is None:
+        from .suite import calibration_mix
+
+        return calibration_mix(tokenizer, args.samples, args.seqlen, args.seed,
+                               progress=not args.quiet)
     text = read_text(args.calib, "calibration", not args.quiet)
     return calibration_samples(tokenizer, text, args.samples, args.seqlen, args.seed)
 
@@ -287,8 +293,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", help="calibration text file or folder (default: SOTU <= 2000)")
+def _data(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--calib", help=f"calibration text file or folder (default: {default})")
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
@@ -339,7 +345,7 @@ def _compress_parser(sub: Any) -> None:
                    help="matmuls of the calibration passes and statistics (default: bf16 "
                         "inputs with float32 sums on CPUs with AVX512-BF16 or AMX, float32 "
                         "elsewhere); the solves are float32")
-    _data(c)
+    _data(c, "the domain suite's calibration mix: SOTU <= 2000 and Python source, half each")
     _evaluation(c)
     _common(c)
     c.set_defaults(fn=cmd_compress)
@@ -405,7 +411,7 @@ def _compare_parser(sub: Any) -> None:
     k.add_argument("--out", default="compare", help="folder for table.md, plot.png, results.json")
     k.add_argument("--other-text", help="a held-out text of another domain, also evaluated "
                                         "(default: Moby-Dick, from npm; 'none' to skip)")
-    _data(k)
+    _data(k, "SOTU <= 2000, the domain of --text")
     _evaluation(k)
     _common(k)
     k.set_defaults(fn=cmd_compare)

@@ -31,6 +31,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from . import assets
 from .assets import AssetError
@@ -278,6 +281,24 @@ def calibration_shares(n: int) -> dict[str, int]:
     if n < len(names):
         raise ValueError(f"{n} samples cannot cover the {len(names)} calibration domains")
     return {name: n // len(names) + (i < n % len(names)) for i, name in enumerate(names)}
+
+
+def calibration_mix(tokenizer: Any, n: int = 128, seqlen: int = 512, seed: int = 0,
+                    cache: Path | str | None = None, progress: bool = True) -> torch.Tensor:
+    """``n`` calibration windows dealt over the calibration domains (:func:`calibration_shares`),
+    each domain's drawn from its ``calibration.txt`` with ``seed``, domain after domain.
+
+    The default calibration data of ``fxcompress compress``: a Hessian fitted to one domain's
+    correlations steers GPTQ's rounding toward that domain, and a user who passes no data has
+    no domain to prefer, so the default spreads over several (chosen on the validation
+    domains; benchmarks/RESULTS.md)."""
+    from .evaluate import calibration_samples
+
+    shares = calibration_shares(n)
+    return torch.cat([
+        calibration_samples(tokenizer, assets.load_text(
+            texts(name, cache, progress).calibration), k, seqlen, seed)
+        for name, k in shares.items()])
 
 
 # ----------------------------------------------------------------------------- fetch

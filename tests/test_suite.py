@@ -246,3 +246,50 @@ def test_cli_assets_fetch_suite(tmp_path, monkeypatch, capsys):
         assert ("calibration:" in line) == (domain.role == "calibration")
     assert cli.main(["assets", "fetch", "--quiet"]) == 0
     assert not any(line.split()[0] in suite.SUITE for line in capsys.readouterr().out.splitlines())
+
+
+class _Bytes:
+    """One id per UTF-8 byte: enough of a tokenizer to tell which text a window came from."""
+
+    bos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def test_calibration_mix_deals_windows_over_the_calibration_domains(tmp_path, monkeypatch):
+    """The CLI's default data: each calibration domain's share of windows, drawn from that
+    domain's calibration text only, domain after domain."""
+    import torch
+
+    made = {}
+    for i, d in enumerate(suite.domains("calibration")):
+        path = tmp_path / f"{d.name}.txt"
+        path.write_text(chr(ord("a") + i) * 5000)  # one letter per domain
+        made[d.name] = suite.DomainTexts(d, tmp_path / "unused.txt", path)
+    monkeypatch.setattr(suite, "texts", lambda name, cache=None, progress=True: made[name])
+    mix = suite.calibration_mix(_Bytes(), 9, 16, seed=1)
+    assert mix.shape == (9, 16)
+    start = 0
+    for i, (name, k) in enumerate(suite.calibration_shares(9).items()):
+        assert torch.equal(mix[start:start + k], torch.full((k, 16), ord("a") + i)), name
+        start += k
+
+
+def test_compress_without_calib_uses_the_mix(monkeypatch):
+    import argparse
+
+    import torch
+
+    from fxcompress import cli
+
+    seen = {}
+
+    def fake_mix(tokenizer, n, seqlen, seed, progress=True):
+        seen.update(n=n, seqlen=seqlen, seed=seed)
+        return torch.zeros(n, seqlen, dtype=torch.int64)
+
+    monkeypatch.setattr(suite, "calibration_mix", fake_mix)
+    args = argparse.Namespace(calib=None, samples=6, seqlen=32, seed=4, quiet=True)
+    assert cli._calibration(_Bytes(), args).shape == (6, 32)
+    assert seen == {"n": 6, "seqlen": 32, "seed": 4}
