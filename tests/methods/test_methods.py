@@ -66,9 +66,9 @@ def test_solve_is_the_solver_on_plain_arguments():
     """A method's solve and its solver given the same settings by hand agree exactly."""
     w, h = _problem()
     stats = Statistics(h, 512)
-    cfg = GPTQ(3, 16, sym=True, act_order=False, damp=0.02, block_size=32)
+    cfg = GPTQ(3, 16, sym=True, act_order=False, damp=0.02, block_size=32, shrink=0.3)
     ours, plain = cfg.solve(w, stats), gptq(w, h, Grid(3, 16, sym=True), act_order=False,
-                                            damp=0.02, block_size=32)
+                                            damp=0.02, block_size=32, shrink=0.3)
     assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.scale, plain.scale)
     assert ours.loss == plain.loss > 0
     cfg = SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), solver="sweep")
@@ -85,3 +85,12 @@ def test_statistics_are_declared_by_the_method():
     assert SparseGPT(0.5).model_needs() == {INPUT_NORMS}  # OWL's spread on by default
     assert SparseGPT(0.5, owl_lmbda=0).model_needs() == frozenset()
     assert SparseGPT(n_m=(2, 4)).model_needs() == GPTQ().model_needs() == frozenset()
+
+
+def test_shrink_is_checked_and_not_carried_into_sparsegpt():
+    """GPTQ's shrink is a setting of its own sweep: out of range it is refused, and inside
+    SparseGPT (which sweeps with its own, unshrunk H) it is stored as what applies, 0."""
+    with pytest.raises(RecipeError, match="shrink must be in"):
+        GPTQ(4, 64, shrink=-0.1)
+    assert GPTQ(4, 64).shrink == 0.1
+    assert SparseGPT(quant=GPTQ(4, 64)).quant.shrink == 0.0
