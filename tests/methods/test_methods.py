@@ -92,5 +92,5 @@ def test_shrink_is_checked_and_not_carried_into_sparsegpt():
     SparseGPT (which sweeps with its own, unshrunk H) it is stored as what applies, 0."""
     with pytest.raises(RecipeError, match="shrink must be in"):
         GPTQ(4, 64, shrink=-0.1)
-    assert GPTQ(4, 64).shrink == 0.1
+    assert GPTQ(4, 64).shrink == 0.25
     assert SparseGPT(quant=GPTQ(4, 64)).quant.shrink == 0.0
