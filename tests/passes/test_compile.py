@@ -60,13 +60,18 @@ def test_other_architectures(arch, name):
 
 # Each method end to end against its data-free baseline on the same grid or pattern.
 E2E = {
-    "gptq-w3g32": (GPTQ(3, 32), RTN(3, 32)),
+    # shrink=0: the bounds below measure the published objective. Calibration and held-out
+    # inputs here share one synthetic distribution, the one case where shrinking H toward
+    # its diagonal (the default's 0.25, chosen for text of other domains) can only cost fit;
+    # the default is checked against the baseline on its own below.
+    "gptq-w3g32": (GPTQ(3, 32, shrink=0.0), RTN(3, 32)),
+    "gptq-w3g32 default": (GPTQ(3, 32), RTN(3, 32)),
     "sparsegpt-50": (SparseGPT(0.5), Magnitude(0.5)),
     "sparsegpt-2:4": (SparseGPT(n_m=(2, 4)), Magnitude(n_m=(2, 4))),
     "sparsegpt-2:4+w4g32": (SparseGPT(n_m=(2, 4), quant=GPTQ(4, 32)),
                             Magnitude(n_m=(2, 4), quant=RTN(4, 32))),
-    "gptq-w8g128": (GPTQ(8, 128), RTN(8, 128)),
-    "gptq-w4-per-channel": (GPTQ(4, -1), RTN(4, -1)),
+    "gptq-w8g128": (GPTQ(8, 128, shrink=0.0), RTN(8, 128)),
+    "gptq-w4-per-channel": (GPTQ(4, -1, shrink=0.0), RTN(4, -1)),
 }
 # (error vs the dense model, error / the baseline's), measured by e2e_errors (seeded: model,
 # norm scales, calibration and held-out ids) on 2026-12-06 at commit cb101e0, AVX-512-BF16 CPU:
@@ -323,3 +328,10 @@ def test_held_results_are_compacted(monkeypatch, name):
             assert torch.equal(m.weight_bitmask, loose.get_submodule(n).weight_bitmask)
         assert torch.equal(m.codes(), loose.get_submodule(n).codes()), n
         assert torch.equal(m.weight_scale, loose.get_submodule(n).weight_scale), n
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2", "bert"])
+def test_default_gptq_beats_the_baseline(arch):
+    """GPTQ with its default shrink, end to end against round-to-nearest on the same grid."""
+    ours, baseline = e2e_errors(arch, "gptq-w3g32 default")
+    assert ours < 0.9 * baseline, (ours, baseline)
