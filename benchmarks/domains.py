@@ -412,8 +412,11 @@ def main() -> None:
         meta = data.get("meta", {})
         commits = sorted({r["commit"][:10] for r in data["rows"]})
         body = (f"{text}\n\nCommits {', '.join(commits)}, CPU flags "
-                f"{' '.join(meta.get('cpu_flags', []))}; {meta.get('calibration')}; "
-                f"{meta.get('evaluation')}.")
+                f"{' '.join(meta.get('cpu_flags', []))}; calibration {SAMPLES} x {SEQLEN} "
+                f"tokens (the first K of them in an n=K row), the seeds each row lists; "
+                f"{meta.get('evaluation')}. A cell worse than its grid's baseline "
+                f"({', '.join(BASELINES.values())}) is bold; ± is half the range over seeds. "
+                f"compress (s) is wall time on a shared 2-core machine, not a timing.")
         flag = "" if model == DEFAULT_MODEL else f" --model {model}"
         write_section(f"Domain suite: recipes x domains ({MODEL_NAMES[model]})",
                       f"OMP_NUM_THREADS=1 python benchmarks/domains.py{flag} --out {out}", body)
