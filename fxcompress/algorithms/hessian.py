@@ -219,10 +219,11 @@ def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
     stacked.
 
     ``shrink`` (in [0, 1]) scales the off-diagonal of ``H`` by ``1 - shrink`` before damping:
-    a shrinkage estimate toward the diagonal. The diagonal (each input's power) generalizes
-    across text domains better than the correlations between inputs, which are what let one
-    column's error be pushed onto the others; at 1 the sweep corrects nothing and rounds
-    each column to nearest. The dense-output target uses the same shrunk ``H``.
+    a shrinkage estimate toward the diagonal. The correlations between inputs are what let
+    one column's error be pushed onto the others, and they are fitted to the calibration
+    text; shrinking them made GPTQ better on text of other domains (benchmarks/RESULTS.md,
+    domain suite). At 1 the sweep corrects nothing and rounds each column to nearest. The
+    dense-output target uses the same shrunk ``H``.
 
     The workspace is one ``cols x cols`` matrix — the permuted copy of ``H``, overwritten by
     its factor — and one weight-sized matrix; ``w`` and ``h`` are left untouched."""

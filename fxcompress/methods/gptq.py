@@ -39,11 +39,11 @@ class GPTQ(HessianMethod):
     ``shrink`` (default 0.25) scales the off-diagonal of H by ``1 - shrink`` before the sweep
     (``hessian.factor``): 0 is GPTQ as published, 1 is round-to-nearest. The correlations
     between a layer's inputs are what let GPTQ push one column's rounding error onto the
-    others, and they are the part of H that differs most from one text domain to another;
-    fitted to one domain's correlations, plain GPTQ lost to round-to-nearest on text of other
-    domains (source code, technical documentation). The default was chosen on the domain
-    suite's validation domains, calibrated on speeches, among 0, 0.1, 0.25 and 0.5; it was
-    also the best of them on the calibration domain (benchmarks/RESULTS.md, domain suite).
+    others, and they are fitted to the calibration text: calibrated on speeches, plain GPTQ
+    lost to round-to-nearest on text of other domains (source code, technical documentation).
+    The default was chosen on the domain suite's validation domains, calibrated on speeches,
+    among 0, 0.1, 0.25 and 0.5; it was also the best of them on the calibration domain
+    (benchmarks/RESULTS.md, domain suite).
 
     ``mse`` (a search of the clipping range per group) stays off: its solve is several times
     slower for a gain smaller than dense-output's (benchmarks/RESULTS.md).
