@@ -84,9 +84,9 @@ def test_sparsegpt_on_experts(method):
 # GPTQ and SparseGPT on the experts alone, each against its data-free baseline.
 E2E = {
     # shrink=0: the bounds below measure the published objective. Calibration and held-out
-    # inputs here share one synthetic distribution, the one case where shrinking H toward
-    # its diagonal (the default's 0.25, chosen for text of other domains) can only cost fit;
-    # the default is checked against the baseline on its own below.
+    # inputs here share one synthetic distribution, where shrinking H toward its diagonal (the
+    # default's 0.25, chosen for text of other domains) has nothing to transfer and costs fit
+    # (tests/passes/test_compile.py); the default is checked against the baseline below.
     "gptq-w3g32": (GPTQ(3, 32, shrink=0.0), RTN(3, 32)),
     "gptq-w3g32 default": (GPTQ(3, 32), RTN(3, 32)),
     "sparsegpt-50": (SparseGPT(0.5), fxcompress.Magnitude(0.5)),

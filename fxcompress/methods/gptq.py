@@ -42,11 +42,12 @@ class GPTQ(HessianMethod):
     others, and they are fitted to the calibration text: calibrated on speeches, plain GPTQ
     lost to round-to-nearest on text of other domains (source code, technical documentation).
     The default was chosen on the domain suite's validation domains, calibrated on speeches,
-    among 0, 0.1, 0.25 and 0.5; it was also the best of them on the calibration domain
-    (benchmarks/RESULTS.md, domain suite).
+    among 0, 0.1, 0.25 and 0.5; at calibration seed 0 it was also the best of them on the
+    calibration domain (benchmarks/RESULTS.md, domain suite).
 
     ``mse`` (a search of the clipping range per group) stays off: its solve is several times
-    slower for a gain smaller than dense-output's (benchmarks/RESULTS.md).
+    slower for a gain smaller than dense-output's, and at w3 g64 on the domain suite it was
+    worse on all three validation domains (benchmarks/RESULTS.md).
     """
 
     bits: int = 4
