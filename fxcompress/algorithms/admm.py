@@ -82,13 +82,13 @@ def select_mask(score: Tensor, sparsity: float, n_m: tuple[int, int] | None,
 def admm_prune(w: Tensor, h: Tensor, sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
                *, damp: float = 0.1, rho: float = 1.0, iters: int = 20, reselect: int = 15,
                keep: Tensor | None = None, name: str | None = None,
-               cross: Tensor | WeightedCross | None = None) -> Compressed:
+               cross: Tensor | WeightedCross | None = None, shrink: float = 0.0) -> Compressed:
     """Prune ``w`` (out, in) given ``h`` (in, in) to kept ``values`` and their ``mask``.
     ``reselect`` iterations choose the mask from ``|W + U|`` with the dropped fraction rising
     cubically to the target (unless a ``keep`` mask is given: then it is fixed); the
     remaining iterations refine the weights. The loss is measured on the undamped H."""
     if cross is not None:  # the dense-output target W* (and the dead columns)
-        f = factor(w, h, damp, name, cross)
+        f = factor(w, h, damp, name, cross, shrink=shrink)
         wt, dead, damp = f.w, f.dead, f.damp
         del f
     else:  # inputs that never fire: their weights cannot matter, drop them first
@@ -98,6 +98,8 @@ def admm_prune(w: Tensor, h: Tensor, sparsity: float = 0.5, n_m: tuple[int, int]
     s = torch.diag(h).to(wt.dtype).clamp_min(0).sqrt()
     s = torch.where(dead, torch.ones_like(s), s + 1e-8 * s.max())
     hn = h.to(wt.dtype) / s[:, None] / s[None, :]
+    if shrink:  # hn has a unit diagonal (dead columns aside): scale the rest
+        hn.mul_(1.0 - shrink).diagonal().add_(shrink)
     hn[dead, dead] = 1.0
     hn.diagonal().add_(damp * hn.diagonal().mean())
     w0 = wt * s

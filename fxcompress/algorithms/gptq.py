@@ -53,6 +53,7 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = 
     gs = grid.check(g.bits, g.group_size, cols)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order \
         else None
+    hd = torch.diagonal(h).float() if g.mse == "hessian" else None  # the clipping weights
     f = factor(w, h, damp, name, cross, perm, shrink)
     rows, dev = f.wt.shape[1], f.wt.device
 
@@ -63,14 +64,15 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = 
         scale_t = torch.empty(cols // gs, rows, device=dev)
         zero_t = torch.empty(cols // gs, rows, device=dev)
     else:
-        scale_t, zero_t = _fixed_grid(f.wt, perm, gs, g)
+        scale_t, zero_t = _fixed_grid(f.wt, perm, gs, g, hd)
         if perm is not None:
             col_group = col_group[perm]  # group of the original column that is swept j-th
 
     block = (max(block_size // gs, 1) * gs) if dynamic else block_size
     sweep = Sweep(f, block)
+    hd_swept = hd[perm] if hd is not None and perm is not None else hd
     codes_t = _round_columns(sweep, g, gs if dynamic else 0, col_group.tolist(), scale_t,
-                             zero_t)
+                             zero_t, hd_swept)
     row_loss, damp = sweep.row_loss(), f.damp
     del sweep, f
 
@@ -86,11 +88,12 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = 
 
 
 def _round_columns(sweep: Sweep, g: Grid, dynamic: int, groups: list[int], scale_t: Tensor,
-                   zero_t: Tensor) -> Tensor:
+                   zero_t: Tensor, hd: Tensor | None) -> Tensor:
     """Round every column in sweep order onto its group's grid, committing each to ``sweep``;
     the codes ``(cols, rows)``. With ``dynamic`` (the group size; 0: the grids are fixed) a
     group's grid is fitted, into ``scale_t``/``zero_t``, on the current values of its columns
-    when the sweep reaches its first one."""
+    when the sweep reaches its first one (clipping weighted by ``hd``, ``diag H`` in sweep
+    order, with ``mse="hessian"``)."""
     cols, rows = sweep.rt.shape
     dev, block = sweep.rt.device, sweep.block
     codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)
@@ -102,7 +105,8 @@ def _round_columns(sweep: Sweep, g: Grid, dynamic: int, groups: list[int], scale
         for j in range(b0, b1):
             k = groups[j]
             if dynamic and j % dynamic == 0:
-                s, z = grid.fit(sweep.current(j, j + dynamic).t(), g.bits, g.sym, g.mse)
+                s, z = grid.fit(sweep.current(j, j + dynamic).t(), g.bits, g.sym, g.mse,
+                                weight=None if hd is None else hd[j:j + dynamic])
                 scales[k].copy_(s)
                 zeros[k].copy_(z)
             s, z = scales[k], zeros[k]
@@ -113,15 +117,18 @@ def _round_columns(sweep: Sweep, g: Grid, dynamic: int, groups: list[int], scale
     return codes_t
 
 
-def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, g: Grid) -> tuple[Tensor, Tensor]:
+def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, g: Grid, hd: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
     """Scales and zero points ``(groups, rows)`` fitted on the original weights (dead columns
-    zeroed) before the sweep; ``wt`` holds them transposed, in the sweep's column order."""
+    zeroed) before the sweep; ``wt`` holds them transposed, in the sweep's column order;
+    ``hd`` is ``diag H`` in the original order (``mse="hessian"``)."""
     cols = wt.shape[0]
     where = torch.argsort(perm) if perm is not None else None  # sweep position of column k
     scale, zero = [], []
     for g0 in range(0, cols, gs):
         part = wt[g0:g0 + gs] if where is None else wt[where[g0:g0 + gs]]
-        s, z = grid.fit(part.t(), g.bits, g.sym, g.mse)
+        s, z = grid.fit(part.t(), g.bits, g.sym, g.mse,
+                        weight=None if hd is None else hd[g0:g0 + gs])
         scale.append(s)
         zero.append(z)
     return torch.stack(scale), torch.stack(zero)

@@ -31,7 +31,9 @@ class Grid:
     bits: int = 4
     group_size: int = 128  # -1: one scale per output channel
     sym: bool = False
-    mse: bool = False  # search shrunken ranges per group (the GPTQ reference's ``mse``)
+    # clipping: False the min-max range; True the GPTQ reference's search of shrunken ranges;
+    # "hessian" that search weighted by the Hessian's diagonal (solvers given H only; ``fit``)
+    mse: bool | str = False
 
 
 def check(bits: int, group_size: int, columns: int) -> int:
@@ -67,11 +69,24 @@ def _params(xmin: Tensor, xmax: Tensor, maxq: int, sym: bool) -> tuple[Tensor, T
     return scale, zero
 
 
-def fit(x: Tensor, bits: int, sym: bool, mse: bool = False, *, grid: int = 100,
-        max_shrink: float = 0.8, norm: float = 2.4) -> tuple[Tensor, Tensor]:
-    """Scale and zero point for each row of ``x`` (2-D). ``mse`` searches shrunken ranges
-    ``p * [min, max]`` for the one with the least ``|x - q|**norm`` error, as the GPTQ
-    reference does; both are float32, zero holds integers."""
+MSE = (False, True, "hessian")  # the clipping searches ``fit`` knows (see ``Grid.mse``)
+HESSIAN_SHRINKS = tuple(1 - i / 20 for i in range(11))  # 1, 0.95, .., 0.5 of min and of max
+
+
+def fit(x: Tensor, bits: int, sym: bool, mse: bool | str = False, *, weight: Tensor | None = None,
+        grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[Tensor, Tensor]:
+    """Scale and zero point for each row of ``x`` (2-D); both are float32, zero holds integers.
+
+    ``mse=True`` searches shrunken ranges ``p * [min, max]`` for the one with the least
+    ``|x - q|**norm`` error, as the GPTQ reference does. ``mse="hessian"`` searches
+    ``[a * min, b * max]`` with ``a`` and ``b`` each in ``HESSIAN_SHRINKS`` (``a = b`` on a
+    symmetric grid) for the least ``Σ_j weight_j (x_j - q_j)²``, ``weight`` (one per column)
+    being the Hessian's diagonal: the layer's output error if its inputs were uncorrelated.
+    Shrinking the two ends apart fits the skewed groups that one factor cannot."""
+    if mse not in MSE:
+        raise ValueError(f"mse must be one of {MSE}, got {mse!r}")
+    if (mse == "hessian") != (weight is not None):
+        raise ValueError('mse="hessian" and a weight per column go together')
     x = x.float()
     maxq = 2**bits - 1
     xmin = x.min(1).values.clamp(max=0)
@@ -79,12 +94,18 @@ def fit(x: Tensor, bits: int, sym: bool, mse: bool = False, *, grid: int = 100,
     scale, zero = _params(xmin, xmax, maxq, sym)
     if not mse:
         return scale, zero
+    if weight is not None:
+        pairs = [(a, a) for a in HESSIAN_SHRINKS] if sym else \
+            [(a, b) for a in HESSIAN_SHRINKS for b in HESSIAN_SHRINKS]
+        weight, norm = weight.float(), 2.0
+    else:
+        pairs = [(1 - i / grid,) * 2 for i in range(int(max_shrink * grid))]
     best = torch.full_like(scale, float("inf"))
-    for i in range(int(max_shrink * grid)):
-        p = 1 - i / grid
-        s, z = _params(p * xmin, p * xmax, maxq, sym)
+    for a, b in pairs:
+        s, z = _params(a * xmin, b * xmax, maxq, sym)
         err = (dequantize(quantize(x, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - x)
-        err = err.abs_().pow_(norm).sum(1)
+        err = err.abs_().pow_(norm)
+        err = (err @ weight) if weight is not None else err.sum(1)
         better = err < best
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)

@@ -41,7 +41,8 @@ SOLVERS = ("sweep", "admm")  # how the mask and the kept weights are chosen
 def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float = 0.5,
               n_m: tuple[int, int] | None = None, *, quant: Grid | None = None,
               damp: float = 0.01, block_size: int = 128, solver: str = "admm",
-              name: str | None = None, cross: Tensor | WeightedCross | None = None) -> Compressed:
+              name: str | None = None, cross: Tensor | WeightedCross | None = None,
+              shrink: float = 0.0) -> Compressed:
     """Prune ``w`` (out, in) given its input Hessian ``h`` (in, in), and quantize the kept
     weights onto ``quant`` when given; with the cross moment ``cross`` of dense-output
     calibration, fit the dense layer's output (``hessian.factor``).
@@ -59,37 +60,38 @@ def sparsegpt(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float = 0.5,
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "admm":
         w = w if isinstance(w, Tensor) else torch.cat(list(w))  # stacked parts: one problem
-        pruned = admm_prune(w, h, sparsity, n_m, name=name, cross=cross)
+        pruned = admm_prune(w, h, sparsity, n_m, name=name, cross=cross, shrink=shrink)
         if quant is None:
             return pruned
         # the kept weights are the least-squares optimum for the mask: quantizing them with
         # the plain objective ‖X̃(Q - Ẑ)ᵀ‖² is the same problem (the cross term vanishes)
         out = _sweep(pruned.values, h, sparsity, n_m, quant, damp, block_size, name, None,
-                     pruned.mask.t().contiguous())
+                     pruned.mask.t().contiguous(), shrink)
         # the loss of pruning and quantizing together, on the original W
         delta = w.to(h.dtype) - out.dense().to(h.dtype)
         out.row_loss = 0.5 * ((delta @ h) * delta).sum(1)
         out.loss = float(out.row_loss.sum())
         return out
-    return _sweep(w, h, sparsity, n_m, quant, damp, block_size, name, cross, None)
+    return _sweep(w, h, sparsity, n_m, quant, damp, block_size, name, cross, None, shrink)
 
 
 def _sweep(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float,
            n_m: tuple[int, int] | None, q: Grid | None, damp: float, block_size: int,
-           name: str | None, cross: Tensor | WeightedCross | None, fixed: Tensor | None
-           ) -> Compressed:
+           name: str | None, cross: Tensor | WeightedCross | None, fixed: Tensor | None,
+           shrink: float = 0.0) -> Compressed:
     """The paper's sweep: masks chosen on the current weights as the columns come (or the
     ``fixed`` keep-mask, transposed), kept weights rounded onto ``q``'s grid when given, every
     error spread over the later columns."""
     cols = h.shape[0]
     gs = grid.check(q.bits, q.group_size, cols) if q else cols
-    f = factor(w, h, damp, name, cross)
+    hd = torch.diagonal(h).float() if q and q.mse == "hessian" else None  # clipping weights
+    f = factor(w, h, damp, name, cross, shrink=shrink)
     rows, dev = f.wt.shape[1], f.wt.device
     scale_t = zero_t = None
     if q:
         scale_t, zero_t = (torch.stack(t) for t in zip(*(
-            grid.fit(f.wt[g0:g0 + gs].t(), q.bits, q.sym, q.mse) for g0 in range(0, cols, gs)),
-            strict=True))
+            grid.fit(f.wt[g0:g0 + gs].t(), q.bits, q.sym, q.mse, weight=_weight(hd, g0, gs))
+            for g0 in range(0, cols, gs)), strict=True))
         out_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)  # codes
     else:
         out_t = torch.empty_like(f.wt)  # kept values
@@ -101,7 +103,8 @@ def _sweep(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float,
         if fixed is None:
             _select(sweep, keep, j, n_m, block_size, total)
         if q and gs < cols and j % gs == 0:
-            s, z = grid.fit(sweep.current(j, j + gs).t(), q.bits, q.sym, q.mse)
+            s, z = grid.fit(sweep.current(j, j + gs).t(), q.bits, q.sym, q.mse,
+                            weight=_weight(hd, j, gs))
             scale_t[j // gs], zero_t[j // gs] = s, z
         wj = sweep.column()
         if q:
@@ -128,6 +131,11 @@ def _sweep(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float,
     out.g_idx = (torch.arange(cols, device=dev) // gs).to(torch.int32)
     out.bits, out.group_size, out.sym = q.bits, gs, q.sym
     return out
+
+
+def _weight(hd: Tensor | None, j: int, gs: int) -> Tensor | None:
+    """The clipping weights of the group of columns ``j .. j+gs`` (``mse="hessian"``)."""
+    return None if hd is None else hd[j:j + gs]
 
 
 def _select(sweep: Sweep, keep: Tensor, j: int, n_m: tuple[int, int] | None,

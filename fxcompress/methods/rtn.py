@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..algorithms.baselines import rtn
 from ..algorithms.grid import Grid
+from ..errors import RecipeError
 from .base import Method, check_grid, check_grid_fits
 
 if TYPE_CHECKING:
@@ -27,6 +28,9 @@ class RTN(Method):
 
     def __post_init__(self) -> None:
         check_grid(self.bits, self.group_size)
+        if self.mse not in (False, True):
+            raise RecipeError(f"mse must be true or false for RTN (it has no Hessian to weigh "
+                              f"the clipping by), got {self.mse!r}")
 
     @property
     def grid(self) -> Grid:

@@ -67,15 +67,40 @@ def test_n_m_keep_matches_a_stable_sort(n_m):
     assert torch.equal(_n_m_keep(s, n, m), expected.view_as(s))
 
 
+def _shrunk(h: torch.Tensor, shrink: float) -> torch.Tensor:
+    """H with its off-diagonal scaled by ``1 - shrink`` (``hessian.factor``'s shrinkage)."""
+    return h * (1 - shrink) + torch.diag(torch.diag(h)) * shrink
+
+
+@pytest.mark.parametrize("shrink", [0.0, 0.25])
 @pytest.mark.parametrize("n_m", [None, (2, 4)])
-def test_converges_to_the_exact_fit_of_its_mask(n_m):
+def test_converges_to_the_exact_fit_of_its_mask(n_m, shrink):
+    """The fixed point is the least-squares fit of the mask under the (shrunk) damped H."""
     w, h = _problem()
     damp = 0.01
     keep = select_mask(w.abs(), 0.5, n_m)
-    c = admm_prune(w, h, 0.5, n_m, damp=damp, iters=400, keep=keep)
+    c = admm_prune(w, h, 0.5, n_m, damp=damp, iters=400, keep=keep, shrink=shrink)
     assert torch.equal(c.mask, keep)
-    expected = _masked_least_squares(w, _admm_hessian(h, damp), keep)
+    expected = _masked_least_squares(w, _admm_hessian(_shrunk(h, shrink), damp), keep)
     torch.testing.assert_close(c.values.double(), expected, rtol=1e-4, atol=1e-4 * w.abs().max())
+    if shrink:  # the shrunk fit is another one: not the unshrunk fit of the same mask
+        plain = _masked_least_squares(w, _admm_hessian(h, damp), keep)
+        assert (c.values.double() - plain).abs().max() > 1e-2 * w.abs().max()
+
+
+def test_full_shrink_is_activation_weighted_magnitude_pruning():
+    """At shrink 1 the inputs are treated as uncorrelated: the kept weights converge to their
+    own values (nothing is compensated) and the mask is, up to the weights the gradual
+    reselection leaves at the threshold, the smallest ``|w| · sqrt(H_jj)`` dropped (Wanda's
+    score over the whole layer). Unshrunk, the kept weights move to compensate."""
+    w, h = _problem(rows=48, cols=64, seed=7)
+    score = w.abs() * torch.diag(h).sqrt()
+    wanda = _keep_largest(score, round(0.5 * w.numel()))
+    c = admm_prune(w, h, 0.5, shrink=1.0, iters=60)
+    assert (c.mask != wanda).float().mean() < 0.03
+    torch.testing.assert_close(c.values.double(), w * c.mask, rtol=0, atol=1e-4 * w.abs().max())
+    plain = admm_prune(w, h, 0.5, iters=60)
+    assert (plain.values.double() - w * plain.mask).abs().max() > 0.1 * w.abs().max()
 
 
 def test_masks_have_the_exact_sparsity():

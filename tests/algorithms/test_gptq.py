@@ -139,3 +139,28 @@ def test_shrink_out_of_range_is_refused(problem):
     w, x, h = problem
     with pytest.raises(ValueError, match="shrink must be in"):
         gptq(w, h, Grid(bits=4, group_size=32), shrink=1.5)
+
+
+
+@pytest.mark.parametrize("bits,bound", [(3, 0.97), (4, 1.01)])
+@pytest.mark.parametrize("act_order,static_groups", [(True, True), (True, False), (False, True)])
+def test_hessian_clipping_against_min_max_and_rounding_on_fresh_inputs(bits, bound, act_order,
+                                                                       static_groups):
+    """GPTQ with the Hessian-weighted clipping search against GPTQ on the min-max range and
+    round-to-nearest, on fresh inputs of the calibration distribution (static and dynamic
+    groups): at 3 bits better by at least 3 %, at 4 bits level (within 1 %), as on SmolLM2's
+    validation domains."""
+    g = torch.Generator().manual_seed(11)
+    cols = 256
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + 0.5 * torch.eye(cols)
+    scales = torch.exp(0.7 * torch.randn(cols, generator=g))
+    x_cal, x_test = ((torch.randn(4096, cols, generator=g) * scales) @ mix for _ in range(2))
+    w = torch.randn(96, cols, generator=g) * torch.exp(0.7 * torch.randn(cols, generator=g))
+    h = 2 * x_cal.t() @ x_cal / x_cal.shape[0]
+    errs = {}
+    for mse in (False, "hessian"):
+        c = gptq(w, h, Grid(bits=bits, group_size=64, mse=mse), act_order=act_order,
+                 static_groups=static_groups)
+        errs[mse] = measured_error(w, c.dense(), x_test)
+    errs["rtn"] = measured_error(w, rtn(w, Grid(bits=bits, group_size=64)).dense(), x_test)
+    assert errs["hessian"] < bound * errs[False] and errs[False] < 0.5 * errs["rtn"], errs

@@ -55,6 +55,56 @@ def test_mse_search_never_increases_the_error():
         assert errs[1].sum() < errs[0].sum()
 
 
+def _weighted_error(w, s, z, bits, weight):
+    q = grid.dequantize(grid.quantize(w, s[:, None], z[:, None], bits), s[:, None], z[:, None])
+    return ((q - w).square() * weight).sum(1)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_hessian_search_minimises_the_weighted_error(sym):
+    """``mse="hessian"`` returns, per row, the candidate range of least
+    ``Σ_j H_jj (w_j - q_j)²`` (checked against every candidate), which is below the min-max
+    range's on that objective where heavy inputs and large weights differ."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 64, generator=g) * torch.exp(torch.randn(64, generator=g))
+    weight = torch.exp(2 * torch.randn(64, generator=g))  # uneven diag H
+    best = _weighted_error(w, *grid.fit(w, 3, sym, "hessian", weight=weight), 3, weight)
+    lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+    pairs = [(a, a) for a in grid.HESSIAN_SHRINKS] if sym else \
+        [(a, b) for a in grid.HESSIAN_SHRINKS for b in grid.HESSIAN_SHRINKS]
+    every = torch.stack([_weighted_error(w, *grid._params(a * lo, b * hi, 7, sym), 3, weight)
+                         for a, b in pairs])
+    torch.testing.assert_close(best, every.min(0).values, rtol=1e-6, atol=0)
+    minmax = _weighted_error(w, *grid.fit(w, 3, sym), 3, weight)
+    assert best.sum() < 0.9 * minmax.sum()
+
+
+def test_hessian_search_clips_an_outlier_only_where_its_input_is_light():
+    """One large weight per row in column 0: when input 0 carries little signal the range is
+    clipped below it (a finer step for the rest), when it carries much the outlier is kept."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    w[:, 0] = 8.0
+    light, heavy = torch.ones(64), torch.ones(64)
+    light[0], heavy[0] = 1e-4, 1e4
+
+    def outlier(weight):
+        s, z = grid.fit(w, 3, False, "hessian", weight=weight)
+        return grid.dequantize(grid.quantize(w[:, 0], s, z, 3), s, z)
+
+    assert (outlier(light) < 0.8 * 8.0).all()
+    assert ((outlier(heavy) - 8.0).abs() < 0.05 * 8.0).all()
+
+
+def test_bad_clipping_settings_are_refused():
+    w = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="mse must be one of"):
+        grid.fit(w, 4, False, "l1")
+    with pytest.raises(ValueError, match="go together"):
+        grid.fit(w, 4, False, "hessian")
+    with pytest.raises(ValueError, match="go together"):
+        grid.fit(w, 4, False, True, weight=torch.ones(16))
+
+
 @pytest.mark.parametrize("bits", [1, 5, 16])
 def test_unsupported_bits_are_rejected(bits):
     with pytest.raises(RecipeError, match="bits must be one of"):

@@ -3,6 +3,8 @@ solves through its solver with plain arguments, and declares the statistics it n
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -67,13 +69,15 @@ def test_solve_is_the_solver_on_plain_arguments():
     w, h = _problem()
     stats = Statistics(h, 512)
     cfg = GPTQ(3, 16, sym=True, act_order=False, damp=0.02, block_size=32, shrink=0.3)
-    ours, plain = cfg.solve(w, stats), gptq(w, h, Grid(3, 16, sym=True), act_order=False,
-                                            damp=0.02, block_size=32, shrink=0.3)
+    ours, plain = cfg.solve(w, stats), gptq(w, h, Grid(3, 16, sym=True, mse="hessian"),
+                                            act_order=False, damp=0.02, block_size=32,
+                                            shrink=0.3)
     assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.scale, plain.scale)
     assert ours.loss == plain.loss > 0
     cfg = SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), solver="sweep")
     ours = cfg.solve(w, stats)
-    plain = sparsegpt(w, h, n_m=(2, 4), quant=Grid(4, 16), solver="sweep")
+    plain = sparsegpt(w, h, n_m=(2, 4), quant=Grid(4, 16, mse="hessian"), solver="sweep",
+                      shrink=0.05)
     assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.mask, plain.mask)
     assert torch.equal(RTN(4, 32).solve(w).codes, rtn(w, Grid(4, 32)).codes)
 
@@ -89,8 +93,37 @@ def test_statistics_are_declared_by_the_method():
 
 def test_shrink_is_checked_and_not_carried_into_sparsegpt():
     """GPTQ's shrink is a setting of its own sweep: out of range it is refused, and inside
-    SparseGPT (which sweeps with its own, unshrunk H) it is stored as what applies, 0."""
+    SparseGPT (which sweeps with its own shrink) it is stored as what applies, 0."""
     with pytest.raises(RecipeError, match="shrink must be in"):
         GPTQ(4, 64, shrink=-0.1)
+    with pytest.raises(RecipeError, match="shrink must be in"):
+        SparseGPT(0.5, shrink=1.5)
     assert GPTQ(4, 64).shrink == 0.25
+    assert SparseGPT().shrink == 0.05
     assert SparseGPT(quant=GPTQ(4, 64)).quant.shrink == 0.0
+
+
+@pytest.mark.parametrize("cfg", [SparseGPT(0.5, shrink=0.3), SparseGPT(0.5, solver="sweep",
+                                                                       shrink=0.3),
+                                 SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), shrink=0.3)])
+def test_sparsegpt_shrink_reaches_its_solver(cfg):
+    """SparseGPT's shrink is passed to the solver (both solvers, and the quantizing sweep),
+    and it changes the result."""
+    w, h = _problem()
+    stats = Statistics(h, 512)
+    plain = sparsegpt(w, h, cfg.sparsity, cfg.n_m, quant=cfg.quant and cfg.quant.grid,
+                      solver=cfg.solver, shrink=0.3)
+    ours = cfg.solve(w, stats)
+    assert torch.equal(ours.dense(), plain.dense())
+    unshrunk = dataclasses.replace(cfg, shrink=0.0).solve(w, stats)
+    assert not torch.equal(ours.dense(), unshrunk.dense())
+
+
+def test_clipping_search_is_checked_and_hessian_needs_a_hessian():
+    """GPTQ's default clipping search weighs by H; RTN has none, so it refuses that search."""
+    assert GPTQ().mse == "hessian" and GPTQ().grid.mse == "hessian"
+    with pytest.raises(RecipeError, match="mse must be one of"):
+        GPTQ(4, 64, mse="l1")
+    with pytest.raises(RecipeError, match="no Hessian"):
+        RTN(4, 64, mse="hessian")
+    assert RTN(4, 64, mse=True).grid.mse is True
