@@ -45,16 +45,17 @@ class GPTQ(HessianMethod):
     among 0, 0.1, 0.25 and 0.5; at calibration seed 0 it was also the best of them on the
     calibration domain (benchmarks/RESULTS.md, domain suite).
 
-    ``mse`` chooses each group's clipping range (the grid is fitted on the weights before the
-    sweep): ``False`` their min-max range; ``True`` the GPTQ reference's search of shrunken
-    ranges for the least ``Σ |w - q|^2.4``; ``"hessian"`` (default) a search that shrinks the
-    minimum and the maximum apart for the least ``Σ_j H_jj (w_j - q_j)²``, the group's share
-    of the output error if the inputs were uncorrelated (the weighting of llama.cpp's
-    importance matrix; ``grid.fit``). It costs a few percent of the solve and nothing at
-    inference. On the domain suite's validation domains, calibrated on speeches at seed 0, at
-    w3 g64 it was better than the min-max range on all three (mean 44.54 against 48.87; one
-    shared factor for both ends gave 46.33), while ``True`` was worse on all three
-    (benchmarks/RESULTS.md, domain suite).
+    ``mse`` chooses each group's clipping range (fitted before the sweep with static groups,
+    when the sweep reaches the group otherwise): ``False`` their min-max range; ``True`` the
+    GPTQ reference's search of shrunken ranges for the least ``Σ |w - q|^2.4``; ``"hessian"``
+    (default) a search that shrinks the minimum and the maximum apart for the least
+    ``Σ_j H_jj (w_j - q_j)²``, the group's share of the output error if the inputs were
+    uncorrelated (the weighting of llama.cpp's importance matrix; ``grid.fit``). It costs a
+    few percent of the solve and nothing at inference. On the domain suite's validation
+    domains, calibrated on speeches at seed 0, at w3 g64 it was better than the min-max range
+    on all three (mean 44.54 against 48.85; one shared factor for both ends gave 46.33) and at
+    w4 g64 level (29.14 against 29.21), while ``True`` was worse than the min-max range at
+    w3 g64 on all three (benchmarks/RESULTS.md, domain suite).
     """
 
     bits: int = 4
