@@ -32,7 +32,7 @@ class Grid:
     group_size: int = 128  # -1: one scale per output channel
     sym: bool = False
     # clipping: False the min-max range; True the GPTQ reference's search of shrunken ranges;
-    # "hessian" that search weighted by the Hessian's diagonal (solvers given H only; ``fit``)
+    # "hessian" min and max shrunk apart, weighted by the Hessian's diagonal (solvers given H)
     mse: bool | str = False
 
 
