@@ -106,7 +106,7 @@ def _round_columns(sweep: Sweep, g: Grid, dynamic: int, groups: list[int], scale
             k = groups[j]
             if dynamic and j % dynamic == 0:
                 s, z = grid.fit(sweep.current(j, j + dynamic).t(), g.bits, g.sym, g.mse,
-                                weight=None if hd is None else hd[j:j + dynamic])
+                                weight=grid.group_weight(hd, j, dynamic))
                 scales[k].copy_(s)
                 zeros[k].copy_(z)
             s, z = scales[k], zeros[k]
@@ -128,7 +128,7 @@ def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, g: Grid, hd: Tensor | 
     for g0 in range(0, cols, gs):
         part = wt[g0:g0 + gs] if where is None else wt[where[g0:g0 + gs]]
         s, z = grid.fit(part.t(), g.bits, g.sym, g.mse,
-                        weight=None if hd is None else hd[g0:g0 + gs])
+                        weight=grid.group_weight(hd, g0, gs))
         scale.append(s)
         zero.append(z)
     return torch.stack(scale), torch.stack(zero)

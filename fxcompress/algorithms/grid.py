@@ -112,6 +112,12 @@ def fit(x: Tensor, bits: int, sym: bool, mse: bool | str = False, *, weight: Ten
     return scale, zero
 
 
+def group_weight(hd: Tensor | None, j: int, gs: int) -> Tensor | None:
+    """The clipping weights (``diag H``, ``mse="hessian"``) of columns ``j .. j+gs``; None
+    without them."""
+    return None if hd is None else hd[j:j + gs]
+
+
 def fit_groups(w: Tensor, bits: int, group_size: int, sym: bool, mse: bool = False
                ) -> tuple[Tensor, Tensor]:
     """Fit one grid per row and group of ``group_size`` columns: ``(rows, groups)`` each."""

@@ -90,7 +90,8 @@ def _sweep(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float,
     scale_t = zero_t = None
     if q:
         scale_t, zero_t = (torch.stack(t) for t in zip(*(
-            grid.fit(f.wt[g0:g0 + gs].t(), q.bits, q.sym, q.mse, weight=_weight(hd, g0, gs))
+            grid.fit(f.wt[g0:g0 + gs].t(), q.bits, q.sym, q.mse,
+                     weight=grid.group_weight(hd, g0, gs))
             for g0 in range(0, cols, gs)), strict=True))
         out_t = torch.empty(cols, rows, dtype=torch.uint8, device=dev)  # codes
     else:
@@ -104,7 +105,7 @@ def _sweep(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float,
             _select(sweep, keep, j, n_m, block_size, total)
         if q and gs < cols and j % gs == 0:
             s, z = grid.fit(sweep.current(j, j + gs).t(), q.bits, q.sym, q.mse,
-                            weight=_weight(hd, j, gs))
+                            weight=grid.group_weight(hd, j, gs))
             scale_t[j // gs], zero_t[j // gs] = s, z
         wj = sweep.column()
         if q:
@@ -131,11 +132,6 @@ def _sweep(w: Tensor | Sequence[Tensor], h: Tensor, sparsity: float,
     out.g_idx = (torch.arange(cols, device=dev) // gs).to(torch.int32)
     out.bits, out.group_size, out.sym = q.bits, gs, q.sym
     return out
-
-
-def _weight(hd: Tensor | None, j: int, gs: int) -> Tensor | None:
-    """The clipping weights of the group of columns ``j .. j+gs`` (``mse="hessian"``)."""
-    return None if hd is None else hd[j:j + gs]
 
 
 def _select(sweep: Sweep, keep: Tensor, j: int, n_m: tuple[int, int] | None,
