@@ -45,6 +45,14 @@ def load_ids(ids_dir: str | Path, calibration: str, seed: int) -> tuple[torch.Te
     return _long2d(calib_path), evals
 
 
+def ids_model(ids_dir: str | Path) -> str:
+    """The model whose tokenizer made the ids (domains.py's ``ids/model.txt``), for the row's
+    ``model``: without it a peer row in a Gemma folder reads as SmolLM2's and the table refuses
+    the folder. Folders made before the model was recorded hold SmolLM2's ids."""
+    recorded = Path(ids_dir) / "model.txt"
+    return recorded.read_text().strip() if recorded.exists() else "smollm2"
+
+
 def _long2d(path: Path) -> torch.Tensor:
     t = torch.load(path, weights_only=True)
     if not isinstance(t, torch.Tensor) or t.dim() != 2:

@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "row": ("peer dense (.venv-peer)" + (" (smoke)" if smoke else "")) if args.dense
         else row_name(args.bits, args.group_size, args.iters, args.lr, smoke, args.sym),
         "recipe": None if args.dense else "autoround", "method": None,
+        "model": peer.ids_model(args.ids),
         "calibration": None if args.dense else args.calibration, "seed": args.seed,
         "ppl": {}, "seconds": 0.0, "threads": torch.get_num_threads(), **peer.git_state(),
         "versions": _versions(), "calib_shape": list(calib.shape),

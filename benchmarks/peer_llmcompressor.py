@@ -581,6 +581,7 @@ def domains_row(result: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     return {
         "row": f"llm-compressor {result['row']}" + (" (smoke)" if smoke else ""),
         "recipe": "llm-compressor" if recipe else None, "method": method,
+        "model": peer.ids_model(args.ids),
         "calibration": args.calibration if recipe else None, "seed": args.seed, "ppl": ppl,
         "seconds": result["seconds"] or 0.0, "threads": result["threads"], **peer.git_state(),
         **{k: result[k] for k in extra_keys if k in result},

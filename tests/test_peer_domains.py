@@ -69,6 +69,12 @@ def test_load_ids_names_the_missing_calibration_file(tmp_path):
         peer.load_ids(tmp_path, "mix", 3)
 
 
+def test_ids_model_reads_the_folder_record(tmp_path):
+    assert peer.ids_model(tmp_path) == "smollm2"  # a folder from before the record
+    (tmp_path / "model.txt").write_text("gemma3\n")
+    assert peer.ids_model(tmp_path) == "gemma3"
+
+
 def test_smoke_slice_marks_a_cut_row():
     calib, evals = torch.zeros(8, 16, dtype=torch.long), {"code": torch.zeros(4, 16)}
     assert peer.smoke_slice(calib, evals, None, None, None)[2] is False
