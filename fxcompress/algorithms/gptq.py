@@ -19,6 +19,14 @@ Groups are fitted on the *current* (already corrected) weights when the sweep re
 first column. With ``act_order`` the columns are visited by decreasing ``diag H``; static
 groups are fitted on the original weights before the sweep so that the stored ``g_idx`` is
 the natural ``k // group_size``.
+
+The sweep fixes each column once, correcting only the columns after it. ``refine`` then runs
+that many cyclic passes of coordinate descent on the same objective ``½ tr(R H Rᵀ)``
+(``R = W - Q``, ``H`` damped and shrunk as the sweep had it), with every grid held fixed: each
+code moves to the grid point nearest its optimum given all the others, so the loss never
+grows (the algorithm of QuantEase, Behdin et al. 2023, and of CDQuant, Nair & Suggala 2024,
+started from GPTQ's solution). Unlike the sweep it lets a column answer the errors of the
+columns after it.
 """
 
 from __future__ import annotations
@@ -31,19 +39,20 @@ from torch import Tensor
 from . import grid
 from .compressed import Compressed
 from .grid import Grid
-from .hessian import WeightedCross, factor
+from .hessian import WeightedCross, conditioned, factor
 from .sweep import Sweep
 
 
 def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = True,
          static_groups: bool = True, damp: float = 0.01, block_size: int = 128,
          name: str | None = None, cross: Tensor | WeightedCross | None = None,
-         shrink: float = 0.0) -> Compressed:
+         shrink: float = 0.0, refine: int = 0) -> Compressed:
     """Quantize ``w`` (out, in) onto grid ``g`` given its input Hessian ``h`` (in, in); with
     the cross moment ``cross`` of dense-output calibration, fit the dense layer's output
     (``hessian.factor``). ``act_order`` sweeps by decreasing ``diag H``; ``static_groups``
     then fits the groups before the sweep (see the module docstring); ``shrink`` pulls ``H``
-    toward its diagonal (``hessian.factor``).
+    toward its diagonal (``hessian.factor``); ``refine`` passes of coordinate descent follow
+    the sweep (see the module docstring).
 
     Several weights sharing ``h`` (q/k/v, gate/up) may be given as a sequence: they are swept
     as one stacked weight (one factorisation, one pass of per-column work) and the result
@@ -73,8 +82,12 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = 
     hd_swept = hd[perm] if hd is not None and perm is not None else hd
     codes_t = _round_columns(sweep, g, gs if dynamic else 0, col_group.tolist(), scale_t,
                              zero_t, hd_swept)
-    row_loss, damp = sweep.row_loss(), f.damp
-    del sweep, f
+    row_loss, damp, rt = sweep.row_loss(), f.damp, f.wt
+    del sweep, f  # frees the factor before the refinement's copy of H
+    if refine > 0:
+        row_loss = _coordinate_descent(rt, conditioned(h, damp, perm, shrink)[0], codes_t,
+                                       col_group.tolist(), scale_t, zero_t, g.bits, refine)
+    del rt
 
     codes = _unpermute(codes_t, perm)
     g_idx = torch.empty(cols, dtype=torch.int32, device=dev)
@@ -115,6 +128,47 @@ def _round_columns(sweep: Sweep, g: Grid, dynamic: int, groups: list[int], scale
             sweep.commit(wj, (c - z).mul_(s))  # grid.quantize / dequantize, in place
         codes_t[b0:b1] = c_block[:b1 - b0]
     return codes_t
+
+
+def _coordinate_descent(rt: Tensor, h: Tensor, codes_t: Tensor, groups: list[int],
+                        scale_t: Tensor, zero_t: Tensor, bits: int, passes: int,
+                        block: int = 128) -> Tensor:
+    """``passes`` cyclic passes of coordinate descent on ``½ tr(R H Rᵀ)`` over the codes, in
+    place: ``rt`` holds ``Rᵀ = (W - Q)ᵀ`` and ``codes_t`` the codes, both ``(cols, rows)`` in
+    the sweep's order, as is ``h``. Returns the loss per row.
+
+    With ``P = R H``, column j's optimum given the others is ``q_j + P_j / H_jj``; its new
+    code is the nearest on its grid, and the change ``δ`` updates ``P -= δ ⊗ H_j``: eagerly
+    for the columns of the block, with one product for the rest when the block ends."""
+    if rt.shape[1] == 0:
+        return torch.zeros(0, dtype=rt.dtype, device=rt.device)
+    maxq, cols = 2**bits - 1, rt.shape[0]
+    inv_d = h.diagonal().reciprocal()
+    h_rows, scales, zeros = h.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
+    delta = torch.empty(min(block, cols), rt.shape[1], dtype=rt.dtype, device=rt.device)
+    for _ in range(passes):
+        pt = h @ rt  # recomputed each pass: no drift from the rank-1 updates
+        for b0 in range(0, cols, block):
+            b1 = min(b0 + block, cols)
+            for j in range(b0, b1):
+                s, z = scales[groups[j]], zeros[groups[j]]
+                old = codes_t[j].to(rt.dtype)
+                target = torch.addcmul(old - z, pt[j], inv_d[j] / s)  # in steps of the grid
+                d = target.round_().clamp_(-z, maxq - z).sub_(old - z)  # code change
+                if not d.any():
+                    delta[j - b0].zero_()
+                    continue
+                codes_t[j] = old.add_(d).to(codes_t.dtype)
+                d.mul_(s)
+                rt[j].sub_(d)
+                pt[b0:b1].addr_(h_rows[j][b0:b1], d, alpha=-1.0)
+                delta[j - b0] = d
+            n = b1 - b0
+            if b0:
+                pt[:b0].addmm_(h[:b0, b0:b1], delta[:n], alpha=-1.0)
+            if b1 < cols:
+                pt[b1:].addmm_(h[b1:, b0:b1], delta[:n], alpha=-1.0)
+    return 0.5 * (rt * (h @ rt)).sum(0)
 
 
 def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, g: Grid, hd: Tensor | None

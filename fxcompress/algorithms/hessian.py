@@ -242,26 +242,14 @@ def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
     elif cross is not None and cross.shape != h.shape:
         raise ValueError(f"cross moment of shape {tuple(cross.shape)} does not fit a Hessian "
                          f"of shape {tuple(h.shape)}{layer}")
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp64 on request
-    diag = torch.diagonal(h).to(dtype)
-    if order is not None:
-        diag = diag[order]
-    dead = diag == 0
-    mean_diag = float(torch.where(dead, 1.0, diag).mean())
     if not 0.0 <= shrink <= 1.0:
         raise ValueError(f"shrink must be in [0, 1], got {shrink}")
     for d in (damp, damp * 10):
-        a = _permuted(h, order, dtype)
-        if shrink:
-            kept = a.diagonal().clone()
-            a.mul_(1.0 - shrink).diagonal().copy_(kept)
-            del kept
-        a.diagonal()[dead] = 1.0
-        a.diagonal().add_(d * mean_diag)
+        a, dead = conditioned(h, d, order, shrink)
         if _factor_upper_(a) and torch.isfinite(a.diagonal()).all():
             vd = a.diagonal().clone()
             a.triu_().div_(vd)
-            wt = _transposed(parts, order, dtype)
+            wt = _transposed(parts, order, a.dtype)
             if cross is not None:
                 wt += _dense_correction_t(wt, cross, a, vd, order)
             wt[dead] = 0.0
@@ -277,6 +265,28 @@ def factor(w: Tensor | Sequence[Tensor], h: Tensor, damp: float = 0.01,
 
 
 _PANEL = 256  # row/column block of the copies and of the factorisation
+
+
+def conditioned(h: Tensor, damp: float, order: Tensor | None = None, shrink: float = 0.0
+                ) -> tuple[Tensor, Tensor]:
+    """The matrix ``factor`` factors, and the dead columns (both in ``order``): ``H`` permuted
+    (a new ``cols x cols`` tensor, float32 unless ``h`` is float64), its off-diagonal scaled
+    by ``1 - shrink``, dead diagonals set to 1, then ``damp · mean(diag H)`` added. GPTQ's
+    refinement reads it again after the sweep, which overwrote the first copy with V."""
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp64 on request
+    diag = torch.diagonal(h).to(dtype)
+    if order is not None:
+        diag = diag[order]
+    dead = diag == 0
+    mean_diag = float(torch.where(dead, 1.0, diag).mean())
+    a = _permuted(h, order, dtype)
+    if shrink:
+        kept = a.diagonal().clone()
+        a.mul_(1.0 - shrink).diagonal().copy_(kept)
+        del kept
+    a.diagonal()[dead] = 1.0
+    a.diagonal().add_(damp * mean_diag)
+    return a, dead
 
 
 def _permuted(h: Tensor, order: Tensor | None, dtype: torch.dtype) -> Tensor:

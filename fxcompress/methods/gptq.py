@@ -69,12 +69,16 @@ class GPTQ(HessianMethod):
     block_size: int = 128
     dense_output: bool = True
     shrink: float = 0.25
+    refine: int = 0
 
     def __post_init__(self) -> None:
         check_grid(self.bits, self.group_size)
         check_sweep(self.damp, self.block_size)
         if not 0.0 <= self.shrink <= 1.0:
             raise RecipeError(f"shrink must be in [0, 1], got {self.shrink}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise RecipeError(f"refine must be a whole number of passes >= 0, got "
+                              f"{self.refine!r}")
         if self.mse not in MSE:
             raise RecipeError(f"mse must be one of {MSE}, got {self.mse!r}")
 
@@ -90,4 +94,4 @@ class GPTQ(HessianMethod):
         return gptq(w, stats.hessian, self.grid, act_order=self.act_order,
                     static_groups=self.static_groups, damp=self.damp,
                     block_size=self.block_size, name=name, cross=stats.cross,
-                    shrink=self.shrink)
+                    shrink=self.shrink, refine=self.refine)
