@@ -146,8 +146,9 @@ def _coordinate_descent(rt: Tensor, h: Tensor, codes_t: Tensor, groups: list[int
     inv_d = h.diagonal().reciprocal()
     h_rows, scales, zeros = h.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
     delta = torch.empty(min(block, cols), rt.shape[1], dtype=rt.dtype, device=rt.device)
+    pt = torch.empty_like(rt)  # with H and rt, the peak: within the sweep's (methods.base)
     for _ in range(passes):
-        pt = h @ rt  # recomputed each pass: no drift from the rank-1 updates
+        torch.mm(h, rt, out=pt)  # recomputed each pass: no drift from the rank-1 updates
         for b0 in range(0, cols, block):
             b1 = min(b0 + block, cols)
             for j in range(b0, b1):
@@ -168,7 +169,7 @@ def _coordinate_descent(rt: Tensor, h: Tensor, codes_t: Tensor, groups: list[int
                 pt[:b0].addmm_(h[:b0, b0:b1], delta[:n], alpha=-1.0)
             if b1 < cols:
                 pt[b1:].addmm_(h[b1:, b0:b1], delta[:n], alpha=-1.0)
-    return 0.5 * (rt * (h @ rt)).sum(0)
+    return torch.mm(h, rt, out=pt).mul_(rt).sum(0).mul_(0.5)
 
 
 def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, g: Grid, hd: Tensor | None

@@ -23,8 +23,8 @@ class SparseGPT(Pruning, HessianMethod):
     """SparseGPT pruning (Frantar & Alistarh, 2023), optionally quantizing the kept weights
     in the same sweep (``quant=GPTQ(...)``; its grid options apply, its damp, block and
     dense_output and shrink do not: the SparseGPT's own do; nor does its act_order: the mask
-    selection sweeps columns in their natural order, so ``quant`` is stored with
-    ``act_order=False, shrink=0``).
+    selection sweeps columns in their natural order; nor its refine, which would move codes
+    of pruned weights: ``quant`` is stored with ``act_order=False, shrink=0, refine=0``).
 
     ``n_m=(N, M)`` keeps N of every M consecutive input weights (2:4 keeps 2 of 4); otherwise
     ``sparsity`` is the unstructured fraction removed, selected adaptively per block of
@@ -82,10 +82,11 @@ class SparseGPT(Pruning, HessianMethod):
             raise RecipeError(f"shrink must be in [0, 1], got {self.shrink}")
         if self.solver not in SOLVERS:
             raise RecipeError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.quant is not None and (self.quant.act_order or self.quant.shrink):
+        if self.quant is not None and (self.quant.act_order or self.quant.shrink
+                                       or self.quant.refine):
             # GPTQ's defaults, which this sweep does not apply; see above
             object.__setattr__(self, "quant", dataclasses.replace(
-                self.quant, act_order=False, shrink=0.0))
+                self.quant, act_order=False, shrink=0.0, refine=0))
         if self.n_m and self.quant and self.quant.group_size != -1 \
                 and self.quant.group_size % self.n_m[1]:
             raise RecipeError(f"group_size {self.quant.group_size} must be a multiple of "

@@ -103,6 +103,21 @@ def test_shrink_is_checked_and_not_carried_into_sparsegpt():
     assert SparseGPT(quant=GPTQ(4, 64)).quant.shrink == 0.0
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "4"])
+def test_refine_is_checked_and_not_carried_into_sparsegpt(bad):
+    """GPTQ's refinement passes are a whole number >= 0; SparseGPT's quantizing sweep does not
+    refine (it would move codes of pruned weights), so ``quant`` stores 0, what applies; the
+    method hands its passes to the solver."""
+    with pytest.raises(RecipeError, match="refine must be"):
+        GPTQ(4, 64, refine=bad)
+    assert SparseGPT(quant=GPTQ(4, 64, refine=3)).quant.refine == 0
+    w, h = _problem()
+    ours = GPTQ(3, 16, refine=2).solve(w, Statistics(h, 512))
+    plain = gptq(w, h, Grid(3, 16, mse="hessian"), shrink=0.25, refine=2)
+    assert torch.equal(ours.codes, plain.codes) and ours.loss == plain.loss
+    assert ours.loss < GPTQ(3, 16, refine=0).solve(w, Statistics(h, 512)).loss
+
+
 @pytest.mark.parametrize("cfg", [SparseGPT(0.5, shrink=0.3), SparseGPT(0.5, solver="sweep",
                                                                        shrink=0.3),
                                  SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), shrink=0.3)])
