@@ -83,7 +83,7 @@ class SparseGPT(Pruning, HessianMethod):
         if self.solver not in SOLVERS:
             raise RecipeError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.quant is not None and (self.quant.act_order or self.quant.shrink
-                                       or self.quant.refine):
+                                       or self.quant.refine != 0):
             # GPTQ's defaults, which this sweep does not apply; see above
             object.__setattr__(self, "quant", dataclasses.replace(
                 self.quant, act_order=False, shrink=0.0, refine=0))

@@ -71,7 +71,7 @@ def test_solve_is_the_solver_on_plain_arguments():
     cfg = GPTQ(3, 16, sym=True, act_order=False, damp=0.02, block_size=32, shrink=0.3)
     ours, plain = cfg.solve(w, stats), gptq(w, h, Grid(3, 16, sym=True, mse="hessian"),
                                             act_order=False, damp=0.02, block_size=32,
-                                            shrink=0.3)
+                                            shrink=0.3, refine=4)  # 3 bits: 4 passes
     assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.scale, plain.scale)
     assert ours.loss == plain.loss > 0
     cfg = SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), solver="sweep")
@@ -111,6 +111,9 @@ def test_refine_is_checked_and_not_carried_into_sparsegpt(bad):
     with pytest.raises(RecipeError, match="refine must be"):
         GPTQ(4, 64, refine=bad)
     assert SparseGPT(quant=GPTQ(4, 64, refine=3)).quant.refine == 0
+    assert SparseGPT(quant=GPTQ(3, 64)).quant.passes == 0
+    assert GPTQ(3, 64).passes == 4 and GPTQ(2, 64).passes == 4
+    assert GPTQ(4, 64).passes == GPTQ(8, 64).passes == 0 and GPTQ(4, 64, refine=2).passes == 2
     w, h = _problem()
     ours = GPTQ(3, 16, refine=2).solve(w, Statistics(h, 512))
     plain = gptq(w, h, Grid(3, 16, mse="hessian"), shrink=0.25, refine=2)
