@@ -82,6 +82,8 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = 
     hd_swept = hd[perm] if hd is not None and perm is not None else hd
     codes_t = _round_columns(sweep, g, gs if dynamic else 0, col_group.tolist(), scale_t,
                              zero_t, hd_swept)
+    if refine < 0:
+        raise ValueError(f"refine must be a number of passes >= 0, got {refine}")
     row_loss, damp, rt = sweep.row_loss(), f.damp, f.wt
     del sweep, f  # frees the factor before the refinement's copy of H
     if refine > 0:
@@ -146,20 +148,20 @@ def _coordinate_descent(rt: Tensor, h: Tensor, codes_t: Tensor, groups: list[int
     inv_d = h.diagonal().reciprocal()
     h_rows, scales, zeros = h.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
     delta = torch.empty(min(block, cols), rt.shape[1], dtype=rt.dtype, device=rt.device)
-    pt = torch.empty_like(rt)  # with H and rt, the peak: within the sweep's (methods.base)
+    pt = torch.empty_like(rt)  # H, rt, pt: inside methods.base's estimate (reasoned, unmeasured)
     for _ in range(passes):
         torch.mm(h, rt, out=pt)  # recomputed each pass: no drift from the rank-1 updates
         for b0 in range(0, cols, block):
             b1 = min(b0 + block, cols)
             for j in range(b0, b1):
                 s, z = scales[groups[j]], zeros[groups[j]]
-                old = codes_t[j].to(rt.dtype)
-                target = torch.addcmul(old - z, pt[j], inv_d[j] / s)  # in steps of the grid
-                d = target.round_().clamp_(-z, maxq - z).sub_(old - z)  # code change
+                cz = codes_t[j].to(rt.dtype).sub_(z)  # q_j in steps of the grid
+                d = torch.addcmul(cz, pt[j], inv_d[j] / s).round_().clamp_(-z, maxq - z)
+                d.sub_(cz)  # the code change
                 if not d.any():
                     delta[j - b0].zero_()
                     continue
-                codes_t[j] = old.add_(d).to(codes_t.dtype)
+                codes_t[j] = cz.add_(d).add_(z).to(codes_t.dtype)
                 d.mul_(s)
                 rt[j].sub_(d)
                 pt[b0:b1].addr_(h_rows[j][b0:b1], d, alpha=-1.0)
