@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import grid
 from .compressed import Compressed
-from .grid import Grid
+from .grid import _FP16_TINY, Grid
 from .hessian import WeightedCross, conditioned, factor
 from .sweep import Sweep
 
@@ -46,13 +46,14 @@ from .sweep import Sweep
 def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = True,
          static_groups: bool = True, damp: float = 0.01, block_size: int = 128,
          name: str | None = None, cross: Tensor | WeightedCross | None = None,
-         shrink: float = 0.0, refine: int = 0) -> Compressed:
+         shrink: float = 0.0, refine: int = 0, rescale: bool = False) -> Compressed:
     """Quantize ``w`` (out, in) onto grid ``g`` given its input Hessian ``h`` (in, in); with
     the cross moment ``cross`` of dense-output calibration, fit the dense layer's output
     (``hessian.factor``). ``act_order`` sweeps by decreasing ``diag H``; ``static_groups``
     then fits the groups before the sweep (see the module docstring); ``shrink`` pulls ``H``
     toward its diagonal (``hessian.factor``); ``refine`` passes of coordinate descent follow
-    the sweep (see the module docstring).
+    the sweep (see the module docstring); ``rescale`` then refits every group's scale
+    (``_rescale``).
 
     Several weights sharing ``h`` (q/k/v, gate/up) may be given as a sequence: they are swept
     as one stacked weight (one factorisation, one pass of per-column work) and the result
@@ -86,9 +87,14 @@ def gptq(w: Tensor | Sequence[Tensor], h: Tensor, g: Grid, *, act_order: bool = 
         raise ValueError(f"refine must be a number of passes >= 0, got {refine}")
     row_loss, damp, rt = sweep.row_loss(), f.damp, f.wt
     del sweep, f  # frees the factor before the refinement's copy of H
-    if refine > 0:
-        row_loss = _coordinate_descent(rt, conditioned(h, damp, perm, shrink)[0], codes_t,
-                                       col_group.tolist(), scale_t, zero_t, g.bits, refine)
+    if refine > 0 or rescale:
+        hc = conditioned(h, damp, perm, shrink)[0]
+        if refine > 0:
+            row_loss = _coordinate_descent(rt, hc, codes_t, col_group.tolist(), scale_t,
+                                           zero_t, g.bits, refine)
+        if rescale:
+            row_loss = _rescale(rt, hc, codes_t, col_group, scale_t, zero_t)
+        del hc
     del rt
 
     codes = _unpermute(codes_t, perm)
@@ -172,6 +178,48 @@ def _coordinate_descent(rt: Tensor, h: Tensor, codes_t: Tensor, groups: list[int
             if b1 < cols:
                 pt[b1:].addmm_(h[b1:, b0:b1], delta[:n], alpha=-1.0)
     return torch.mm(h, rt, out=pt).mul_(rt).sum(0).mul_(0.5)
+
+
+def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Tensor,
+             zero_t: Tensor, chunk: int = 1024) -> Tensor:
+    """Refit every group's scale to the codes the solve chose, in place: the least-squares
+    scales of ``½ tr(R H Rᵀ)`` with the codes and zero points held, ``rt`` (``Rᵀ``, cols x
+    rows, sweep order) updated to match. Returns the loss per row.
+
+    Why: the grids were fitted before the sweep, to the weights alone, weighting each column
+    by ``H_jj`` as if the inputs were uncorrelated; once the codes are known, a row's
+    ``Q = Σ_g s_g a_g`` (``a_g``: its codes minus zero on group g) is linear in its scales, so
+    the best ones solve a groups x groups system ``M s = b`` per row, ``M_gh = a_g H a_hᵀ``,
+    ``b_g = a_g H w*ᵀ``. A row keeps its old scales where the new ones (rounded to float16,
+    as stored) do not lower its loss."""
+    cols, rows = rt.shape
+    n_groups = scale_t.shape[0]
+    loss = torch.empty(rows, dtype=rt.dtype, device=rt.device)
+    members = [torch.nonzero(groups == k).flatten() for k in range(n_groups)]
+    for r0 in range(0, rows, chunk):
+        r1 = min(r0 + chunk, rows)
+        a = codes_t[:, r0:r1].to(rt.dtype).sub_(zero_t[groups, r0:r1])  # (cols, n)
+        old = scale_t[:, r0:r1]
+        target = torch.addcmul(rt[:, r0:r1], a, old[groups])  # W*ᵀ on this chunk's rows
+        m = torch.empty(r1 - r0, n_groups, n_groups, dtype=rt.dtype, device=rt.device)
+        for k, cols_k in enumerate(members):
+            u = (h[:, cols_k] @ a[cols_k]).mul_(a)  # a_i (H a_k)_i, still per column i
+            m[:, :, k] = torch.zeros(n_groups, r1 - r0, dtype=rt.dtype, device=rt.device) \
+                .index_add_(0, groups, u).t()
+        b = torch.zeros(n_groups, r1 - r0, dtype=rt.dtype, device=rt.device) \
+            .index_add_(0, groups, (h @ target).mul_(a)).t()
+        ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
+        m.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+        new = torch.linalg.solve(m, b.add_(ridge[:, None] * old.t())).t()  # (groups, n)
+        new = new.clamp(min=_FP16_TINY).half().float()  # what the checkpoint stores
+        r_old, r_new = rt[:, r0:r1], target - a * new[groups]
+        l_old = (h @ r_old).mul_(r_old).sum(0).mul_(0.5)
+        l_new = (h @ r_new).mul_(r_new).sum(0).mul_(0.5)
+        take = torch.isfinite(l_new) & (l_new < l_old)
+        scale_t[:, r0:r1] = torch.where(take, new, old)
+        rt[:, r0:r1] = torch.where(take, r_new, r_old)
+        loss[r0:r1] = torch.where(take, l_new, l_old)
+    return loss
 
 
 def _fixed_grid(wt: Tensor, perm: Tensor | None, gs: int, g: Grid, hd: Tensor | None

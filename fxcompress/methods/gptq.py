@@ -84,6 +84,7 @@ class GPTQ(HessianMethod):
     dense_output: bool = True
     shrink: float = 0.25
     refine: int | None = None
+    rescale: bool = False
 
     def __post_init__(self) -> None:
         check_grid(self.bits, self.group_size)
@@ -94,6 +95,8 @@ class GPTQ(HessianMethod):
                                         or not isinstance(self.refine, int) or self.refine < 0):
             raise RecipeError(f"refine must be a whole number of passes >= 0 (or None: "
                               f"{REFINE} at 3 bits or fewer, 0 above), got {self.refine!r}")
+        if not isinstance(self.rescale, bool):
+            raise RecipeError(f"rescale must be true or false, got {self.rescale!r}")
         if self.mse not in MSE:
             raise RecipeError(f"mse must be one of {MSE}, got {self.mse!r}")
 
@@ -117,4 +120,4 @@ class GPTQ(HessianMethod):
         return gptq(w, stats.hessian, self.grid, act_order=self.act_order,
                     static_groups=self.static_groups, damp=self.damp,
                     block_size=self.block_size, name=name, cross=stats.cross,
-                    shrink=self.shrink, refine=self.passes)
+                    shrink=self.shrink, refine=self.passes, rescale=self.rescale)

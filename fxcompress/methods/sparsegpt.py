@@ -83,10 +83,10 @@ class SparseGPT(Pruning, HessianMethod):
         if self.solver not in SOLVERS:
             raise RecipeError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.quant is not None and (self.quant.act_order or self.quant.shrink
-                                       or self.quant.refine != 0):
+                                       or self.quant.refine != 0 or self.quant.rescale):
             # GPTQ's defaults, which this sweep does not apply; see above
             object.__setattr__(self, "quant", dataclasses.replace(
-                self.quant, act_order=False, shrink=0.0, refine=0))
+                self.quant, act_order=False, shrink=0.0, refine=0, rescale=False))
         if self.n_m and self.quant and self.quant.group_size != -1 \
                 and self.quant.group_size % self.n_m[1]:
             raise RecipeError(f"group_size {self.quant.group_size} must be a multiple of "
