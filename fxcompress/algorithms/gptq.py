@@ -181,7 +181,7 @@ def _coordinate_descent(rt: Tensor, h: Tensor, codes_t: Tensor, groups: list[int
 
 
 def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Tensor,
-             zero_t: Tensor, chunk: int = 1024) -> Tensor:
+             zero_t: Tensor, chunk: int = 256) -> Tensor:
     """Refit every group's scale to the codes the solve chose, in place: the least-squares
     scales of ``½ tr(R H Rᵀ)`` with the codes and zero points held, ``rt`` (``Rᵀ``, cols x
     rows, sweep order) updated to match. Returns the loss per row.
@@ -206,19 +206,23 @@ def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Te
             u = (h[:, cols_k] @ a[cols_k]).mul_(a)  # a_i (H a_k)_i, still per column i
             m[:, :, k] = torch.zeros(n_groups, r1 - r0, dtype=rt.dtype, device=rt.device) \
                 .index_add_(0, groups, u).t()
+        hw = h @ target
         b = torch.zeros(n_groups, r1 - r0, dtype=rt.dtype, device=rt.device) \
-            .index_add_(0, groups, (h @ target).mul_(a)).t()
+            .index_add_(0, groups, hw.mul_(a)).t()
         ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
-        m.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
-        new = torch.linalg.solve(m, b.add_(ridge[:, None] * old.t())).t()  # (groups, n)
+        m_ridged = m.clone()
+        m_ridged.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+        new = torch.linalg.solve(m_ridged, b + ridge[:, None] * old.t()).t()  # (groups, n)
         new = new.clamp(min=_FP16_TINY).half().float()  # what the checkpoint stores
-        r_old, r_new = rt[:, r0:r1], target - a * new[groups]
-        l_old = (h @ r_old).mul_(r_old).sum(0).mul_(0.5)
-        l_new = (h @ r_new).mul_(r_new).sum(0).mul_(0.5)
-        take = torch.isfinite(l_new) & (l_new < l_old)
+        # the loss's change, sᵀMs/2 - bᵀs (its constant cancels), in float64
+        m64, b64 = m.double(), b.double()
+        change = [(s_.t().double().unsqueeze(1) @ m64 @ s_.t().double().unsqueeze(2))
+                .flatten() / 2 - (b64 * s_.t().double()).sum(1) for s_ in (old, new)]
+        take = torch.isfinite(new).all(0) & (change[1] < change[0])
         scale_t[:, r0:r1] = torch.where(take, new, old)
-        rt[:, r0:r1] = torch.where(take, r_new, r_old)
-        loss[r0:r1] = torch.where(take, l_new, l_old)
+        r = rt[:, r0:r1]
+        r.copy_(torch.where(take, target - a * new[groups], r))
+        loss[r0:r1] = (h @ r).mul_(r).sum(0).mul_(0.5)
     return loss
 
 

@@ -121,6 +121,20 @@ def test_refine_is_checked_and_not_carried_into_sparsegpt(bad):
     assert ours.loss < GPTQ(3, 16, refine=0).solve(w, Statistics(h, 512)).loss
 
 
+@pytest.mark.parametrize("bad", [1, "true", None])
+def test_rescale_is_checked_and_not_carried_into_sparsegpt(bad):
+    """``rescale`` is a bool; SparseGPT's quantizing sweep stores False (its pruned weights'
+    codes are not the layer's to refit around); the method hands it to the solver."""
+    with pytest.raises(RecipeError, match="rescale must be"):
+        GPTQ(4, 64, rescale=bad)
+    assert not SparseGPT(quant=GPTQ(4, 64, rescale=True)).quant.rescale
+    w, h = _problem()
+    ours = GPTQ(4, 16, rescale=True).solve(w, Statistics(h, 512))
+    plain = gptq(w, h, Grid(4, 16, mse="hessian"), shrink=0.25, rescale=True)
+    assert torch.equal(ours.scale, plain.scale) and ours.loss == plain.loss
+    assert ours.loss < GPTQ(4, 16).solve(w, Statistics(h, 512)).loss
+
+
 @pytest.mark.parametrize("cfg", [SparseGPT(0.5, shrink=0.3), SparseGPT(0.5, solver="sweep",
                                                                        shrink=0.3),
                                  SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), shrink=0.3)])
