@@ -27,6 +27,13 @@ code moves to the grid point nearest its optimum given all the others, so the lo
 grows (the algorithm of QuantEase, Behdin et al. 2023, and of CDQuant, Nair & Suggala 2024,
 started from GPTQ's solution). Unlike the sweep it lets a column answer the errors of the
 columns after it.
+
+``rescale`` finally refits the grids' scales to the codes: each row's dequantized weight is
+linear in its groups' scales once the codes and zero points are fixed, so the scales that
+minimise the same objective solve a small least-squares system per row (``_rescale``). The
+grids were fitted before the sweep on the weights alone, each column weighted by ``H_jj`` as
+if the inputs were uncorrelated; the refit sees the correlations and the codes the sweep
+actually chose.
 """
 
 from __future__ import annotations

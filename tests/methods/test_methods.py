@@ -71,7 +71,7 @@ def test_solve_is_the_solver_on_plain_arguments():
     cfg = GPTQ(3, 16, sym=True, act_order=False, damp=0.02, block_size=32, shrink=0.3)
     ours, plain = cfg.solve(w, stats), gptq(w, h, Grid(3, 16, sym=True, mse="hessian"),
                                             act_order=False, damp=0.02, block_size=32,
-                                            shrink=0.3, refine=4)  # 3 bits: 4 passes
+                                            shrink=0.3, refine=4, rescale=True)  # 3 bits: 4 passes
     assert torch.equal(ours.codes, plain.codes) and torch.equal(ours.scale, plain.scale)
     assert ours.loss == plain.loss > 0
     cfg = SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), solver="sweep")
@@ -116,23 +116,25 @@ def test_refine_is_checked_and_not_carried_into_sparsegpt(bad):
     assert GPTQ(4, 64).passes == GPTQ(8, 64).passes == 0 and GPTQ(4, 64, refine=2).passes == 2
     w, h = _problem()
     ours = GPTQ(3, 16, refine=2).solve(w, Statistics(h, 512))
-    plain = gptq(w, h, Grid(3, 16, mse="hessian"), shrink=0.25, refine=2)
+    plain = gptq(w, h, Grid(3, 16, mse="hessian"), shrink=0.25, refine=2, rescale=True)
     assert torch.equal(ours.codes, plain.codes) and ours.loss == plain.loss
-    assert ours.loss < GPTQ(3, 16, refine=0).solve(w, Statistics(h, 512)).loss
+    assert ours.loss < GPTQ(3, 16, refine=0, rescale=True).solve(w, Statistics(h, 512)).loss
 
 
 @pytest.mark.parametrize("bad", [1, "true", None])
 def test_rescale_is_checked_and_not_carried_into_sparsegpt(bad):
-    """``rescale`` is a bool; SparseGPT's quantizing sweep stores False (its pruned weights'
-    codes are not the layer's to refit around); the method hands it to the solver."""
+    """``rescale`` is a bool, on by default; SparseGPT's quantizing sweep stores False (its
+    pruned weights' codes are not the layer's to refit around); the method hands it to the
+    solver."""
     with pytest.raises(RecipeError, match="rescale must be"):
         GPTQ(4, 64, rescale=bad)
     assert not SparseGPT(quant=GPTQ(4, 64, rescale=True)).quant.rescale
     w, h = _problem()
-    ours = GPTQ(4, 16, rescale=True).solve(w, Statistics(h, 512))
+    assert GPTQ(4, 64).rescale and GPTQ(3, 64).rescale
+    ours = GPTQ(4, 16).solve(w, Statistics(h, 512))
     plain = gptq(w, h, Grid(4, 16, mse="hessian"), shrink=0.25, rescale=True)
     assert torch.equal(ours.scale, plain.scale) and ours.loss == plain.loss
-    assert ours.loss < GPTQ(4, 16).solve(w, Statistics(h, 512)).loss
+    assert ours.loss < GPTQ(4, 16, rescale=False).solve(w, Statistics(h, 512)).loss
 
 
 @pytest.mark.parametrize("cfg", [SparseGPT(0.5, shrink=0.3), SparseGPT(0.5, solver="sweep",
