@@ -203,29 +203,26 @@ def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Te
     n_groups = scale_t.shape[0]
     loss = torch.empty(rows, dtype=rt.dtype, device=rt.device)
     members = [torch.nonzero(groups == k).flatten() for k in range(n_groups)]
+
+    def by_group(x: Tensor) -> Tensor:  # (cols, n) summed over each group's columns: (n, groups)
+        return x.new_zeros(n_groups, x.shape[1]).index_add_(0, groups, x).t()
+
     for r0 in range(0, rows, chunk):
         r1 = min(r0 + chunk, rows)
         a = codes_t[:, r0:r1].to(rt.dtype).sub_(zero_t[groups, r0:r1])  # (cols, n)
         old = scale_t[:, r0:r1]
         target = torch.addcmul(rt[:, r0:r1], a, old[groups])  # W*ᵀ on this chunk's rows
-        m = torch.empty(r1 - r0, n_groups, n_groups, dtype=rt.dtype, device=rt.device)
-        for k, cols_k in enumerate(members):
-            u = (h[:, cols_k] @ a[cols_k]).mul_(a)  # a_i (H a_k)_i, still per column i
-            m[:, :, k] = torch.zeros(n_groups, r1 - r0, dtype=rt.dtype, device=rt.device) \
-                .index_add_(0, groups, u).t()
-        hw = h @ target
-        b = torch.zeros(n_groups, r1 - r0, dtype=rt.dtype, device=rt.device) \
-            .index_add_(0, groups, hw.mul_(a)).t()
+        m = torch.stack([by_group((h[:, cols_k] @ a[cols_k]).mul_(a))  # a_i (H a_k)_i
+                         for cols_k in members], dim=2)  # (n, groups, groups)
+        b = by_group((h @ target).mul_(a))
+        m64, b64 = m.double(), b.double()  # the loss's change, below, in float64
         ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
-        m_ridged = m.clone()
-        m_ridged.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
-        new = torch.linalg.solve(m_ridged, b + ridge[:, None] * old.t()).t()  # (groups, n)
+        m.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+        new = torch.linalg.solve(m, b.add_(ridge[:, None] * old.t())).t()  # (groups, n)
         new = new.clamp(min=_FP16_TINY).half().float()  # what the checkpoint stores
-        # the loss's change, sᵀMs/2 - bᵀs (its constant cancels), in float64
-        m64, b64 = m.double(), b.double()
-        change = [(s_.t().double().unsqueeze(1) @ m64 @ s_.t().double().unsqueeze(2))
-                .flatten() / 2 - (b64 * s_.t().double()).sum(1) for s_ in (old, new)]
-        take = torch.isfinite(new).all(0) & (change[1] < change[0])
+        both = torch.stack([old, new]).transpose(1, 2).double()  # (2, n, groups)
+        change = torch.einsum("kng,ngh,knh->kn", both, m64, both) / 2 - (b64 * both).sum(2)
+        take = torch.isfinite(new).all(0) & (change[1] < change[0])  # sᵀMs/2 - bᵀs: the loss
         scale_t[:, r0:r1] = torch.where(take, new, old)
         r = rt[:, r0:r1]
         r.copy_(torch.where(take, target - a * new[groups], r))

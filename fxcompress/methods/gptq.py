@@ -76,8 +76,10 @@ class GPTQ(HessianMethod):
     least-squares scales of the same objective, codes and zero points held
     (``algorithms/gptq.py``). The grids were fitted before the sweep on the weights alone, as
     if the inputs were uncorrelated; the refit sees the correlations and the codes. It costs
-    nothing at inference and about a third more solve time. Chosen on the validation domains
-    calibrated on speeches at seed 0, pooled over both models: the geometric validation mean
+    nothing at inference; the solve takes up to twice as long (random problems, one thread:
+    1024 x 4096 2.18 s -> 4.11 s, 4096 x 1024 1.11 s -> 1.56 s; benchmarks/rescale_speed.py).
+    Chosen on the validation domains calibrated on speeches at seed 0, pooled over both
+    models: the geometric validation mean
     went -0.52 % on Gemma 3 270M (better on all three domains and on the calibration domain)
     and +0.08 % on SmolLM2-135M at w4 g64; at w3 g64, after the coordinate descent, +0.22 %
     and -3.84 % (benchmarks/RESULTS.md, domain suite). Refitting the zero points as well was
