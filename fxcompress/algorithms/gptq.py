@@ -187,8 +187,20 @@ def _coordinate_descent(rt: Tensor, h: Tensor, codes_t: Tensor, groups: list[int
     return torch.mm(h, rt, out=pt).mul_(rt).sum(0).mul_(0.5)
 
 
+RESCALE_CHUNK = 256  # rows whose scales ``_rescale`` refits at once
+
+
+def rescale_workspace(rows: int, cols: int, group_size: int) -> int:
+    """Bytes ``_rescale`` allocates beyond what it is given, for the memory plan: for each row
+    of a chunk its groups x groups system, built from a list and stacked, copied to float64 and
+    factored (20 bytes an entry), and about six float32 columns; one group's columns of H."""
+    n = min(rows, RESCALE_CHUNK)
+    groups = cols // group_size if 0 < group_size < cols else 1
+    return n * (20 * groups * groups + 24 * cols) + 4 * cols * (cols // groups)
+
+
 def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Tensor,
-             zero_t: Tensor, chunk: int = 256) -> Tensor:
+             zero_t: Tensor, chunk: int = RESCALE_CHUNK) -> Tensor:
     """Refit every group's scale to the codes the solve chose, in place: the least-squares
     scales of ``½ tr(R H Rᵀ)`` with the codes and zero points held, ``rt`` (``Rᵀ``, cols x
     rows, sweep order) updated to match. Returns the loss per row.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..algorithms.gptq import gptq
+from ..algorithms.gptq import gptq, rescale_workspace
 from ..algorithms.grid import MSE, Grid
 from ..errors import RecipeError
 from .base import HessianMethod, check_grid, check_grid_fits, check_sweep
@@ -127,6 +127,12 @@ class GPTQ(HessianMethod):
 
     def check(self, shape: tuple[int, int], name: str | None = None) -> None:
         check_grid_fits(self.grid, shape, name)
+
+    def workspace(self, shape: tuple[int, int]) -> int:
+        """The sweep's workspace, plus the scale refit's buffers with ``rescale``."""
+        out, inp = shape
+        refit = rescale_workspace(out, inp, self.group_size) if self.rescale else 0
+        return super().workspace(shape) + refit
 
     def solve(self, w: torch.Tensor, stats: Statistics | None, name: str | None = None
               ) -> Compressed:

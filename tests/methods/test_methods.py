@@ -137,6 +137,30 @@ def test_rescale_is_checked_and_not_carried_into_sparsegpt(bad):
     assert ours.loss < GPTQ(4, 16, rescale=False).solve(w, Statistics(h, 512)).loss
 
 
+def test_gptq_workspace_covers_the_scale_refit():
+    """The memory plan's workspace for GPTQ covers the measured peak of a solve whose scale
+    refit dominates it (many groups, few rows: each row's groups x groups system); without the
+    refit's share the estimate would fall short of that peak."""
+    from fxcompress.osmem import release_freed_memory
+    from tests.memory import PeakRSS
+
+    rows, cols = 256, 2048
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * cols, cols, generator=g) @ (torch.randn(cols, cols, generator=g)
+                                                    / cols**0.5 + torch.eye(cols))
+    h = Hessian.zeros(cols)
+    h.add(x)
+    w, stats = torch.randn(rows, cols, generator=g), Statistics(h.value(), 2 * cols)
+    del x
+    method = GPTQ(4, 32)
+    release_freed_memory()
+    with PeakRSS() as peak:
+        result = method.solve(w, stats)
+    assert result.loss > 0
+    assert peak.growth <= 1.1 * method.workspace((rows, cols))
+    assert peak.growth > dataclasses.replace(method, rescale=False).workspace((rows, cols))
+
+
 @pytest.mark.parametrize("cfg", [SparseGPT(0.5, shrink=0.3), SparseGPT(0.5, solver="sweep",
                                                                        shrink=0.3),
                                  SparseGPT(n_m=(2, 4), quant=GPTQ(4, 16), shrink=0.3)])
