@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import grid
 from .compressed import Compressed
-from .grid import _FP16_TINY, Grid
+from .grid import FP16_TINY, Grid
 from .hessian import WeightedCross, conditioned, factor
 from .sweep import Sweep
 
@@ -231,7 +231,7 @@ def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Te
         ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
         m.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
         new = torch.linalg.solve(m, b.add_(ridge[:, None] * old.t())).t()  # (groups, n)
-        new = new.clamp(min=_FP16_TINY).half().float()  # what the checkpoint stores
+        new = new.clamp(min=FP16_TINY).half().float()  # what the checkpoint stores
         both = torch.stack([old, new]).transpose(1, 2).double()  # (2, n, groups)
         change = torch.einsum("kng,ngh,knh->kn", both, m64, both) / 2 - (b64 * both).sum(2)
         take = torch.isfinite(new).all(0) & (change[1] < change[0])  # sᵀMs/2 - bᵀs: the loss

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import RecipeError
 
 BITS = (2, 3, 4, 8)  # the widths the packed layouts and kernels store (``kernels/pack.py``)
-_FP16_TINY = 2.0**-14  # smallest normal float16: scales never underflow in storage
+FP16_TINY = 2.0**-14  # smallest normal float16: scales never underflow in storage
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _params(xmin: Tensor, xmax: Tensor, maxq: int, sym: bool) -> tuple[Tensor, T
         xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    scale = _round_up_fp16(((xmax - xmin) / maxq).clamp_min(_FP16_TINY))
+    scale = _round_up_fp16(((xmax - xmin) / maxq).clamp_min(FP16_TINY))
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
