@@ -193,10 +193,12 @@ RESCALE_CHUNK = 256  # rows whose scales ``_rescale`` refits at once
 def rescale_workspace(rows: int, cols: int, group_size: int) -> int:
     """Bytes ``_rescale`` allocates beyond what it is given, for the memory plan: for each row
     of a chunk its groups x groups system, built from a list and stacked, copied to float64 and
-    factored (20 bytes an entry), and about six float32 columns; one group's columns of H."""
+    factored (20 bytes an entry), and about six float32 columns; one group's columns of H
+    (none per channel, where the one group is all of H and is read in place)."""
     n = min(rows, RESCALE_CHUNK)
     groups = cols // group_size if 0 < group_size < cols else 1
-    return n * (20 * groups * groups + 24 * cols) + 4 * cols * (cols // groups)
+    return n * (20 * groups * groups + 24 * cols) + (4 * cols * (cols // groups)
+                                                      if groups > 1 else 0)
 
 
 def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Tensor,
@@ -224,7 +226,8 @@ def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Te
         a = codes_t[:, r0:r1].to(rt.dtype).sub_(zero_t[groups, r0:r1])  # (cols, n)
         old = scale_t[:, r0:r1]
         target = torch.addcmul(rt[:, r0:r1], a, old[groups])  # W*ᵀ on this chunk's rows
-        m = torch.stack([by_group((h[:, cols_k] @ a[cols_k]).mul_(a))  # a_i (H a_k)_i
+        m = torch.stack([by_group((h @ a if n_groups == 1  # per channel: H itself, no copy
+                                   else h[:, cols_k] @ a[cols_k]).mul_(a))  # a_i (H a_k)_i
                          for cols_k in members], dim=2)  # (n, groups, groups)
         b = by_group((h @ target).mul_(a))
         m64, b64 = m.double(), b.double()  # the loss's change, below, in float64

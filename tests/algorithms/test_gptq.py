@@ -224,22 +224,23 @@ def test_refined_rows_are_independent_so_stacked_layers_split_exactly(problem):
         assert s.loss == pytest.approx(alone.loss, rel=1e-4)
 
 
-@pytest.mark.parametrize("kw", [SETTINGS[1], SETTINGS[3],
+@pytest.mark.parametrize("kw", [SETTINGS[0], SETTINGS[1], SETTINGS[3],
                                 dict(bits=4, group_size=64, mse="hessian", shrink=0.25),
                                 dict(bits=3, group_size=32, mse="hessian", refine=2)])
 def test_rescale_refits_scales_to_the_codes_and_lowers_the_loss(problem, kw):
     """The least-squares scales for the codes the solve chose: the loss reported is the
-    measured (shrunk-H) objective and below the solve's without rescaling; codes, zero points
-    and group index are that solve's, only scales move, each positive and float16 as stored;
-    and it is the optimum: nudging every row's first scale by 1 % either way never lowers the
-    loss."""
+    measured (shrunk-H) objective and below the solve's without rescaling (by less per
+    channel, where a row has one scale to move, read from H in place); codes, zero points and
+    group index are that solve's, only scales move, each positive and float16 as stored; and it
+    is the optimum: nudging every row's first scale by 1 % either way never lowers the loss."""
     w, x, h = problem
     before = gptq_flat(w, h, damp=1e-7, **kw)
     c = gptq_flat(w, h, damp=1e-7, rescale=True, **kw)
     shrunk = h * (1 - kw.get("shrink", 0.0))
     shrunk.diagonal().copy_(h.diagonal())
     assert c.loss == pytest.approx(output_error(w, c.dense(), shrunk), rel=2e-3)
-    assert c.loss < 0.995 * before.loss, (before.loss, c.loss)
+    gain = 0.999 if kw["group_size"] == -1 else 0.995
+    assert c.loss < gain * before.loss, (before.loss, c.loss)
     assert torch.equal(c.codes, before.codes) and torch.equal(c.zero, before.zero)
     assert torch.equal(c.g_idx, before.g_idx)
     assert not torch.equal(c.scale, before.scale)
