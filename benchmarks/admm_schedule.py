@@ -7,7 +7,8 @@ unseen windows). Each setting prunes the same layer to 50 % with ``shrink=0.05``
 default's), without the dense-output target; both numbers are relative to the defaults'
 (20 iterations, mask re-selected over the first 15, ``rho`` 1). A lower layer loss is what
 ADMM optimizes; whether it carries to perplexity on other domains is measured by
-``benchmarks/domains.py`` (benchmarks/RESULTS.md, "ADMM's schedule on Gemma").
+``benchmarks/domains.py`` (benchmarks/RESULTS.md, "SparseGPT's ADMM schedule and shrink on
+both models").
 
     OMP_NUM_THREADS=1 python benchmarks/admm_schedule.py
 """
@@ -21,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from headline import cpu_flags  # noqa: E402
+
 from fxcompress import suite  # noqa: E402
 from fxcompress.algorithms.admm import admm_prune  # noqa: E402
 from fxcompress.assets import load_text  # noqa: E402
@@ -37,8 +41,6 @@ SETTINGS = [(20, 15, 1.0), (40, 15, 1.0), (40, 30, 1.0), (100, 80, 1.0),
 
 def main() -> None:
     torch.set_num_threads(1)
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
-                    if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
     model, tok, _ = load_model("gemma3")
     ids = calibration_samples(tok, load_text(suite.texts("speeches").calibration), 24, 512, 0)
     inputs: dict[str, list[torch.Tensor]] = {}
@@ -49,7 +51,7 @@ def main() -> None:
                 i[0].detach().reshape(-1, i[0].shape[-1])))
     with torch.no_grad():
         model(ids)
-    print(f"CPU flags: {' '.join(flags)}; one thread\n")
+    print(f"CPU flags: {' '.join(cpu_flags())}; one thread\n")
     print("| layer | iterations | re-selection | rho | layer loss | held-out error | time (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for n in LAYERS:

@@ -216,7 +216,9 @@ def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Te
     cols, rows = rt.shape
     n_groups = scale_t.shape[0]
     loss = torch.empty(rows, dtype=rt.dtype, device=rt.device)
-    members = [torch.nonzero(groups == k).flatten() for k in range(n_groups)]
+    # per channel the one group is every column: a slice views H where an index would copy it
+    members = ([slice(None)] if n_groups == 1 else
+               [torch.nonzero(groups == k).flatten() for k in range(n_groups)])
 
     def by_group(x: Tensor) -> Tensor:  # (cols, n) summed over each group's columns: (n, groups)
         return x.new_zeros(n_groups, x.shape[1]).index_add_(0, groups, x).t()
@@ -226,8 +228,7 @@ def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Te
         a = codes_t[:, r0:r1].to(rt.dtype).sub_(zero_t[groups, r0:r1])  # (cols, n)
         old = scale_t[:, r0:r1]
         target = torch.addcmul(rt[:, r0:r1], a, old[groups])  # W*ᵀ on this chunk's rows
-        m = torch.stack([by_group((h @ a if n_groups == 1  # per channel: H itself, no copy
-                                   else h[:, cols_k] @ a[cols_k]).mul_(a))  # a_i (H a_k)_i
+        m = torch.stack([by_group((h[:, cols_k] @ a[cols_k]).mul_(a))  # a_i (H a_k)_i
                          for cols_k in members], dim=2)  # (n, groups, groups)
         b = by_group((h @ target).mul_(a))
         m64, b64 = m.double(), b.double()  # the loss's change, below, in float64
