@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from headline import cpu_flags  # noqa: E402
+from _cpu import cpu_flags  # noqa: E402
 
 from fxcompress import suite  # noqa: E402
 from fxcompress.algorithms.admm import admm_prune  # noqa: E402

@@ -84,8 +84,10 @@ def main() -> None:
     trees = {"this tree": str(ROOT), **dict(t.split("=", 1) for t in args.tree)}
     folder = checkpoint()
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags")
-                    for f in line.split() if f in ("avx2", "avx512f", "amx_tile")})
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _cpu import cpu_flags
+
+    flags = cpu_flags()
     load_avg = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(args.rounds):

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -39,14 +37,8 @@ from fxcompress.checkpoint.model import decompress  # noqa: E402
 from fxcompress.evaluate import evaluation_windows, perplexity  # noqa: E402
 from fxcompress.inputs import load_model  # noqa: E402
 
-
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    found = sorted(set(re.findall(r"\b(avx2|avx512\w*|amx\w*)\b", flags)))
-    return " ".join(found) or "no avx2/avx512/amx"
+sys.path.insert(0, str(Path(__file__).parent))
+from _cpu import cpu_flags  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +48,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {cpu_flags()}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {' '.join(cpu_flags())}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     model, tokenizer, _ = load_model("smollm2", progress=False)

@@ -48,11 +48,13 @@ from fxcompress import Recipe, suite
 from fxcompress.inputs import DEFAULT_MODEL, EMBEDDED_MODELS
 from fxcompress.recipe import NAMED
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _cpu import cpu_flags  # noqa: E402
+
 SAMPLES, SEQLEN, WINDOWS = 128, 512, 32
 MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}
 assert sorted(MODEL_NAMES) == sorted(EMBEDDED_MODELS)
 IDS_MODEL = "model.txt"  # in OUT/ids: the model whose tokenizer made the ids
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 # validation first (what a choice reads), then the rest: a stopped run has those numbers
 EVAL_ORDER = ["docs", "fiction", "mail", "speeches", "code", "legal", "drama"]
 assert sorted(EVAL_ORDER) == sorted(suite.SUITE)
@@ -184,10 +186,9 @@ def _meta(seed: int, model: str) -> dict:
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run([*git, "status", "--porcelain", "--", "fxcompress", "benchmarks"],
                            capture_output=True, text=True).stdout.strip()
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {
         "commit": commit.stdout.strip(), "dirty": bool(dirty),
-        "cpu_flags": sorted(f for f in CPU_FLAGS if re.search(rf"\b{f}\b", cpuinfo)),
+        "cpu_flags": cpu_flags(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model, "seed": seed,
         "calibration": f"{SAMPLES} x {SEQLEN} tokens, seed {seed}",

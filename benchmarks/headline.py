@@ -35,6 +35,7 @@ from statistics import mean
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cpu import FLAGS, cpu_flags  # noqa: E402
 from _results import read_block, replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,6 @@ PEER = ROOT / "benchmarks" / "results" / "headline_llmcompressor.json"
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 README_BLOCK, RESULTS_BLOCK = "headline", "headline-results"
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 # (label, fxcompress recipe, its round-to-nearest / magnitude baseline), in table order
 ROWS = [("GPTQ w4 g64", "gptq-w4g64", "rtn-w4g64"),
@@ -393,12 +393,6 @@ def check(generated: dict[tuple[Path, str], str], quiet: bool = False) -> list[s
 def write(generated: dict[tuple[Path, str], str]) -> None:
     for (path, name), body in generated.items():
         path.write_text(replace_block(path.read_text(), name, body, str(path)))
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide fxcompress's calibration precision and kernels."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return sorted(set(re.findall(r"\b(" + "|".join(FLAGS) + r")\b", text)))
 
 
 def ids_sha256(path: Path) -> str:

@@ -160,9 +160,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
-    from benchmarks.cpu_precision import cpu_flags
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _cpu import cpu_flags
 
-    print(f"\nCPU flags: {cpu_flags()}\n")
+    print(f"\nCPU flags: {' '.join(cpu_flags())}\n")
     print(table(rows))
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -113,9 +114,10 @@ def child(name: str) -> dict:
 
 
 def main() -> None:
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags")
-                    for f in line.split() if f in ("avx2", "amx_tile", "avx512f", "avx512_bf16",
-                                                   "avx512_vnni")})
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _cpu import cpu_flags
+
+    flags = cpu_flags()
     params = sum(p.numel() for p in build().parameters())
     print(f"# synthetic Mixtral {SIZES}: {params / 1e6:.0f}M parameters, "
           f"{4 * params / 2**20:.0f} MiB fp32; torch {torch.__version__}; threads "

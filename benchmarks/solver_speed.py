@@ -76,12 +76,13 @@ def main() -> None:
                         f"{t_ref / t_ours:.1f}x | {l_ref:.5g} | {l_ours:.5g} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
-    from cpu_precision import cpu_flags
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _cpu import cpu_flags
 
     header = (f"median of {args.repeats} runs, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, CPU flags: {cpu_flags()}. The sweep rows run "
-              f"the reference's algorithm (speed-up is the solver's); the defaults rows add "
-              f"act-order or ADMM (their loss is the gain, their time the price)")
+              f"{torch.get_num_threads()} threads, CPU flags: {' '.join(cpu_flags())}. The "
+              f"sweep rows run the reference's algorithm (speed-up is the solver's); the defaults "
+              f"rows add act-order or ADMM (their loss is the gain, their time the price)")
     print("\n" + header + "\n" + table)
     if args.write:
         from _results import write_section
