@@ -69,19 +69,15 @@ ROWS = [
 ]
 
 
-def parse_row(name: str) -> tuple[Recipe | None, str, int, str]:
+def parse_row(name: str) -> tuple[Recipe | None, str, int]:
     """A row name: ``dense``, or a named recipe, then ``field=value`` overrides of its methods'
     settings (JSON values: ``shrink=0.25``, ``dense_output=false``), then ``mix`` to calibrate
     on the mix rather than on speeches, then ``n=K`` to calibrate on the first K of the
-    SAMPLES speeches windows only, then ``fp32`` to run the calibration's matmuls in float32
-    where the default (``auto``) would round their inputs to bf16. Returns (recipe or None for
-    dense, calibration set, number of calibration windows, calibration precision). Rows are
-    named rather than listed so that a setting can be tried without editing this file, and the
-    name alone says what ran."""
+    SAMPLES speeches windows only. Returns (recipe or None for dense, calibration set, number
+    of calibration windows). Rows are named rather than listed so that a setting can be tried
+    without editing this file, and the name alone says what ran."""
     words = name.split()
-    calibration, samples, precision = "speeches", SAMPLES, "auto"
-    if words and words[-1] == "fp32":
-        precision, words = "fp32", words[:-1]
+    calibration, samples = "speeches", SAMPLES
     if words and re.fullmatch(r"n=\d+", words[-1]):
         samples, words = int(words[-1][2:]), words[:-1]
         if not 0 < samples <= SAMPLES:
@@ -96,7 +92,7 @@ def parse_row(name: str) -> tuple[Recipe | None, str, int, str]:
     if words[0] == "dense":
         if len(words) > 1:
             raise SystemExit(f"row {name!r}: dense takes no settings")
-        return None, calibration, samples, precision
+        return None, calibration, samples
     overrides = {}
     for word in words[1:]:
         key, eq, value = word.partition("=")
@@ -110,7 +106,7 @@ def parse_row(name: str) -> tuple[Recipe | None, str, int, str]:
                              for p, m in recipe.rules})
         except (TypeError, ValueError) as e:
             raise SystemExit(f"row {name!r}: {e}") from e
-    return recipe, calibration, samples, precision
+    return recipe, calibration, samples
 
 
 def calibration_ids(tokenizer, which: str, seed: int, n: int = SAMPLES) -> torch.Tensor:
@@ -245,7 +241,7 @@ def row(name: str, out: Path, seed: int, json_path: Path,
     from fxcompress.evaluate import perplexity
     from fxcompress.inputs import load_model
 
-    resolved, calibration, samples, precision = parse_row(name)
+    resolved, calibration, samples = parse_row(name)
     method = None if resolved is None else resolved.to_dict()["rules"][-1]
     check_model(out, model)
     meta = _meta(seed, model)
@@ -270,8 +266,7 @@ def row(name: str, out: Path, seed: int, json_path: Path,
         started = time.perf_counter()
         calib = torch.load(out / "ids" / f"calib-{calibration}-seed{seed}.pt",
                            weights_only=True)[:samples]
-        fxcompress.compile(net, calib, resolved, progress=False,
-                           calibration_precision=precision)
+        fxcompress.compile(net, calib, resolved, progress=False)
         decompress(net)
         result["seconds"] = time.perf_counter() - started
     for domain in todo:
