@@ -197,8 +197,8 @@ def rescale_workspace(rows: int, cols: int, group_size: int) -> int:
     (none per channel, where the one group is all of H and is read in place)."""
     n = min(rows, RESCALE_CHUNK)
     groups = cols // group_size if 0 < group_size < cols else 1
-    return n * (20 * groups * groups + 24 * cols) + (4 * cols * (cols // groups)
-                                                      if groups > 1 else 0)
+    group_copy = 4 * cols * (cols // groups) if groups > 1 else 0
+    return n * (20 * groups * groups + 24 * cols) + group_copy
 
 
 def _rescale(rt: Tensor, h: Tensor, codes_t: Tensor, groups: Tensor, scale_t: Tensor,
